@@ -1,0 +1,160 @@
+"""The ``newadj`` command: one subcommand per user verb.
+
+Trailing ``key=value`` arguments are Hydra overrides of ``conf/config.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra config overrides, e.g. train.epochs=5")
+
+
+def cmd_validate_site(args) -> int:
+    from common.config import load_config
+    from common.validation import validate_site
+
+    cfg = load_config(args.overrides)
+    report = validate_site(Path(args.site_dir), phases=tuple(cfg.data.phases), deep=not args.quick)
+    report.render(console)
+    return 0 if report.ok else 1
+
+
+def cmd_synth(args) -> int:
+    from common.config import load_config, to_plain
+    from common.synth import generate_cohort
+
+    cfg = load_config(args.overrides)
+    summary = generate_cohort(Path(args.out), seed=args.seed, scale=args.scale, cfg=to_plain(cfg.synth),
+                              workers=args.workers)
+    table = Table(title=f"Synthetic cohort in {args.out} (seed {args.seed}, scale {args.scale})")
+    sites = summary.get("sites", summary)
+    rows = sites.items() if isinstance(sites, dict) else [(s.get("name"), s) for s in sites]
+    cols = None
+    for name, info in rows:
+        if cols is None:
+            cols = [k for k, v in info.items() if isinstance(v, (int, float, str)) and k != "name"]
+            table.add_column("site")
+            for c in cols:
+                table.add_column(c)
+        table.add_row(str(name), *[str(info.get(c, "")) for c in cols])
+    console.print(table)
+    return 0
+
+
+def _site_dirs(paths: list[str]) -> list[Path]:
+    """Each argument is a site folder, or a cohort folder holding site folders."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "clinical.csv").exists() or (p / "site.toml").exists():
+            out.append(p)
+        elif p.is_dir():
+            subs = sorted(d for d in p.iterdir() if d.is_dir() and ((d / "clinical.csv").exists() or (d / "site.toml").exists()))
+            if not subs:
+                raise SystemExit(f"error: {p}: neither a site folder (no clinical.csv) nor a cohort of site folders")
+            out.extend(subs)
+        else:
+            raise SystemExit(f"error: {p}: no such folder")
+    return out
+
+
+def cmd_preprocess(args) -> int:
+    from common.config import load_config
+    from common.preprocess.cache import preprocess_site
+    from common.site_data import SiteDataError
+
+    cfg = load_config(args.overrides)
+    status = 0
+    table = Table(title="Preprocessing")
+    for c in ("site", "patients", "volumes built", "cached", "vol/s", "slides built", "cached", "tiles", "tiles/s", "failed", "seconds"):
+        table.add_column(c)
+    for site_dir in _site_dirs(args.site_dir):
+        try:
+            res = preprocess_site(site_dir, cfg, workers=args.workers,
+                                  cache_dir=Path(args.cache_dir) / site_dir.name if args.cache_dir else None,
+                                  console=err_console, progress=not args.no_progress)
+        except SiteDataError as exc:
+            err_console.print(f"[red]{site_dir}: site data has errors; run `newadj validate-site {site_dir}`[/red]\n{exc}")
+            status = 1
+            continue
+        m, p = res.mri, res.pathology
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        table.add_row(site_dir.name, str(res.n_patients), str(m["built"]), str(m["cached"]), fmt(m["volumes_per_s"]),
+                      str(p["built"]), str(p["cached"]), str(p["tiles"]), fmt(p["tiles_per_s"]),
+                      str(len(res.failures)), f"{res.seconds:.1f}")
+        for f in res.failures:
+            err_console.print(f"[red]error[/red] {site_dir.name}/{f['file']} ({f['patient_id']}, {f['modality']}): {f['error']}")
+        if res.failures:
+            status = 1
+        if args.json:
+            print(json.dumps({"site": str(site_dir), "cache": str(res.cache_dir), "mri": m, "pathology": p,
+                              "failures": res.failures, "seconds": res.seconds}))
+    console.print(table)
+    return status
+
+
+def cmd_baseline(args) -> int:
+    from common.baseline import run_baseline
+    from common.config import load_config
+
+    cfg = load_config(args.overrides)
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    run_baseline(Path(args.data), Path(args.out), cfg, arms=arms, console=console)
+    console.print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="newadj", description="Federated New-adj-Net for BCLC-B HCC")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate-site", help="check one site's data folder against the data contract (read-only)")
+    p.add_argument("site_dir")
+    p.add_argument("--quick", action="store_true", help="check tables and file names only, do not decode images")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_validate_site)
+
+    p = sub.add_parser("synth", help="write a synthetic multi-center cohort in the contract's layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every site's size (e.g. 0.1 for tests)")
+    p.add_argument("--workers", type=int, default=1)
+    _add_overrides(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("preprocess", help="build a site's local cache (MRI volumes, slide feature bags, tabular features)")
+    p.add_argument("site_dir", nargs="+", help="site folder(s), or a cohort folder of site folders")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: preprocess.workers)")
+    p.add_argument("--cache-dir", default=None, help="write caches under this folder instead of <site>/.newadj-cache")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print one JSON line of statistics per site")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("baseline", help="pooled, local-only and unimodal reference arms, scored on the external center")
+    p.add_argument("--data", required=True, help="cohort folder (one site folder per center)")
+    p.add_argument("--out", required=True, help="run directory (metrics.json, config.yaml)")
+    p.add_argument("--arms", default="pooled,unimodal,local", help="comma list of pooled, unimodal, local")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_baseline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Training data: one site's preprocessed cache as a torch Dataset.
+
+Reads only ``<cache>/manifest.json`` and the arrays it points to (never the raw
+site files).  ``collate`` pads pathology bags and yields the batch dict the
+model consumes: ``mri``/``has_mri``, ``path_feats``/``path_mask``/``has_path``,
+``genomics``/``genomics_mask``/``has_genomics``, ``clinical``/``clinical_mask``,
+``benefit``/``dfs_time``/``dfs_event`` (NaN where unknown).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.preprocess.cache import load_manifest
+
+log = logging.getLogger(__name__)
+
+
+def _nan(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+class SiteDataset(Dataset):
+    """Patients of one site (optionally one or more splits), all arrays held in memory."""
+
+    def __init__(self, cache_dir: Path, splits: Iterable[str] | None = None, max_tiles: int | None = None):
+        self.cache_dir = Path(cache_dir)
+        self.manifest = load_manifest(self.cache_dir)
+        self.center_id = self.manifest["center_id"]
+        self.role = self.manifest["role"]
+        wanted = set(splits) if splits else None
+        patients = [p for p in self.manifest["patients"] if wanted is None or p["split"] in wanted]
+        n_phases = len(self.manifest["phases"])
+        self.mri_shape = tuple(self.manifest["mri_shape"] or (n_phases, 8, 8, 8))
+        self.path_dim = int(self.manifest["path_dim"] or 1)
+        self.n_genes = len(self.manifest["genomic_features"])
+        self.n_clinical = len(self.manifest["clinical_features"])
+        self.skipped: list[dict] = []  # samples whose cached array could not be read
+        self.items: list[dict] = []
+        for p in patients:
+            item = {
+                "patient_id": p["patient_id"], "split": p["split"],
+                "benefit": _nan(p["benefit"]), "dfs_time": _nan(p["dfs_months"]), "dfs_event": _nan(p["dfs_event"]),
+                "genomics": np.nan_to_num(np.array([_nan(v) for v in p["genomics"]], np.float32)),
+                "genomics_mask": np.array(p["genomics_observed"], bool),
+                "clinical": np.nan_to_num(np.array([_nan(v) for v in p["clinical"]], np.float32)),
+                "clinical_mask": np.array(p["clinical_observed"], bool),
+                "mri": None, "path": None,
+            }
+            if p.get("mri"):
+                item["mri"] = self._load(p, "mri", lambda f: np.load(f).astype(np.float32))
+            if p.get("pathology"):
+                def _bag(f):
+                    with np.load(f) as z:
+                        feats = z["features"].astype(np.float32)
+                    return feats[:max_tiles] if max_tiles else feats
+                item["path"] = self._load(p, "pathology", _bag)
+                if item["path"] is not None and len(item["path"]) == 0:
+                    item["path"] = None
+            self.items.append(item)
+
+    def _load(self, p: dict, modality: str, reader):
+        f = self.cache_dir / p[modality]
+        try:
+            arr = reader(f)
+            if not np.all(np.isfinite(arr)):
+                raise ValueError("non-finite values")
+            return arr
+        except Exception as exc:  # a corrupt cached file: skip this modality of this patient, count it
+            log.warning("%s: %s of %s skipped: %s", f, modality, p["patient_id"], exc)
+            self.skipped.append({"patient_id": p["patient_id"], "modality": modality, "file": str(f), "error": str(exc)})
+            return None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([it["benefit"] for it in self.items], float)
+
+    def modality_counts(self) -> dict:
+        return {
+            "mri": sum(it["mri"] is not None for it in self.items),
+            "pathology": sum(it["path"] is not None for it in self.items),
+            "genomics": sum(bool(it["genomics_mask"].any()) for it in self.items),
+        }
+
+
+class ConcatSites(Dataset):
+    """Several sites' datasets as one (pooled baseline)."""
+
+    def __init__(self, datasets: Sequence[SiteDataset]):
+        self.datasets = list(datasets)
+        self.items = [it for d in self.datasets for it in d.items]
+        first = self.datasets[0]
+        self.mri_shape, self.path_dim = first.mri_shape, first.path_dim
+        self.n_genes, self.n_clinical = first.n_genes, first.n_clinical
+        self.center_id = "+".join(d.center_id for d in self.datasets)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([it["benefit"] for it in self.items], float)
+
+
+def make_collate(mri_shape: Sequence[int], path_dim: int):
+    mri_shape = tuple(mri_shape)
+
+    def collate(samples: list[dict]) -> dict:
+        b = len(samples)
+        n_max = max([len(s["path"]) for s in samples if s["path"] is not None] or [1])
+        mri = torch.zeros((b, *mri_shape))
+        feats = torch.zeros((b, n_max, path_dim))
+        pmask = torch.zeros((b, n_max), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            if s["mri"] is not None:
+                mri[i] = torch.from_numpy(s["mri"])
+            if s["path"] is not None:
+                n = len(s["path"])
+                feats[i, :n] = torch.from_numpy(s["path"])
+                pmask[i, :n] = True
+        gm = torch.from_numpy(np.stack([s["genomics_mask"] for s in samples]))
+        return {
+            "mri": mri,
+            "has_mri": torch.tensor([s["mri"] is not None for s in samples]),
+            "path_feats": feats, "path_mask": pmask,
+            "has_path": torch.tensor([s["path"] is not None for s in samples]),
+            "genomics": torch.from_numpy(np.stack([s["genomics"] for s in samples])),
+            "genomics_mask": gm, "has_genomics": gm.any(dim=1),
+            "clinical": torch.from_numpy(np.stack([s["clinical"] for s in samples])),
+            "clinical_mask": torch.from_numpy(np.stack([s["clinical_mask"] for s in samples])),
+            "benefit": torch.tensor([s["benefit"] for s in samples], dtype=torch.float32),
+            "dfs_time": torch.tensor([s["dfs_time"] for s in samples], dtype=torch.float32),
+            "dfs_event": torch.tensor([s["dfs_event"] for s in samples], dtype=torch.float32),
+        }
+
+    return collate

@@ -1,0 +1,221 @@
+"""The one training engine: trains and validates a model on one site's data.
+
+``train_model`` is called by every consumer -- the federated client (a few local
+epochs from the global weights, optionally with a FedProx proximal term) and the
+pooled / local-only / unimodal baselines (many epochs with early stopping).  Model
+selection and the decision threshold (Youden) use the validation split only.
+Deterministic on CPU for a given seed; on CUDA it uses mixed precision.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from common.config import to_plain
+from common.dataset import make_collate
+from common.losses import multitask_loss
+from common.metrics import evaluate_predictions, youden_threshold
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _autocast(device: torch.device, amp: str):
+    if device.type == "cuda" and amp in ("auto", True, "true", "on"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@dataclass
+class TrainResult:
+    state_dict: dict
+    threshold: float
+    best_epoch: int
+    epochs_run: int
+    history: list = field(default_factory=list)
+    val: dict = field(default_factory=dict)      # auc, loss, n, n_pos at the selected epoch
+    train_loss: float = float("nan")
+    n_train: int = 0
+    n_val: int = 0
+    samples_per_s: float = 0.0
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset, batch_size: int = 64, device: torch.device | None = None,
+            amp: str = "auto") -> dict:
+    """Per-patient outputs of ``model`` on ``dataset`` (stays where it is computed)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        collate_fn=make_collate(dataset.mri_shape, dataset.path_dim))
+    out = {k: [] for k in ("prob", "logit", "risk", "benefit", "dfs_time", "dfs_event")}
+    for batch in loader:
+        batch = _to(batch, device)
+        with _autocast(device, amp):
+            res = model(batch)
+        out["logit"].append(res["logit"].float().cpu())
+        out["prob"].append(torch.sigmoid(res["logit"].float()).cpu())
+        out["risk"].append(res["risk"].float().cpu())
+        for k in ("benefit", "dfs_time", "dfs_event"):
+            out[k].append(batch[k].cpu())
+    return {k: (torch.cat(v).numpy() if v else np.zeros(0)) for k, v in out.items()}
+
+
+def _val_score(pred: dict, loss_cfg) -> tuple[float, float]:
+    """(AUC, loss) of predictions on a validation set; NaN where undefined."""
+    y, p = pred["benefit"], pred["prob"]
+    lab = ~np.isnan(y)
+    auc = float("nan")
+    if lab.sum() > 0 and len(np.unique(y[lab])) == 2:
+        from sklearn.metrics import roc_auc_score
+
+        auc = float(roc_auc_score(y[lab], p[lab]))
+    with torch.no_grad():
+        batch = {k: torch.as_tensor(pred[k]) for k in ("benefit", "dfs_time", "dfs_event")}
+        outs = {"logit": torch.as_tensor(pred["logit"]), "risk": torch.as_tensor(pred["risk"])}
+        loss = float(multitask_loss(outs, batch, loss_cfg)[0]) if len(y) else float("nan")
+    return auc, loss
+
+
+def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *, seed: int = 0,
+                epochs: int | None = None, select_best: bool = True, early_stopping: bool = True,
+                proximal_mu: float = 0.0, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train ``model`` on ``train_ds``, validate on ``val_ds`` each epoch.
+
+    ``select_best`` keeps the weights of the best validation epoch (baselines);
+    federated clients pass ``select_best=False, early_stopping=False`` and a small
+    ``epochs`` so that the server does model selection across rounds.
+    ``proximal_mu`` > 0 adds FedProx's (mu/2)||w - w_start||^2 term.
+    """
+    tc = to_plain(train_cfg)
+    seed_everything(seed)
+    if tc.get("num_threads"):
+        torch.set_num_threads(int(tc["num_threads"]))
+    device = pick_device(tc.get("device", "auto"))
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    model.to(device)
+    epochs = int(epochs if epochs is not None else tc["epochs"])
+    amp = tc.get("amp", "auto")
+    collate = make_collate(train_ds.mri_shape, train_ds.path_dim)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train_ds, batch_size=int(tc["batch_size"]), shuffle=True, generator=gen,
+                        collate_fn=collate, drop_last=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp != "off"
+                                  and not torch.cuda.is_bf16_supported()) if device.type == "cuda" else None
+    start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+
+    metric = tc.get("select_metric", "auc")
+    best_key, best_state, best_epoch, best_val = None, None, 0, {}
+    history, stale, t0, n_seen = [], 0, time.perf_counter(), 0
+    train_loss = float("nan")
+    for epoch in range(1, epochs + 1):
+        model.train()
+        total, count = 0.0, 0
+        for batch in loader:
+            batch = _to(batch, device)
+            with _autocast(device, amp):
+                out = model(batch)
+                loss, _ = multitask_loss(out, batch, loss_cfg)
+            if start is not None:
+                loss = loss + 0.5 * proximal_mu * sum(((p - s) ** 2).sum() for p, s in zip(model.parameters(), start))
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None and scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc["grad_clip"]))
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc["grad_clip"]))
+                opt.step()
+            bs = len(batch["benefit"])
+            total += float(loss.detach()) * bs
+            count += bs
+        n_seen += count
+        train_loss = total / max(count, 1)
+        rec = {"epoch": epoch, "train_loss": train_loss}
+        if val_ds is not None and len(val_ds):
+            pred = predict(model, val_ds, int(tc["eval_batch_size"]), device, amp)
+            rec["val_auc"], rec["val_loss"] = _val_score(pred, loss_cfg)
+        history.append(rec)
+        if on_epoch:
+            on_epoch(rec)
+        # selection key: higher is better
+        if metric == "auc" and not math.isnan(rec.get("val_auc", float("nan"))):
+            key = (rec["val_auc"], -rec.get("val_loss", 0.0))
+        elif not math.isnan(rec.get("val_loss", float("nan"))):
+            key = (-rec["val_loss"], 0.0)
+        else:
+            key = (-train_loss, 0.0)
+        if best_key is None or key > best_key:
+            best_key, best_epoch, stale = key, epoch, 0
+            best_val = {k: rec[k] for k in ("val_auc", "val_loss") if k in rec}
+            if select_best:
+                best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if early_stopping and stale >= int(tc["patience"]):
+                break
+    seconds = time.perf_counter() - t0
+    if select_best and best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(history)
+        best_val = {k: history[-1][k] for k in ("val_auc", "val_loss") if history and k in history[-1]}
+
+    threshold = 0.5
+    n_val = len(val_ds) if val_ds is not None else 0
+    if n_val:
+        pred = predict(model, val_ds, int(tc["eval_batch_size"]), device, amp)
+        y, p = pred["benefit"], pred["prob"]
+        lab = ~np.isnan(y)
+        if lab.sum() and len(np.unique(y[lab])) == 2:
+            threshold = float(youden_threshold(y[lab], p[lab]))
+        best_val["n"] = int(lab.sum())
+        best_val["n_pos"] = int(np.nansum(y[lab]))
+    return TrainResult(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                       threshold=threshold, best_epoch=best_epoch, epochs_run=len(history), history=history,
+                       val=best_val, train_loss=train_loss, n_train=len(train_ds), n_val=n_val,
+                       samples_per_s=n_seen / seconds if seconds > 0 else 0.0, seconds=seconds)
+
+
+def evaluate_model(model: torch.nn.Module, dataset, threshold: float, train_cfg, seed: int = 0) -> dict:
+    """Full metrics (with CIs) of ``model`` on ``dataset`` at a threshold fixed beforehand."""
+    tc = to_plain(train_cfg)
+    device = pick_device(tc.get("device", "auto"))
+    model.to(device)
+    pred = predict(model, dataset, int(tc["eval_batch_size"]), device, tc.get("amp", "auto"))
+    return evaluate_predictions(pred["benefit"], pred["prob"], threshold, time=pred["dfs_time"],
+                                event=pred["dfs_event"], risk=pred["risk"], n_boot=int(tc["n_boot"]),
+                                seed=seed, min_patients=int(tc["min_patients"]))
