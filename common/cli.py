@@ -114,6 +114,55 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def _print_federation(metrics: dict, run_dir: Path) -> None:
+    from server.simulation import render_external, render_rounds
+
+    console.print(render_rounds(metrics))
+    console.print(render_external(metrics))
+    comm = metrics.get("communication", {})
+    console.print(f"model {comm.get('model_bytes_fp32', 0) / 1e6:.2f} MB (fp32); sent {comm.get('bytes_sent', 0) / 1e6:.1f} MB, "
+                  f"received {comm.get('bytes_received', 0) / 1e6:.1f} MB in all; wall {metrics.get('wall_seconds', 0):.0f}s")
+    console.print(f"[bold]run directory:[/bold] {run_dir}")
+
+
+def cmd_simulate(args) -> int:
+    from server.simulation import RunFailed, run_simulation
+
+    try:
+        metrics = run_simulation(Path(args.data), Path(args.out), args.overrides, console=console,
+                                 stream=not args.quiet, resume=args.resume)
+    except RunFailed as exc:
+        err_console.print(f"[red]federation failed:[/red] {exc}")
+        return 1
+    _print_federation(metrics, Path(args.out).resolve())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import time
+
+    from common.config import load_config, to_plain
+    from common.synth import generate_cohort
+    from server.simulation import RunFailed, run_simulation
+
+    cfg = load_config(args.overrides)
+    d = cfg.demo
+    base = Path(str(d.dir))
+    cohort = Path(args.data) if args.data else base / f"cohort-s{d.seed}-x{d.scale}"
+    if not (cohort / "_cohort.json").exists() and not args.data:
+        console.print(f"[bold]No cohort given: writing a synthetic one to {cohort}[/bold]")
+        generate_cohort(cohort, seed=int(d.seed), scale=float(d.scale), cfg=to_plain(cfg.synth), workers=int(d.workers))
+    run_dir = base / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    overrides = list(d.overrides) + list(args.overrides) + [f"preprocess.workers={int(d.workers)}"]
+    try:
+        metrics = run_simulation(cohort, run_dir, overrides, console=console, stream=not args.quiet)
+    except RunFailed as exc:
+        err_console.print(f"[red]federation failed:[/red] {exc}")
+        return 1
+    _print_federation(metrics, run_dir.resolve())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="newadj", description="Federated New-adj-Net for BCLC-B HCC")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default="pooled,unimodal,local", help="comma list of pooled, unimodal, local")
     _add_overrides(p)
     p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("simulate", help="run the federation as a Flower simulation on a cohort folder")
+    p.add_argument("--data", required=True, help="cohort folder (one site folder per center)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="do not stream Flower's logs")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="the main job: synthetic cohort, preprocessing and a federation, no arguments needed")
+    p.add_argument("--data", default=None, help="use this cohort instead of generating one")
+    p.add_argument("--quiet", action="store_true")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,114 @@
+"""The ClientApp every center runs.
+
+Replies carry model weights and aggregate statistics only -- never a patient
+id, row or per-patient score.  An ``external`` center refuses to train.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site_runtime import round_seed, site_runtime
+from common.engine import predict, train_model
+from common.metrics import c_index, evaluate_predictions, score_histogram
+from common.task import model_from_config
+from common.wire import from_arrays, to_arrays
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+ERR_REFUSED = 403
+
+
+def _refuse(msg: Message, reason: str) -> Message:
+    log.warning("refused %s: %s", msg.metadata.message_type, reason)
+    return Message(Error(code=ERR_REFUSED, reason=reason), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    rt = site_runtime(context.run_config, context.node_config)
+    info = {"role": rt.role, "center-id": rt.center_id,
+            "n-train": len(rt.train or []), "n-val": len(rt.val or []), "n-test": len(rt.test)}
+    return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    rt = site_runtime(context.run_config, context.node_config)
+    if rt.role == "external":
+        return _refuse(msg, f"center {rt.center_id} is the external validation center and never trains")
+    cfg = rt.cfg
+    conf = msg.content["config"]
+    rnd = int(conf.get("server-round", 0))
+    model = model_from_config(cfg, dims=rt.dims)
+    model.load_state_dict(from_arrays(msg.content["arrays"]))
+    res = train_model(model, rt.train, rt.val, cfg.train, cfg.model.loss,
+                      seed=round_seed(int(cfg.seed), rt.center_id, rnd),
+                      epochs=int(conf.get("local-epochs", cfg.federation.local_epochs)),
+                      select_best=False, early_stopping=False,
+                      proximal_mu=float(conf.get("proximal-mu", 0.0)))
+    metrics = {"num-examples": res.n_train, "train-loss": float(res.train_loss),
+               "train-seconds": float(res.seconds), "samples-per-s": float(res.samples_per_s)}
+    return Message(RecordDict({"arrays": to_arrays(res.state_dict, bool(conf.get("fp16", False))),
+                               "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _nan_to_num(d: dict) -> dict:
+    return {k: (float("nan") if v is None else v) for k, v in d.items()}
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the received model on a split; reply with aggregates only.
+
+    config: ``split`` (val | test), ``threshold`` (from internal validation),
+    ``bins`` (score histogram bins), ``full-report`` (metrics with CIs).
+    """
+    rt = site_runtime(context.run_config, context.node_config)
+    cfg = rt.cfg
+    conf = msg.content["config"]
+    split = str(conf.get("split", "val"))
+    ds = rt.split(split)
+    if ds is None:
+        return _refuse(msg, f"center {rt.center_id} ({rt.role}) has no `{split}` split")
+    model = model_from_config(cfg, dims=rt.dims)
+    model.load_state_dict(from_arrays(msg.content["arrays"]))
+    pred = predict(model, ds, int(cfg.train.eval_batch_size))
+    y, p = pred["benefit"], pred["prob"]
+    lab = ~np.isnan(y)
+    n, n_pos = int(lab.sum()), int(np.nansum(y[lab]))
+    min_n = int(cfg.train.min_patients)
+    out: dict = {"num-examples": n, "n-pos": n_pos, "abstained": 0}
+    if n < min_n:
+        # fewer patients than the minimum: no metric at all
+        out["abstained"] = 1
+        return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
+    bins = int(conf.get("bins", cfg.federation.histogram_bins))
+    hist = score_histogram(y, p, bins)
+    from common.losses import multitask_loss
+    import torch
+
+    with torch.no_grad():
+        loss = float(multitask_loss({"logit": torch.as_tensor(pred["logit"]), "risk": torch.as_tensor(pred["risk"])},
+                                    {k: torch.as_tensor(pred[k]) for k in ("benefit", "dfs_time", "dfs_event")},
+                                    cfg.model.loss)[0])
+    thr = float(conf.get("threshold", 0.5))
+    yl, pl = y[lab], p[lab]
+    out.update({"hist-neg": hist[0].tolist(), "hist-pos": hist[1].tolist(), "loss": loss,
+                "tp": int(((pl >= thr) & (yl == 1)).sum()), "fp": int(((pl >= thr) & (yl == 0)).sum()),
+                "tn": int(((pl < thr) & (yl == 0)).sum()), "fn": int(((pl < thr) & (yl == 1)).sum())})
+    ci = c_index(pred["dfs_time"], pred["dfs_event"], pred["risk"])
+    out["c-index"] = float(ci)
+    if bool(conf.get("full-report", False)):
+        rep = evaluate_predictions(y, p, thr, time=pred["dfs_time"], event=pred["dfs_event"], risk=pred["risk"],
+                                   n_boot=int(cfg.train.n_boot), seed=int(cfg.seed), min_patients=min_n)
+        for key, val in rep.items():
+            if isinstance(val, dict) and "value" in val:
+                out.update(_nan_to_num({f"{key}": val.get("value"), f"{key}-lo": val.get("lo"),
+                                        f"{key}-hi": val.get("hi")}))
+    out["n-skipped"] = len(ds.skipped)
+    return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)

@@ -1,0 +1,89 @@
+"""Which center this ClientApp is, and its data, resolved once per process.
+
+Deployment: the SuperNode's ``--node-config`` names ``data-dir`` (the site
+folder), and optionally ``role`` and ``center-id``.  Simulation: Flower gives
+only ``partition-id``; it indexes the sorted site folders of the run config's
+``cohort-dir``.
+"""
+from __future__ import annotations
+
+import hashlib
+import shlex
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import load_config
+from common.dataset import SiteDataset
+from common.preprocess.cache import preprocess_site
+from common.task import check_dataset_matches, input_dims
+
+_RUNTIMES: dict[tuple, "SiteRuntime"] = {}
+
+
+@dataclass
+class SiteRuntime:
+    center_id: str
+    role: str
+    site_dir: Path
+    cfg: object
+    dims: dict
+    train: SiteDataset | None
+    val: SiteDataset | None
+    test: SiteDataset   # every patient: the external center's evaluation set
+
+    def split(self, name: str) -> SiteDataset | None:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def overrides_of(run_config) -> list[str]:
+    return shlex.split(str(run_config.get("overrides", "") or ""))
+
+
+def _resolve_site(run_config, node_config) -> tuple[Path, str | None, str | None]:
+    if "data-dir" in node_config:
+        return Path(str(node_config["data-dir"])), node_config.get("role"), node_config.get("center-id")
+    if "partition-id" not in node_config:
+        raise RuntimeError("node config has neither `data-dir` (deployment) nor `partition-id` (simulation)")
+    from common.cohort import discover_sites
+
+    cohort = run_config.get("cohort-dir")
+    if not cohort:
+        raise RuntimeError("simulation needs the run config key `cohort-dir`")
+    sites = discover_sites(Path(str(cohort)))
+    pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(sites)))
+    if n != len(sites):
+        raise RuntimeError(f"simulation has {n} SuperNodes but {cohort} has {len(sites)} sites")
+    return sites[pid].path, None, None
+
+
+def site_runtime(run_config, node_config) -> SiteRuntime:
+    key = (tuple(sorted((k, str(v)) for k, v in run_config.items())),
+           tuple(sorted((k, str(v)) for k, v in node_config.items())))
+    if key in _RUNTIMES:
+        return _RUNTIMES[key]
+    site_dir, role, center = _resolve_site(run_config, node_config)
+    cfg = load_config(overrides_of(run_config))
+    toml = {}
+    if (site_dir / "site.toml").exists():
+        toml = tomllib.loads((site_dir / "site.toml").read_text())
+    role = str(role or toml.get("role", "train"))
+    center = str(center or toml.get("center_id", site_dir.name))
+    # idempotent: reuses the cache that `newadj preprocess` built
+    res = preprocess_site(site_dir, cfg, progress=False)
+    max_tiles = cfg.train.max_tiles
+    dims = input_dims(cfg)
+    test = SiteDataset(res.cache_dir, None, max_tiles)
+    check_dataset_matches(test, dims)
+    train = val = None
+    if role != "external":
+        train = SiteDataset(res.cache_dir, ["train"], max_tiles)
+        val = SiteDataset(res.cache_dir, ["val"], max_tiles)
+    rt = SiteRuntime(center, role, site_dir, cfg, dims, train, val, test)
+    _RUNTIMES[key] = rt
+    return rt
+
+
+def round_seed(seed: int, center_id: str, server_round: int) -> int:
+    """Local training seed: same round, same center -> same randomness (resume-safe)."""
+    return int(hashlib.sha256(f"{seed}:{center_id}:{server_round}".encode()).hexdigest()[:8], 16)

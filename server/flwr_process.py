@@ -1,0 +1,156 @@
+"""Start, use and stop Flower's own processes (SuperLink, SuperNodes, `flwr` CLI).
+
+Every process started here is tracked by PID and stopped by it; each run gets
+its own ``FLWR_HOME`` and free loopback ports, so nothing collides with another
+run or with Flower's default local SuperLink (port 39091).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def bin_path(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0]} exited with code {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def flwr_env(flwr_home: Path) -> dict:
+    env = os.environ.copy()
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    # the apps import this project: make sure they can, whatever their working directory
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+@dataclass
+class ProcessGroup:
+    """Processes started for one run; ``stop()`` ends each of them (by PID)."""
+
+    procs: list = field(default_factory=list)
+    logs: list = field(default_factory=list)
+
+    def start(self, args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(log_path, "ab")
+        p = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        self.logs.append(fh)
+        return p
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        for fh in self.logs:
+            fh.close()
+        self.procs.clear()
+        self.logs.clear()
+
+
+def write_flwr_config(flwr_home: Path, name: str, control_address: str, insecure: bool = True,
+                      root_certificates: Path | None = None) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{control_address}"']
+    if insecure:
+        lines.append("insecure = true")
+    if root_certificates:
+        lines.append(f'root-certificates = "{root_certificates}"')
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def run_config_arg(values: dict) -> str:
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+
+
+RUN_ID_RE = re.compile(r"run[ _-]?id[^0-9]*(\d+)", re.IGNORECASE)
+
+
+def flwr_run(superlink: str, env: dict, run_config: dict, log_path: Path, federation_config: dict | None = None,
+             echo=None, timeout: float | None = None) -> int | None:
+    """``flwr run . SUPERLINK --stream``; returns the run id seen in its output (None if none)."""
+    args = [bin_path("flwr"), "run", str(PROJECT_ROOT), superlink, "--run-config", run_config_arg(run_config), "--stream"]
+    if federation_config:
+        args += ["--federation-config", run_config_arg(federation_config)]
+    run_id = None
+    with open(log_path, "a") as logf, subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT, text=True, cwd=PROJECT_ROOT,
+                                                       start_new_session=True) as p:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for line in p.stdout:
+            logf.write(line)
+            logf.flush()
+            if run_id is None and (m := RUN_ID_RE.search(line)):
+                run_id = int(m.group(1))
+            if echo:
+                echo(line.rstrip("\n"))
+            if deadline and time.monotonic() > deadline:
+                os.killpg(p.pid, signal.SIGTERM)
+                break
+        p.wait()
+    return run_id
+
+
+def flwr_status(superlink: str, env: dict, run_id: int) -> dict:
+    """The run's record from ``flwr ls --run-id ID --format json`` (``flwr run --stream`` exits 0 even on failure)."""
+    out = subprocess.run([bin_path("flwr"), "ls", superlink, "--run-id", str(run_id), "--format", "json"],
+                         env=env, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
+    try:
+        data = json.loads(out.stdout)
+    except ValueError:
+        return {"status": "unknown", "error": (out.stdout + out.stderr)[-2000:]}
+    runs = data.get("runs") or []
+    return runs[0] if runs else {"status": "unknown", "raw": data}

@@ -1,0 +1,258 @@
+"""The ServerApp: roles, rounds, internal-validation model selection, checkpoints.
+
+Each round: the strategy (Flower's FedAvg / FedProx / FedAdam / FedYogi /
+FedMedian / FedTrimmedAvg) sends the global weights to the training centers
+only, aggregates their updates, then every training center scores the new
+global model on its validation split and returns aggregates (score histograms,
+counts, loss).  The best round by the configured validation metric is kept.
+The external center is scored at the end with the selected model and the
+threshold chosen on pooled internal validation (and, if configured, every k
+rounds for monitoring only: those numbers are never used for selection).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import config_hash, load_config, save_config, to_plain
+from common.engine import seed_everything
+from common.metrics import auc_from_histograms, pool_histograms, youden_from_histograms
+from common.task import model_from_config
+from common.wire import from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
+from server.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from server.roles import NodeView, query_roles, wait_for_nodes
+from server.strategies import build_strategy, restore_strategy_state, strategy_state
+
+log = logging.getLogger("newadj.server")
+app = ServerApp()
+
+
+def _send(grid, node_ids, arrays: ArrayRecord, config: dict, timeout: float, mtype=MessageType.EVALUATE):
+    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), message_type=mtype,
+                    dst_node_id=n) for n in node_ids]
+    replies = list(grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
+    return replies, arrays.count_bytes() * len(msgs)
+
+
+def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[dict, int, int]:
+    """Per-center aggregate metrics and the pooled AUC from summed histograms."""
+    replies, sent = _send(grid, node_ids, arrays, config, timeout)
+    received = 0
+    per_center, hists, failures = {}, [], {}
+    for r in replies:
+        nid = r.metadata.src_node_id
+        center = roles.get(nid, {}).get("center-id", str(nid))
+        if r.has_error():
+            failures[center] = r.error.reason
+            log.error("center %s failed evaluation: %s", center, r.error.reason)
+            continue
+        m = dict(r.content["metrics"])
+        received += r.content["metrics"].count_bytes()
+        entry = {"n": int(m["num-examples"]), "n_pos": int(m.get("n-pos", 0)), "abstained": bool(m.get("abstained"))}
+        if not entry["abstained"]:
+            h = np.array([m["hist-neg"], m["hist-pos"]], dtype=np.int64)
+            hists.append(h)
+            est, lo, hi = auc_from_histograms(h)
+            entry.update({"auc": est, "auc_lower": lo, "auc_upper": hi, "loss": float(m["loss"]),
+                          "c_index": float(m.get("c-index", float("nan"))),
+                          **{k: int(m[k]) for k in ("tp", "fp", "tn", "fn")}})
+            entry.update({k.replace("-", "_"): float(v) for k, v in m.items()
+                          if k not in ("hist-neg", "hist-pos", "num-examples", "n-pos", "abstained", "loss",
+                                       "c-index", "tp", "fp", "tn", "fn") and isinstance(v, (int, float))})
+        per_center[center] = entry
+    for nid in node_ids:
+        if not any(r.metadata.src_node_id == nid for r in replies):
+            failures[roles.get(nid, {}).get("center-id", str(nid))] = "no reply before the round timeout"
+    pooled = {}
+    if hists:
+        ph = pool_histograms(hists)
+        est, lo, hi = auc_from_histograms(ph)
+        scored = [e for e in per_center.values() if not e["abstained"]]
+        n_tot = sum(e["n"] for e in scored)
+        w_auc = [(e["auc"], e["n"]) for e in scored if not np.isnan(e["auc"])]
+        pooled = {"auc": est, "auc_lower": lo, "auc_upper": hi, "n": n_tot,
+                  "weighted_auc": sum(a * n for a, n in w_auc) / max(1, sum(n for _, n in w_auc)) if w_auc else float("nan"),
+                  "loss": sum(e["loss"] * e["n"] for e in scored) / max(1, n_tot),
+                  "youden_threshold": youden_from_histograms(ph), "histogram": ph.tolist()}
+    return {"centers": per_center, "pooled": pooled, "failures": failures}, sent, received
+
+
+def _selection_key(pooled: dict, metric: str) -> float:
+    if not pooled:
+        return -np.inf
+    v = {"pooled_auc": pooled.get("auc"), "weighted_auc": pooled.get("weighted_auc"),
+         "val_loss": -pooled.get("loss", np.inf)}[metric]
+    return -np.inf if v is None or np.isnan(v) else float(v)
+
+
+def _json_safe(o):
+    if isinstance(o, dict):
+        return {str(k): _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        return None if np.isnan(o) or np.isinf(o) else float(o)
+    if isinstance(o, np.integer):
+        return int(o)
+    return o
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    cfg = load_config(shlex.split(str(rc.get("overrides", "") or "")))
+    fed = cfg.federation
+    run_dir = Path(str(rc.get("run-dir") or f"runs/run-{int(time.time())}")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+    cfg_hash = config_hash(cfg)
+    seed_everything(int(cfg.seed))
+    random.seed(int(cfg.seed))
+    history_path = run_dir / "history.jsonl"
+
+    # --- who is who -------------------------------------------------------------
+    expected = int(rc.get("expected-nodes", 0) or fed.expected_nodes or fed.min_available_nodes)
+    node_ids = wait_for_nodes(grid, expected, float(fed.wait_nodes_timeout))
+    roles, role_errors = query_roles(grid, node_ids, float(fed.query_timeout))
+    train_ids = sorted(n for n, i in roles.items() if i.get("role") != "external")
+    ext_ids = sorted(n for n, i in roles.items() if i.get("role") == "external")
+    centers = {i["center-id"]: {"role": i["role"], "n_train": i.get("n-train"), "n_val": i.get("n-val"),
+                                "n_test": i.get("n-test")} for i in roles.values()}
+    log.info("roles: %s", {i["center-id"]: i["role"] for i in roles.values()})
+    if len(train_ids) < int(fed.min_train_nodes):
+        raise RuntimeError(f"only {len(train_ids)} training centers answered; federation.min_train_nodes="
+                           f"{fed.min_train_nodes}")
+    train_view = NodeView(grid, train_ids)
+
+    # --- model and (maybe) resume -------------------------------------------------
+    strategy = build_strategy(fed)
+    model = model_from_config(cfg)
+    state, start_round, history, best = model.state_dict(), 1, [], None
+    comm = {"bytes_sent": 0, "bytes_received": 0}
+    resume = bool(rc.get("resume", False))
+    last = latest_checkpoint(run_dir) if resume else None
+    if last is not None:
+        state, meta, server_state = load_checkpoint(last)
+        if meta.get("config_hash") != cfg_hash:
+            raise RuntimeError(f"{last}: written with another config (hash {meta.get('config_hash', '')[:12]} vs "
+                               f"{cfg_hash[:12]}); resume with the same overrides")
+        start_round = int(meta["round"]) + 1
+        history, best, comm = server_state["history"], server_state["best"], server_state["comm"]
+        restore_strategy_state(strategy, server_state.get("strategy", {}))
+        random.setstate(server_state["py_random"])
+        log.info("resuming %s after round %d", run_dir, meta["round"])
+        history_path.write_text("".join(json.dumps(_json_safe(h)) + "\n" for h in history))
+    elif history_path.exists():
+        history_path.unlink()
+    weights_bytes = state_dict_bytes(state)
+    arrays = ArrayRecord(state)
+    fp16 = bool(fed.fp16_weights)
+
+    # --- rounds ---------------------------------------------------------------------
+    num_rounds = int(fed.num_rounds)
+    for rnd in range(start_round, num_rounds + 1):
+        t0 = time.perf_counter()
+        send_arrays = to_arrays(from_arrays(arrays), fp16)
+        config = ConfigRecord({"local-epochs": int(fed.local_epochs), "fp16": fp16})
+        msgs = list(strategy.configure_train(rnd, send_arrays, config, train_view))
+        sent = sum(m.content["arrays"].count_bytes() for m in msgs)
+        replies = list(grid.send_and_receive(msgs, timeout=float(fed.round_timeout)))
+        received, train_fail, good = 0, {}, []
+        for r in replies:
+            center = roles.get(r.metadata.src_node_id, {}).get("center-id", str(r.metadata.src_node_id))
+            if r.has_error():
+                train_fail[center] = r.error.reason
+                log.error("round %d: center %s failed: %s", rnd, center, r.error.reason)
+                continue
+            received += r.content["arrays"].count_bytes()
+            r.content["arrays"] = upcast(r.content["arrays"])
+            good.append(r)
+        answered = {r.metadata.src_node_id for r in replies}
+        for m in msgs:
+            if m.metadata.dst_node_id not in answered:
+                train_fail[roles.get(m.metadata.dst_node_id, {}).get("center-id", "?")] = "no reply before timeout"
+        if len(good) >= int(fed.min_train_nodes):
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, good)
+            if new_arrays is not None:
+                arrays = new_arrays
+        else:
+            train_metrics = None
+            log.error("round %d: %d training replies < min_train_nodes=%d; global model unchanged",
+                      rnd, len(good), fed.min_train_nodes)
+        t_train = time.perf_counter() - t0
+        val, s2, r2 = _evaluate_centers(grid, train_ids, roles, arrays,
+                                        {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5},
+                                        float(fed.round_timeout))
+        sent, received = sent + s2, received + r2
+        rec = {"round": rnd, "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
+               "client_train_seconds": {roles[r.metadata.src_node_id]["center-id"]:
+                                        float(r.content["metrics"]["train-seconds"]) for r in good},
+               "val": {k: v for k, v in val["pooled"].items() if k != "histogram"},
+               "val_centers": {c: {k: e.get(k) for k in ("auc", "n", "loss", "abstained")}
+                               for c, e in val["centers"].items()},
+               "failures": {**train_fail, **{c: f"evaluate: {v}" for c, v in val["failures"].items()}},
+               "bytes_sent": sent, "bytes_received": received, "n_train_replies": len(good)}
+        if int(fed.external_every) > 0 and rnd % int(fed.external_every) == 0 and ext_ids:
+            mon, s3, r3 = _evaluate_centers(grid, ext_ids, roles, arrays,
+                                            {"split": "test", "bins": int(fed.histogram_bins), "threshold": 0.5},
+                                            float(fed.round_timeout))
+            rec["external_monitoring"] = {"auc": mon["pooled"].get("auc"), "used_for_selection": False}
+            sent, received = sent + s3, received + r3
+        comm["bytes_sent"] += sent
+        comm["bytes_received"] += received
+        rec["seconds"] = time.perf_counter() - t0
+        rec["train_phase_seconds"] = t_train
+        key = _selection_key(val["pooled"], str(fed.select_metric))
+        if best is None or key > best["key"]:
+            best = {"round": rnd, "key": key, "threshold": val["pooled"].get("youden_threshold", 0.5),
+                    "val": rec["val"]}
+        rec["best_round"] = best["round"]
+        history.append(rec)
+        with history_path.open("a") as f:
+            f.write(json.dumps(_json_safe(rec)) + "\n")
+        sd = from_arrays(arrays)
+        save_checkpoint(run_dir, rnd, sd, {"config_hash": cfg_hash, "metrics": _json_safe(rec["val"]),
+                                           "threshold": best["threshold"] if best["round"] == rnd else None,
+                                           "weights_sha256": weights_sha256(sd)},
+                        {"history": history, "best": best, "comm": comm, "strategy": strategy_state(strategy),
+                         "py_random": random.getstate()})
+        log.info("round %d/%d: train loss %s, val pooled AUC %.3f, %.1fs, %d bytes out", rnd, num_rounds,
+                 rec["train_loss"], rec["val"].get("auc", float("nan")), rec["seconds"], sent)
+
+    # --- the selected model on the external center -----------------------------------
+    best_state, best_meta, _ = load_checkpoint(run_dir / "checkpoints" / f"round_{best['round']:03d}.pt")
+    best_arrays = ArrayRecord(best_state)
+    external = {}
+    if ext_ids:
+        ext, s4, r4 = _evaluate_centers(grid, ext_ids, roles, best_arrays,
+                                        {"split": "test", "bins": int(fed.histogram_bins),
+                                         "threshold": float(best["threshold"]), "full-report": True},
+                                        float(fed.round_timeout))
+        comm["bytes_sent"] += s4
+        comm["bytes_received"] += r4
+        external = ext
+    torch.save(best_state, run_dir / "best_model.pt")
+    per_round = [h["bytes_sent"] / max(1, h["n_train_replies"] + len(h["val_centers"])) for h in history]
+    summary = {
+        "status": "finished", "run_dir": str(run_dir), "config_hash": cfg_hash, "strategy": str(fed.strategy),
+        "rounds": num_rounds, "centers": centers, "role_query_errors": role_errors,
+        "selected_round": best["round"], "selection_metric": str(fed.select_metric),
+        "threshold": best["threshold"], "selected_val": best["val"],
+        "best_model": {"file": "best_model.pt", "sha256": best_meta["sha256"],
+                       "weights_sha256": best_meta.get("weights_sha256")},
+        "external": external, "history": history,
+        "communication": {**comm, "model_bytes_fp32": weights_bytes, "fp16_weights": fp16,
+                          "mean_bytes_per_message_out": float(np.mean(per_round)) if per_round else None},
+        "config": to_plain(cfg),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    log.info("finished: selected round %d; metrics in %s", best["round"], run_dir / "metrics.json")
