@@ -1,0 +1,90 @@
+"""Federation building blocks that need no data: checkpoints, wire format, views, strategies."""
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from common.metrics import roc_from_histograms, score_histogram, youden_from_histograms, youden_threshold
+from common.wire import from_arrays, to_arrays, upcast, weights_sha256
+from server.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from server.roles import NodeView
+from server.strategies import build_strategy
+
+
+def _state():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(200, 300), torch.nn.GroupNorm(5, 300), torch.nn.Linear(300, 1)).state_dict()
+
+
+def test_checkpoint_roundtrip_and_tamper_detection(tmp_path):
+    sd = _state()
+    path = save_checkpoint(tmp_path, 3, sd, {"config_hash": "abc"}, {"history": [1, 2]})
+    assert latest_checkpoint(tmp_path) == path
+    loaded, meta, server_state = load_checkpoint(path)
+    assert meta["round"] == 3 and meta["config_hash"] == "abc" and len(meta["sha256"]) == 64
+    assert server_state == {"history": [1, 2]}
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    # one byte changed -> refused with a message naming the file
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="round_003.pt"):
+        load_checkpoint(path)
+
+
+def test_fp16_wire_halves_bytes_and_upcasts():
+    sd = _state()
+    a32, a16 = to_arrays(sd), to_arrays(sd, fp16=True)
+    assert a16.count_bytes() < 0.55 * a32.count_bytes()
+    back = from_arrays(a16)
+    assert all(v.dtype == torch.float32 for v in back.values())
+    assert max(float((back[k] - sd[k]).abs().max()) for k in sd) < 1e-2
+    up = upcast(a16)
+    assert all(a.dtype == np.float32 for a in up.to_numpy_ndarrays())
+    assert weights_sha256(sd) == weights_sha256(from_arrays(a32))
+    assert weights_sha256(sd) != weights_sha256(back)
+
+
+class _Grid:
+    def get_node_ids(self):
+        return [1, 2, 3, 4]
+
+    def send_and_receive(self, *a, **k):
+        return "sent"
+
+
+def test_node_view_hides_other_nodes_but_delegates():
+    view = NodeView(_Grid(), [2, 4, 9])
+    assert view.get_node_ids() == [2, 4]  # 9 is not connected
+    assert view.send_and_receive() == "sent"
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"])
+def test_strategies_are_flowers_own(name):
+    from common.config import load_config
+
+    cfg = load_config([f"federation.strategy={name}"])
+    s = build_strategy(cfg.federation)
+    assert type(s).__module__.startswith("flwr.serverapp.strategy")
+    assert type(s).__name__.lower() == name
+
+
+def test_unknown_strategy_is_a_clear_error():
+    with pytest.raises(ValueError, match="fedfoo"):
+        build_strategy(OmegaConf.create({"strategy": "fedfoo", "min_train_nodes": 2, "min_available_nodes": 2}))
+
+
+def test_youden_from_histograms_matches_exact_youden_on_bin_edges():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
+    hist = score_histogram(y, p, 50)
+    thr = youden_from_histograms(hist)
+    # the chosen edge maximises J among all bin edges, computed directly from the raw scores
+    edges = np.arange(1, 50) / 50
+    j = [((p >= e) & (y == 1)).sum() / (y == 1).sum() - ((p >= e) & (y == 0)).sum() / (y == 0).sum() for e in edges]
+    assert thr == pytest.approx(edges[int(np.argmax(j))])
+    assert abs(thr - youden_threshold(y, p)) < 0.05
+    fpr, tpr = roc_from_histograms(hist)
+    assert fpr[0] == 0 and tpr[-1] == 1
+    assert youden_from_histograms(np.zeros((2, 10), int), default=0.4) == 0.4
