@@ -25,7 +25,9 @@ def cmd_validate_site(args) -> int:
     from common.validation import validate_site
 
     cfg = load_config(args.overrides)
-    report = validate_site(Path(args.site_dir), phases=tuple(cfg.data.phases), deep=not args.quick)
+    report = validate_site(Path(args.site_dir), phases=tuple(cfg.data.phases), deep=not args.quick,
+                           val_fraction=float(cfg.data.val_fraction), genomic_features=list(cfg.data.genomic_features),
+                           clinical_features=list(cfg.data.clinical_features), cache_dir=str(cfg.data.cache_dir))
     report.render(console)
     return 0 if report.ok else 1
 
