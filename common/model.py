@@ -1,0 +1,421 @@
+"""New-adj-Net: multimodal (MRI + pathology + genomics [+ clinical]) model.
+
+Architecture
+------------
+* **MRI branch** — a small 3-D residual CNN over the stacked contrast phases
+  ``[B, C, D, H, W]`` built from MONAI blocks (``arch: resunit``, default) or
+  MONAI's ``ResNet`` (``arch: resnet``, resnet10-like).  Normalisation is
+  GroupNorm or InstanceNorm (never BatchNorm: federated clients have tiny,
+  non-IID batches and BatchNorm running statistics do not average well).
+* **Pathology branch** — gated attention MIL (Ilse et al., 2018) over tile
+  embeddings ``[B, N, F]``: ``a = softmax_masked(w^T (tanh(V h) * sigmoid(U h)))``
+  where padding tiles get exactly zero attention.
+* **Genomics branch** — self-normalising MLP (SELU + AlphaDropout, LeCun-normal
+  init) over ``[values, mask]`` so that missingness is an input.
+* **Clinical branch** (only when ``n_clinical > 0`` and ``clinical.enabled``) —
+  the same SNN over ``[values, mask]``; it is an extra fusion token.
+* **Fusion** — every branch projects to a common dim ``d``; tokens of the
+  modalities present for a sample are fused by masked mean (``fusion: mean``)
+  or masked attention (``fusion: attention``).  A sample with no modality gets a
+  learned "no data" embedding.  In train mode whole modalities are dropped per
+  sample with probability ``modality_dropout`` (never all present ones).
+* **Heads** — benefit logit (small MLP) and DFS risk (linear log-hazard).
+
+Branches are evaluated only on the samples where the modality is present (and
+not dropped), so absent inputs (zero-filled, or garbage/NaN) can never leak
+into the output or the gradients.
+
+``forward(batch)`` returns a dict with ``logit [B]``, ``risk [B]``,
+``attention [B, N]`` (zeros where there is no tile / no pathology branch),
+``embeddings`` (modality -> ``[B, d]``, zero rows where the modality is not
+used), ``fused [B, d]`` and ``present`` (modality -> bool ``[B]``, after
+modality dropout).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["DEFAULTS", "MODALITIES", "NewAdjNet", "build_model", "resolve_model_cfg"]
+
+MODALITIES = ("mri", "pathology", "genomics")
+
+# Mirrors conf/model/newadjnet.yaml (tests check that the two agree).  A partial
+# config passed to build_model is deep-merged over these defaults.
+DEFAULTS: dict[str, Any] = {
+    "name": "newadjnet",
+    "modalities": ["mri", "pathology", "genomics"],
+    "embed_dim": 128,
+    "fusion": "mean",
+    "modality_dropout": 0.25,
+    "branch_layernorm": True,
+    "mri": {
+        "arch": "resunit",
+        "widths": [16, 32, 64, 128],
+        "subunits": 2,
+        "resnet_layers": [1, 1, 1, 1],
+        "norm": "group",
+        "num_groups": 8,
+        "dropout": 0.1,
+    },
+    "pathology": {
+        "proj_dim": 128,
+        "attn_dim": 64,
+        "dropout": 0.25,
+    },
+    "genomics": {
+        "hidden": [128, 64],
+        "dropout": 0.1,
+    },
+    "clinical": {
+        "enabled": True,
+        "hidden": [32],
+        "dropout": 0.1,
+    },
+    "head": {
+        "hidden": 64,
+        "dropout": 0.2,
+    },
+    "loss": {
+        "benefit_weight": 1.0,
+        "dfs_weight": 0.5,
+        "ties": "efron",
+        "pos_weight": None,
+    },
+}
+
+
+# --------------------------------------------------------------------------- #
+# config helpers
+# --------------------------------------------------------------------------- #
+def _to_plain(cfg: Any) -> Any:
+    """DictConfig/ListConfig -> plain python containers (no-op otherwise)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(cfg, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return cfg
+
+
+def _deep_merge(base: dict, over: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_model_cfg(cfg: Any = None) -> dict:
+    """Return a plain dict: ``cfg`` (DictConfig, dict or None) merged over DEFAULTS."""
+    cfg = _to_plain(cfg) if cfg is not None else {}
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"model config must be a mapping, got {type(cfg).__name__}")
+    merged = _deep_merge(DEFAULTS, cfg)
+    mods = [str(m) for m in merged["modalities"]]
+    bad = [m for m in mods if m not in MODALITIES]
+    if bad:
+        raise ValueError(f"unknown modalities {bad}; choose from {list(MODALITIES)}")
+    if not mods:
+        raise ValueError("model.modalities must name at least one modality")
+    merged["modalities"] = [m for m in MODALITIES if m in mods]  # canonical order
+    if merged["fusion"] not in ("mean", "attention"):
+        raise ValueError(f"model.fusion must be 'mean' or 'attention', got {merged['fusion']!r}")
+    return merged
+
+
+def _norm_spec(kind: str, channels: int, num_groups: int):
+    kind = str(kind).lower()
+    if kind == "group":
+        return ("group", {"num_groups": math.gcd(int(num_groups), int(channels)) or 1})
+    if kind == "instance":
+        return ("instance", {"affine": True})
+    raise ValueError(f"model.mri.norm must be 'group' or 'instance' (no BatchNorm), got {kind!r}")
+
+
+def _replace_batchnorm(module: nn.Module, kind: str, num_groups: int) -> None:
+    """Recursively replace BatchNorm layers by GroupNorm / InstanceNorm (affine)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            c = child.num_features
+            if str(kind).lower() == "group":
+                new: nn.Module = nn.GroupNorm(math.gcd(int(num_groups), c) or 1, c)
+            else:
+                new = nn.InstanceNorm3d(c, affine=True)
+            setattr(module, name, new)
+        else:
+            _replace_batchnorm(child, kind, num_groups)
+
+
+def _lecun_init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 1.0 / math.sqrt(m.in_features))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------- #
+# branches
+# --------------------------------------------------------------------------- #
+class MRIEncoder(nn.Module):
+    """3-D CNN over stacked phases -> [B, out_dim]; spatial size is free."""
+
+    def __init__(self, in_channels: int, out_dim: int, cfg: Mapping):
+        super().__init__()
+        from monai.networks.blocks import Convolution, ResidualUnit
+
+        arch = str(cfg.get("arch", "resunit")).lower()
+        widths = [int(w) for w in cfg["widths"]]
+        norm, groups = cfg.get("norm", "group"), int(cfg.get("num_groups", 8))
+        dropout = float(cfg.get("dropout", 0.0))
+        if arch == "resunit":
+            layers: list[nn.Module] = [
+                Convolution(3, in_channels, widths[0], strides=1, kernel_size=3, act="PRELU",
+                            norm=_norm_spec(norm, widths[0], groups))
+            ]
+            for c_in, c_out in zip(widths[:-1], widths[1:]):
+                layers.append(
+                    ResidualUnit(3, c_in, c_out, strides=2, kernel_size=3,
+                                 subunits=int(cfg.get("subunits", 2)), act="PRELU",
+                                 norm=_norm_spec(norm, c_out, groups), dropout=dropout or None)
+                )
+            self.features = nn.Sequential(*layers)
+            feat_dim = widths[-1]
+        elif arch == "resnet":
+            from monai.networks.nets import ResNet
+
+            if len(widths) != 4:
+                raise ValueError("model.mri.widths needs 4 entries for arch=resnet")
+            if norm == "group" and any(w % groups for w in widths):
+                raise ValueError("arch=resnet with GroupNorm needs widths divisible by num_groups")
+            self.features = ResNet(
+                block="basic", layers=[int(x) for x in cfg.get("resnet_layers", [1, 1, 1, 1])],
+                block_inplanes=widths, spatial_dims=3, n_input_channels=in_channels,
+                conv1_t_size=3, conv1_t_stride=1, no_max_pool=True, feed_forward=False,
+                norm=_norm_spec(norm, widths[0], groups),
+            )
+            # monai 1.6.1's ResNet does not forward `norm` to _make_layer, so its residual
+            # blocks still get BatchNorm3d: swap every BatchNorm for the configured norm.
+            _replace_batchnorm(self.features, norm, groups)
+            feat_dim = widths[-1]
+        else:
+            raise ValueError(f"model.mri.arch must be 'resunit' or 'resnet', got {arch!r}")
+        self.arch = arch
+        self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(feat_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        if h.dim() > 2:  # resunit: global average pool
+            h = h.flatten(2).mean(-1)
+        return self.proj(self.drop(h))
+
+
+class GatedAttentionMIL(nn.Module):
+    """Gated attention MIL pooling (Ilse et al., 2018) with a tile mask."""
+
+    def __init__(self, in_dim: int, out_dim: int, cfg: Mapping):
+        super().__init__()
+        proj, attn, p = int(cfg["proj_dim"]), int(cfg["attn_dim"]), float(cfg.get("dropout", 0.0))
+        self.tile_proj = nn.Sequential(nn.Linear(in_dim, proj), nn.ReLU(), nn.Dropout(p))
+        self.V = nn.Linear(proj, attn)
+        self.U = nn.Linear(proj, attn)
+        self.w = nn.Linear(attn, 1)
+        self.attn_drop = nn.Dropout(p)
+        self.out = nn.Linear(proj, out_dim)
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats [B, N, F], mask [B, N] bool (each row needs >= 1 True) -> ([B, d], attn [B, N])."""
+        feats = torch.where(mask.unsqueeze(-1), feats, torch.zeros((), dtype=feats.dtype, device=feats.device))
+        h = self.tile_proj(feats)  # [B, N, P]
+        g = self.attn_drop(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h)))
+        scores = self.w(g).squeeze(-1)  # [B, N]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        attn = torch.softmax(scores, dim=-1) * mask  # padding -> exactly 0
+        pooled = torch.bmm(attn.unsqueeze(1), h).squeeze(1)  # [B, P]
+        return self.out(pooled), attn
+
+
+class SNN(nn.Module):
+    """Self-normalising MLP (SELU + AlphaDropout, LeCun normal init) over [values, mask]."""
+
+    def __init__(self, n_features: int, out_dim: int, hidden: list[int], dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d_in = 2 * n_features
+        for h in hidden:
+            layers += [nn.Linear(d_in, int(h)), nn.SELU(), nn.AlphaDropout(float(dropout))]
+            d_in = int(h)
+        layers.append(nn.Linear(d_in, out_dim))
+        self.net = nn.Sequential(*layers)
+        _lecun_init(self)
+
+    def forward(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        values = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        return self.net(torch.cat([values, mask.to(values.dtype)], dim=-1))
+
+
+# --------------------------------------------------------------------------- #
+# full model
+# --------------------------------------------------------------------------- #
+class NewAdjNet(nn.Module):
+    def __init__(self, cfg: Any, in_channels: int, path_dim: int, n_genes: int, n_clinical: int = 0):
+        super().__init__()
+        cfg = resolve_model_cfg(cfg)
+        self.cfg = cfg
+        d = int(cfg["embed_dim"])
+        self.embed_dim = d
+        self.fusion = cfg["fusion"]
+        self.modality_dropout = float(cfg["modality_dropout"])
+        self.branches = nn.ModuleDict()
+        self.post = nn.ModuleDict()
+        mods = list(cfg["modalities"])
+        if "mri" in mods:
+            if in_channels <= 0:
+                raise ValueError("modality 'mri' requested but in_channels <= 0")
+            self.branches["mri"] = MRIEncoder(int(in_channels), d, cfg["mri"])
+        if "pathology" in mods:
+            if path_dim <= 0:
+                raise ValueError("modality 'pathology' requested but path_dim <= 0")
+            self.branches["pathology"] = GatedAttentionMIL(int(path_dim), d, cfg["pathology"])
+        if "genomics" in mods:
+            if n_genes <= 0:
+                raise ValueError("modality 'genomics' requested but n_genes <= 0")
+            self.branches["genomics"] = SNN(int(n_genes), d, list(cfg["genomics"]["hidden"]),
+                                            cfg["genomics"]["dropout"])
+        if n_clinical > 0 and bool(cfg["clinical"].get("enabled", True)):
+            self.branches["clinical"] = SNN(int(n_clinical), d, list(cfg["clinical"]["hidden"]),
+                                            cfg["clinical"]["dropout"])
+        self.modalities: list[str] = list(self.branches.keys())
+        for m in self.modalities:
+            self.post[m] = nn.LayerNorm(d) if cfg["branch_layernorm"] else nn.Identity()
+        self.no_data = nn.Parameter(torch.zeros(d))
+        if self.fusion == "attention":
+            self.fusion_attn = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1))
+        h, p = int(cfg["head"]["hidden"]), float(cfg["head"]["dropout"])
+        self.head_drop = nn.Dropout(p)
+        self.benefit_head = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Dropout(p), nn.Linear(h, 1))
+        self.risk_head = nn.Linear(d, 1, bias=False)  # Cox log-hazard: bias is not identifiable
+
+    # ---------------- presence / dropout ----------------
+    @staticmethod
+    def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
+        for k in ("benefit", "has_mri", "has_path", "has_genomics", "dfs_time", "mri", "genomics"):
+            if k in batch:
+                return int(batch[k].shape[0])
+        raise KeyError("cannot infer batch size from batch")
+
+    def _presence(self, batch: Mapping[str, torch.Tensor], B: int, device) -> torch.Tensor:
+        cols = []
+        for m in self.modalities:
+            if m == "mri":
+                p = batch["has_mri"].bool()
+            elif m == "pathology":
+                p = batch["has_path"].bool() & batch["path_mask"].bool().any(dim=1)
+            elif m == "genomics":
+                p = batch["has_genomics"].bool() & batch["genomics_mask"].bool().any(dim=1)
+            else:  # clinical
+                p = batch["clinical_mask"].bool().any(dim=1)
+            cols.append(p.to(device).reshape(B))
+        if not cols:
+            return torch.zeros(B, 0, dtype=torch.bool, device=device)
+        return torch.stack(cols, dim=1)
+
+    def drop_modalities(self, present: torch.Tensor) -> torch.Tensor:
+        """Per-sample modality dropout on a [B, M] presence mask (train mode only).
+
+        Each present modality is dropped with probability ``modality_dropout``;
+        a sample that would lose all its present modalities keeps one of them
+        (chosen uniformly at random)."""
+        p = self.modality_dropout
+        if not self.training or p <= 0 or present.shape[1] < 2:
+            return present
+        keep = torch.rand(present.shape, device=present.device) >= p
+        kept = present & keep
+        lost_all = present.any(1) & ~kept.any(1)
+        if bool(lost_all.any()):
+            score = torch.rand(present.shape, device=present.device).masked_fill(~present, -1.0)
+            one = F.one_hot(score.argmax(1), present.shape[1]).bool() & present
+            kept = torch.where(lost_all.unsqueeze(1), one, kept)
+        return kept
+
+    # ---------------- forward ----------------
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        device = self.no_data.device
+        dtype = self.no_data.dtype
+        B = self._batch_size(batch)
+        present = self.drop_modalities(self._presence(batch, B, device))  # [B, M]
+        d = self.embed_dim
+
+        if "path_mask" in batch:
+            attention = torch.zeros(batch["path_mask"].shape, dtype=dtype, device=device)
+        else:
+            attention = torch.zeros(B, 0, dtype=dtype, device=device)
+
+        embeddings: dict[str, torch.Tensor] = {}
+        for j, m in enumerate(self.modalities):
+            idx = present[:, j].nonzero(as_tuple=True)[0]
+            emb = torch.zeros(B, d, dtype=dtype, device=device)
+            if idx.numel() > 0:
+                if m == "mri":
+                    z = self.branches[m](batch["mri"].to(device, dtype).index_select(0, idx))
+                elif m == "pathology":
+                    feats = batch["path_feats"].to(device, dtype).index_select(0, idx)
+                    mask = batch["path_mask"].to(device).bool().index_select(0, idx)
+                    z, a = self.branches[m](feats, mask)
+                    attention = attention.index_copy(0, idx, a)
+                elif m == "genomics":
+                    z = self.branches[m](batch["genomics"].to(device, dtype).index_select(0, idx),
+                                         batch["genomics_mask"].to(device).bool().index_select(0, idx))
+                else:
+                    z = self.branches[m](batch["clinical"].to(device, dtype).index_select(0, idx),
+                                         batch["clinical_mask"].to(device).bool().index_select(0, idx))
+                emb = emb.index_copy(0, idx, self.post[m](z))
+            embeddings[m] = emb
+
+        fused = self._fuse(embeddings, present)
+        h = self.head_drop(fused)
+        return {
+            "logit": self.benefit_head(h).squeeze(-1),
+            "risk": self.risk_head(h).squeeze(-1),
+            "attention": attention,
+            "embeddings": embeddings,
+            "fused": fused,
+            "present": {m: present[:, j] for j, m in enumerate(self.modalities)},
+        }
+
+    def _fuse(self, embeddings: dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
+        B, d = present.shape[0], self.embed_dim
+        no_data = self.no_data.unsqueeze(0).expand(B, d)
+        if not embeddings:
+            return no_data
+        E = torch.stack([embeddings[m] for m in self.modalities], dim=1)  # [B, M, d]
+        pm = present.to(E.dtype)
+        any_present = present.any(1, keepdim=True)
+        if self.fusion == "mean":
+            fused = (E * pm.unsqueeze(-1)).sum(1) / pm.sum(1, keepdim=True).clamp_min(1.0)
+        else:
+            s = self.fusion_attn(E).squeeze(-1).masked_fill(~present, torch.finfo(E.dtype).min)
+            w = torch.softmax(s, dim=1) * pm
+            fused = torch.bmm(w.unsqueeze(1), E).squeeze(1)
+        return torch.where(any_present, fused, no_data)
+
+
+def build_model(cfg: Any, in_channels: int, path_dim: int, n_genes: int, n_clinical: int = 0) -> NewAdjNet:
+    """Build New-adj-Net from the ``model`` config node (DictConfig or dict; partial configs
+    are merged over :data:`DEFAULTS`).  Branches not listed in ``cfg.modalities`` are not
+    built and their inputs are ignored."""
+    return NewAdjNet(cfg, in_channels=in_channels, path_dim=path_dim, n_genes=n_genes, n_clinical=n_clinical)

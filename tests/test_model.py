@@ -1,0 +1,271 @@
+"""Tests for common/model.py (New-adj-Net)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from common.losses import multitask_loss
+from common.model import DEFAULTS, NewAdjNet, build_model
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+C, SP, N, FEAT, G = 3, (16, 16, 8), 10, 12, 6
+
+
+def small_cfg(**over):
+    cfg = OmegaConf.load(CONF / "small.yaml")
+    return OmegaConf.merge(cfg, over)
+
+
+def make_batch(B=6, K=0, seed=0, n_tiles=None):
+    g = torch.Generator().manual_seed(seed)
+    lens = n_tiles if n_tiles is not None else torch.randint(1, N + 1, (B,), generator=g).tolist()
+    n = max(lens)
+    path_mask = torch.zeros(B, n, dtype=torch.bool)
+    for i, L in enumerate(lens):
+        path_mask[i, :L] = True
+    feats = torch.randn(B, n, FEAT, generator=g) * path_mask.unsqueeze(-1)
+    gm = torch.rand(B, G, generator=g) > 0.3
+    return {
+        "mri": torch.randn(B, C, *SP, generator=g),
+        "has_mri": torch.ones(B, dtype=torch.bool),
+        "path_feats": feats,
+        "path_mask": path_mask,
+        "has_path": torch.ones(B, dtype=torch.bool),
+        "genomics": torch.randn(B, G, generator=g) * gm,
+        "genomics_mask": gm,
+        "has_genomics": torch.ones(B, dtype=torch.bool),
+        "clinical": torch.randn(B, K, generator=g),
+        "clinical_mask": torch.ones(B, K, dtype=torch.bool),
+        "benefit": torch.randint(0, 2, (B,), generator=g).float(),
+        "dfs_time": torch.rand(B, generator=g) * 60 + 1,
+        "dfs_event": torch.randint(0, 2, (B,), generator=g).float(),
+    }
+
+
+def build(cfg=None, K=0):
+    return build_model(cfg if cfg is not None else small_cfg(), in_channels=C, path_dim=FEAT, n_genes=G, n_clinical=K)
+
+
+def assert_finite_outputs(out, B, n):
+    assert out["logit"].shape == (B,) and out["risk"].shape == (B,)
+    assert out["attention"].shape == (B, n)
+    assert torch.isfinite(out["logit"]).all() and torch.isfinite(out["risk"]).all()
+    assert torch.isfinite(out["attention"]).all()
+    for e in out["embeddings"].values():
+        assert e.shape[0] == B and torch.isfinite(e).all()
+
+
+@pytest.mark.parametrize("mods", [["mri"], ["pathology"], ["genomics"]])
+def test_each_branch_alone(mods):
+    torch.manual_seed(0)
+    model = build(small_cfg(modalities=mods)).eval()
+    assert list(model.branches.keys()) == mods
+    batch = make_batch()
+    out = model(batch)
+    assert_finite_outputs(out, 6, batch["path_mask"].shape[1])
+    assert list(out["embeddings"]) == mods
+    assert out["embeddings"][mods[0]].shape == (6, model.embed_dim)
+    # inputs of branches that are not built are ignored (may even be absent)
+    drop = {"mri": ["path_feats", "path_mask", "has_path", "genomics", "genomics_mask", "has_genomics"],
+            "pathology": ["mri", "has_mri", "genomics", "genomics_mask", "has_genomics"],
+            "genomics": ["mri", "has_mri", "path_feats", "path_mask", "has_path"]}[mods[0]]
+    slim = {k: v for k, v in batch.items() if k not in drop}
+    out2 = model(slim)
+    assert torch.equal(out2["logit"], out["logit"]) and torch.equal(out2["risk"], out["risk"])
+    out["logit"].sum().backward()
+
+
+def test_bimodal_ablation_and_full_model_shapes():
+    torch.manual_seed(0)
+    m2 = build(small_cfg(modalities=["pathology", "mri"])).eval()
+    assert list(m2.branches.keys()) == ["mri", "pathology"]  # canonical order
+    full = build().eval()
+    assert set(full.branches.keys()) == {"mri", "pathology", "genomics"}
+    b = make_batch()
+    assert_finite_outputs(m2(b), 6, b["path_mask"].shape[1])
+    assert_finite_outputs(full(b), 6, b["path_mask"].shape[1])
+
+
+def test_missing_modalities_cannot_leak():
+    torch.manual_seed(0)
+    model = build(small_cfg(), K=2).eval()
+    b = make_batch(K=2)
+    # sample 0: pathology only (MRI, genomics and clinical missing, zero-filled)
+    b["has_mri"][0] = False
+    b["mri"][0] = 0
+    b["has_genomics"][0] = False
+    b["genomics"][0] = 0
+    b["genomics_mask"][0] = False
+    b["clinical"][0] = 0
+    b["clinical_mask"][0] = False
+    ref = model(b)
+    g = {k: v.clone() for k, v in b.items()}
+    g["mri"][0] = torch.randn_like(g["mri"][0]) * 1e6
+    g["mri"][0, 0, 0, 0, 0] = float("nan")
+    g["genomics"][0] = float("nan")
+    g["clinical"][0] = 1e9
+    out = model(g)
+    for k in ("logit", "risk", "attention", "fused"):
+        assert torch.equal(out[k], ref[k]), k  # not only sample 0: nothing leaks anywhere
+    assert out["present"]["mri"][0].item() is False and out["present"]["pathology"][0].item() is True
+    assert torch.equal(out["embeddings"]["mri"][0], torch.zeros(model.embed_dim))
+    # gradients stay finite even with NaN garbage in a masked input
+    model.train()
+    model.modality_dropout = 0.0
+    loss, _ = multitask_loss(model(g), g, {"benefit_weight": 1.0, "dfs_weight": 0.5})
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_all_missing_sample_gets_no_data_embedding():
+    torch.manual_seed(0)
+    model = build().eval()
+    b = make_batch()
+    for i in (1, 3):
+        b["has_mri"][i] = b["has_path"][i] = b["has_genomics"][i] = False
+        b["mri"][i] = torch.randn_like(b["mri"][i]) * (i + 5)
+    out = model(b)
+    assert_finite_outputs(out, 6, b["path_mask"].shape[1])
+    assert torch.equal(out["fused"][1], model.no_data.detach()) and torch.equal(out["fused"][1], out["fused"][3])
+    assert out["logit"][1] == out["logit"][3]
+    assert out["attention"][1].abs().sum() == 0
+    # an entirely empty batch also works
+    for k in ("has_mri", "has_path", "has_genomics"):
+        b[k][:] = False
+    assert_finite_outputs(model(b), 6, b["path_mask"].shape[1])
+
+
+def test_attention_masked_softmax():
+    torch.manual_seed(0)
+    model = build(small_cfg(modalities=["pathology"])).eval()
+    lens = [1, 4, 10, 7, 2, 10]
+    b = make_batch(n_tiles=lens)
+    b["has_path"][4] = False
+    out = model(b)
+    a = out["attention"]
+    mask = b["path_mask"].clone()
+    mask[4] = False
+    assert torch.allclose(a.sum(1)[mask.any(1)], torch.ones(5), atol=1e-6)
+    assert (a[~mask] == 0).all() and (a[mask] > 0).all()
+    assert a[0, 0].item() == pytest.approx(1.0)
+    # garbage in padded tiles does not change anything
+    g = {k: v.clone() for k, v in b.items()}
+    g["path_feats"][~b["path_mask"]] = float("nan")
+    out2 = model(g)
+    assert torch.equal(out2["attention"], a) and torch.equal(out2["logit"], out["logit"])
+
+
+def test_modality_dropout_train_only_and_never_all():
+    torch.manual_seed(0)
+    model = build(small_cfg(modality_dropout=0.8), K=2)
+    gen = torch.Generator().manual_seed(1)
+    present = torch.rand(4000, 4, generator=gen) > 0.4
+    model.eval()
+    assert torch.equal(model.drop_modalities(present), present)
+    model.train()
+    kept = model.drop_modalities(present)
+    assert not (kept & ~present).any()  # only drops, never adds
+    assert torch.equal(kept.any(1), present.any(1))  # never drops all present modalities
+    frac = (present & ~kept).sum() / present.sum()
+    assert 0.5 < float(frac) < 0.85  # dropout actually happens
+
+    b = make_batch(B=32, K=2)
+    model.eval()
+    e1, e2 = model(b), model(b)
+    assert torch.equal(e1["logit"], e2["logit"])
+    assert all(p.all() for p in e1["present"].values())
+    model.train()
+    out = model(b)
+    pres = torch.stack(list(out["present"].values()), 1)
+    assert pres.any(1).all() and not pres.all()
+
+
+def test_no_batchnorm_anywhere():
+    cfgs = [small_cfg(), small_cfg(mri={"norm": "instance"}), small_cfg(fusion="attention"),
+            small_cfg(mri={"arch": "resnet", "widths": [8, 8, 16, 16], "norm": "group"}),
+            small_cfg(mri={"arch": "resnet", "widths": [8, 8, 16, 16], "norm": "instance"}),
+            OmegaConf.load(CONF / "newadjnet.yaml")]
+    for cfg in cfgs:
+        model = build(cfg, K=3)
+        kinds = {type(m).__name__ for m in model.modules()}
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        assert not any("BatchNorm" in k for k in kinds)
+        assert kinds & {"GroupNorm", "InstanceNorm3d"}
+    with pytest.raises(ValueError):
+        build(small_cfg(mri={"norm": "batch"}))
+
+
+def test_resnet_arch_and_attention_fusion_run():
+    torch.manual_seed(0)
+    b = make_batch(K=3)
+    for cfg in (small_cfg(mri={"arch": "resnet", "widths": [8, 8, 16, 16]}), small_cfg(fusion="attention")):
+        model = build(cfg, K=3).train()
+        out = model(b)
+        assert "clinical" in out["embeddings"]
+        assert_finite_outputs(out, 6, b["path_mask"].shape[1])
+        loss, _ = multitask_loss(out, b, cfg.loss)
+        loss.backward()
+
+
+def test_clinical_branch_only_with_features():
+    assert "clinical" not in build(K=0).branches
+    assert "clinical" in build(K=3).branches
+    assert "clinical" not in build(small_cfg(clinical={"enabled": False}), K=3).branches
+
+
+def test_overfits_tiny_batch():
+    torch.manual_seed(0)
+    cfg = small_cfg(modality_dropout=0.0)
+    model = build(cfg).train()
+    b = make_batch(B=8, seed=3)
+    b["dfs_event"][:4] = 1.0
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss, _ = multitask_loss(model(b), b, cfg.loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _train_run(seed):
+    torch.manual_seed(seed)
+    cfg = small_cfg()
+    model = build(cfg).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    b = make_batch(seed=7)
+    for _ in range(3):
+        loss, _ = multitask_loss(model(b), b, cfg.loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model(b)["logit"].detach(), loss.detach()
+
+
+def test_deterministic_with_fixed_seed():
+    l1, s1 = _train_run(123)
+    l2, s2 = _train_run(123)
+    assert torch.equal(l1, l2) and torch.equal(s1, s2)
+    l3, _ = _train_run(124)
+    assert not torch.equal(l1, l3)
+
+
+def test_configs_match_defaults_and_dict_input():
+    full = OmegaConf.to_container(OmegaConf.load(CONF / "newadjnet.yaml"))
+    assert full == DEFAULTS
+
+    def keys(d, prefix=""):
+        return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, prefix + k + ".")}
+
+    small = OmegaConf.to_container(OmegaConf.load(CONF / "small.yaml"))
+    assert keys(small) == keys(DEFAULTS)
+    # plain (partial) dicts are merged over the defaults
+    m = build_model({"modalities": ["genomics"], "embed_dim": 16}, in_channels=C, path_dim=FEAT, n_genes=G, n_clinical=0)
+    assert isinstance(m, NewAdjNet) and m.embed_dim == 16 and list(m.branches) == ["genomics"]
+    with pytest.raises(ValueError):
+        build_model({"modalities": ["ct"]}, C, FEAT, G, 0)
