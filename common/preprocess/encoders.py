@@ -1,0 +1,300 @@
+"""Tile encoders: uint8 NHWC RGB batches -> float32 [N, dim] embeddings.
+
+``build_encoder(cfg)`` takes the ``pathology.encoder`` config node:
+
+* ``stats`` (default): deterministic hand-crafted features, no weights.
+  Ruifrok-Johnston colour deconvolution to haematoxylin / eosin / residual
+  optical density, then per-tile statistics (see :data:`STATS_FEATURES`).
+  Stain-intensity shifts between centres are reduced by also describing each
+  stain after per-tile normalisation to its own 99th percentile.
+* ``torchscript``: a local TorchScript file (``path``), ImageNet-normalised input.
+* ``timm`` / ``hf``: only when the package is importable, and only from a local
+  ``path``; nothing is ever downloaded.
+
+``Encoder.fingerprint`` changes whenever the encoder or its weights change; the
+cache key includes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from scipy import ndimage
+
+# Ruifrok & Johnston (2001) stain OD vectors (rows: haematoxylin, eosin, DAB/residual).
+RJ_STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+RJ_STAINS = RJ_STAINS / np.linalg.norm(RJ_STAINS, axis=1, keepdims=True)
+OD_FROM_STAINS_INV = np.linalg.inv(RJ_STAINS).astype(np.float32)  # concentrations = OD @ inv(M)
+
+STATS_VERSION = 1
+_PCTS = (10, 50, 90, 99)
+STATS_FEATURES: list[str] = (
+    ["tissue_frac", "od_mean"]
+    + [f"{s}_{k}" for s in ("H", "E") for k in ("mean", "std", *[f"p{p}" for p in _PCTS])]
+    + ["D_mean", "D_std", "H_E_ratio", "H_E_corr"]
+    + [f"{s}n_{k}" for s in ("H", "E") for k in ("mean", "std", "p50")]
+    + [f"H_hist{i}" for i in range(4)]
+    + ["nuclei_frac", "nuclei_frac_rel", "nuclei_per_kpx", "nucleus_area_mean", "nucleus_area_std",
+       "nuclei_frac_E_low"]
+    + ["grad_energy", "grad_energy_H", "laplace_var", "local_var", "local_var_H"]
+    + ["R_mean", "G_mean", "B_mean", "R_std", "G_std", "B_std", "grey_mean", "grey_std", "sat_mean"]
+)
+
+
+def _plain(cfg: Any) -> dict:
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Encoder:
+    name: str = "base"
+    dim: int = 0
+    fingerprint: str = ""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, fingerprint={self.fingerprint!r})"
+
+
+def _check_batch(batch: np.ndarray) -> np.ndarray:
+    batch = np.asarray(batch)
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 batch N x H x W x 3, got shape {batch.shape}")
+    if batch.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 batch, got {batch.dtype}")
+    return batch
+
+
+# --- stats -----------------------------------------------------------------------------
+
+class StatsEncoder(Encoder):
+    """Hand-crafted H&E tile descriptor (``len(STATS_FEATURES)`` values), deterministic, no weights."""
+
+    name = "stats"
+
+    def __init__(self, nuclei_od: float = 0.8, min_nucleus_px: int = 6, background_od: float = 0.15):
+        self.nuclei_od = float(nuclei_od)
+        self.min_nucleus_px = int(min_nucleus_px)
+        self.background_od = float(background_od)
+        self.dim = len(STATS_FEATURES)
+        self.feature_names = list(STATS_FEATURES)
+        self.fingerprint = f"stats-v{STATS_VERSION}-" + _digest(
+            {"nuclei_od": self.nuclei_od, "min_nucleus_px": self.min_nucleus_px,
+             "background_od": self.background_od, "features": STATS_FEATURES})
+        self._struct = ndimage.generate_binary_structure(2, 1)
+
+    @staticmethod
+    def deconvolve(batch: np.ndarray) -> np.ndarray:
+        """uint8 [..., 3] RGB -> float32 [..., 3] stain concentrations (H, E, residual) in OD units."""
+        od = -np.log10((batch.astype(np.float32) + 1.0) / 256.0)
+        return np.maximum(od @ OD_FROM_STAINS_INV, 0.0)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = _check_batch(batch)
+        out = np.zeros((len(batch), self.dim), np.float32)
+        for n, tile in enumerate(batch):
+            out[n] = self._tile(tile)
+        return out
+
+    def _tile(self, tile: np.ndarray) -> np.ndarray:
+        rgb = tile.astype(np.float32) / 255.0
+        od_sum = -np.log10((tile.astype(np.float32) + 1.0) / 256.0).sum(axis=-1)
+        conc = self.deconvolve(tile)
+        H, E, D = conc[..., 0], conc[..., 1], conc[..., 2]
+        tissue = od_sum > self.background_od
+        npx = tissue.size
+        f: list[float] = [tissue.mean(), od_sum.mean()]
+        t = tissue if tissue.sum() >= 16 else np.ones_like(tissue)  # stats over tissue pixels
+        Ht, Et = H[t], E[t]
+        for v in (Ht, Et):
+            f += [v.mean(), v.std(), *np.percentile(v, _PCTS)]
+        f += [D[t].mean(), D[t].std(), Ht.mean() / (Et.mean() + 1e-3)]
+        f.append(float(np.corrcoef(Ht, Et)[0, 1]) if Ht.std() > 1e-6 and Et.std() > 1e-6 else 0.0)
+        # per-tile stain-intensity normalisation (robust to centre-wise staining strength)
+        for v in (Ht, Et):
+            vn = v / (np.percentile(v, 99) + 1e-3)
+            f += [vn.mean(), vn.std(), np.median(vn)]
+        hist, _ = np.histogram(np.clip(Ht, 0, 2.0), bins=4, range=(0.0, 2.0))
+        f += list(hist / max(len(Ht), 1))
+        # nuclei: strongly haematoxylin-stained pixels and their connected components
+        nuc = H > self.nuclei_od
+        rel_thr = max(0.5 * self.nuclei_od, 0.6 * np.percentile(H, 99))
+        nuc_rel = H > rel_thr
+        lab, k = ndimage.label(nuc, structure=self._struct)
+        if k:
+            sizes = np.bincount(lab.ravel())[1:]
+            sizes = sizes[sizes >= self.min_nucleus_px]
+        else:
+            sizes = np.zeros(0)
+        f += [nuc.mean(), nuc_rel.mean(), 1000.0 * len(sizes) / npx,
+              float(sizes.mean()) if len(sizes) else 0.0, float(sizes.std()) if len(sizes) else 0.0,
+              float((nuc & (E < np.median(Et))).mean())]
+        # texture
+        grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+        gy, gx = np.gradient(grey)
+        hy, hx = np.gradient(H)
+        lap = ndimage.laplace(grey)
+        m = ndimage.uniform_filter(grey, 7)
+        lv = ndimage.uniform_filter(grey * grey, 7) - m * m
+        mh = ndimage.uniform_filter(H, 7)
+        lvh = ndimage.uniform_filter(H * H, 7) - mh * mh
+        f += [float((gx * gx + gy * gy).mean()), float((hx * hx + hy * hy).mean()), float(lap.var()),
+              float(np.maximum(lv, 0).mean()), float(np.maximum(lvh, 0).mean())]
+        mx, mn = rgb.max(axis=-1), rgb.min(axis=-1)
+        sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+        f += [*rgb.mean(axis=(0, 1)), *rgb.std(axis=(0, 1)), grey.mean(), grey.std(), sat.mean()]
+        return np.nan_to_num(np.asarray(f, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+# --- learned encoders ----------------------------------------------------------------------
+
+def _device(cfg: Mapping):
+    import torch
+
+    want = str(cfg.get("device", "auto"))
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(want)
+
+
+class TorchEncoder(Encoder):
+    """Wraps a torch module: uint8 NHWC -> ImageNet-normalised float NCHW -> [N, dim] embeddings."""
+
+    def __init__(self, module, name: str, cfg: Mapping, weights_id: str):
+        import torch
+
+        self.module = module.eval()
+        self.name = name
+        self.device = _device(cfg)
+        self.module.to(self.device)
+        self.input_size = int(cfg["input_size"]) if cfg.get("input_size") else None
+        self.mean = torch.tensor(cfg.get("mean", [0.485, 0.456, 0.406]), dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.get("std", [0.229, 0.224, 0.225]), dtype=torch.float32).view(1, 3, 1, 1)
+        self.fingerprint = f"{name}-" + _digest({"weights": weights_id, "input_size": self.input_size,
+                                                 "mean": self.mean.flatten().tolist(),
+                                                 "std": self.std.flatten().tolist()})
+        if cfg.get("dim"):
+            self.dim = int(cfg["dim"])
+        else:  # infer with a dummy batch
+            size = self.input_size or 224
+            self.dim = int(self(np.zeros((1, size, size, 3), np.uint8)).shape[1])
+
+    def _forward(self, x):
+        out = self.module(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if isinstance(out, dict):  # e.g. {"pooler_output": ...}
+            out = out.get("pooler_output", next(iter(out.values())))
+        if hasattr(out, "pooler_output") and out.pooler_output is not None:
+            out = out.pooler_output
+        elif hasattr(out, "last_hidden_state"):
+            out = out.last_hidden_state[:, 0]
+        return out.reshape(out.shape[0], -1)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        batch = _check_batch(batch)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+            if self.input_size and x.shape[-1] != self.input_size:
+                x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                                  align_corners=False, antialias=True)
+            x = ((x - self.mean) / self.std).to(self.device)
+            y = self._forward(x)
+        return y.float().cpu().numpy()
+
+
+def _local_path(cfg: Mapping, name: str) -> Path:
+    path = cfg.get("path")
+    if not path:
+        raise ValueError(f"encoder {name!r} needs a local weights path (preprocess.pathology.encoder.path); "
+                         "nothing is downloaded")
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: encoder {name!r} weights not found (nothing is downloaded)")
+    return p
+
+
+def _weights_id(p: Path) -> str:
+    if p.is_file():
+        return file_sha256(p)
+    files = sorted(f for f in p.rglob("*") if f.is_file())
+    return _digest([(str(f.relative_to(p)), file_sha256(f)) for f in files])
+
+
+def _need(pkg: str, name: str):
+    import importlib.util
+
+    if importlib.util.find_spec(pkg) is None:
+        raise ImportError(f"encoder {name!r} needs the `{pkg}` package and a local path; nothing is downloaded. "
+                          f"Install `{pkg}` or use encoder.name=stats / torchscript")
+
+
+def build_encoder(cfg: Any = None) -> Encoder:
+    """An encoder from the ``pathology.encoder`` config node (``None`` -> ``stats``)."""
+    cfg = _plain(cfg)
+    name = str(cfg.get("name", "stats") or "stats").lower()
+    if name == "stats":
+        s = dict(cfg.get("stats") or {})
+        return StatsEncoder(nuclei_od=s.get("nuclei_od", 0.8), min_nucleus_px=s.get("min_nucleus_px", 6),
+                            background_od=s.get("background_od", 0.15))
+    if name == "torchscript":
+        import torch
+
+        p = _local_path(cfg, name)
+        import warnings
+
+        try:
+            with warnings.catch_warnings():  # torch 2.9+ marks TorchScript deprecated; it still loads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(p), map_location=_device(cfg))
+        except Exception as exc:
+            raise ValueError(f"{p}: not a loadable TorchScript module ({type(exc).__name__}: {exc})") from exc
+        return TorchEncoder(module, "torchscript", cfg, _weights_id(p))
+    if name == "timm":
+        _need("timm", name)
+        p = _local_path(cfg, name)
+        import timm
+
+        model_name = cfg.get("model")
+        if not model_name:
+            raise ValueError("encoder 'timm' needs encoder.model (the timm architecture name) and encoder.path")
+        module = timm.create_model(str(model_name), pretrained=True, num_classes=0,
+                                   pretrained_cfg_overlay=dict(file=str(p)))
+        return TorchEncoder(module, "timm", cfg, f"{model_name}:{_weights_id(p)}")
+    if name in ("hf", "transformers"):
+        _need("transformers", name)
+        p = _local_path(cfg, name)
+        from transformers import AutoModel
+
+        module = AutoModel.from_pretrained(str(p), local_files_only=True)
+        return TorchEncoder(module, "hf", cfg, _weights_id(p))
+    raise ValueError(f"unknown pathology encoder {name!r} (stats, torchscript, timm, hf)")

@@ -1,0 +1,214 @@
+"""Whole-slide tiling and tile encoders on real pyramidal JPEG TIFFs written to tmp_path."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from omegaconf import OmegaConf
+
+from common.preprocess.encoders import STATS_FEATURES, build_encoder
+from common.preprocess.pathology import (
+    iter_tile_batches,
+    level0_mpp,
+    open_slide,
+    read_level,
+    slide_to_bag,
+    tile_grid,
+    tissue_mask,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "preprocess" / "default.yaml"
+W, H, MPP, TISSUE_W = 4096, 2048, 0.5, 1792  # tissue in x < 1792 (exactly 4 tile columns at 1 mpp / 224 px)
+
+
+def he_texture(h: int, w: int, rng: np.random.Generator, nuclei_per_mpx: float = 2500, radius: int = 3) -> np.ndarray:
+    """Pink eosin stroma with purple haematoxylin nuclei (disks), uint8 RGB."""
+    img = np.empty((h, w, 3), np.float32)
+    img[...] = (235, 160, 200)
+    img += rng.normal(0, 6, (h, w, 1))
+    n = int(nuclei_per_mpx * h * w / 1e6)
+    ys, xs = rng.integers(0, h, n), rng.integers(0, w, n)
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    disk = (yy ** 2 + xx ** 2) <= radius ** 2
+    for y, x in zip(ys, xs):
+        y0, x0 = max(0, y - radius), max(0, x - radius)
+        y1, x1 = min(h, y + radius + 1), min(w, x + radius + 1)
+        d = disk[y0 - (y - radius):y1 - (y - radius), x0 - (x - radius):x1 - (x - radius)]
+        img[y0:y1, x0:x1][d] = (70, 40, 140)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_pyramid(path: Path, img: np.ndarray, mpp: float | None, levels: int = 4, tile: int = 256) -> Path:
+    """Tiled JPEG pyramid (SubIFDs), level i downsampled 2**i, resolution tags in px/cm."""
+    kw = dict(tile=(tile, tile), compression="jpeg", compressionargs={"level": 90}, photometric="rgb")
+    if mpp is not None:
+        kw.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(str(path), bigtiff=False) as tw:
+        tw.write(img, subifds=levels - 1, **kw)
+        cur = img
+        for lvl in range(1, levels):
+            h, w = cur.shape[0] // 2 * 2, cur.shape[1] // 2 * 2
+            cur = cur[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
+            k = dict(kw)
+            if mpp is not None:
+                k["resolution"] = (1e4 / (mpp * 2 ** lvl),) * 2
+            tw.write(cur, subfiletype=1, **k)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pcfg():
+    c = OmegaConf.to_container(OmegaConf.load(CONF).pathology, resolve=True)
+    c["thumbnail_min_dim"] = 512
+    c["batch_size"] = 16
+    return c
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    img = np.full((H, W, 3), 245, np.uint8)
+    img += rng.integers(0, 6, (H, W, 1), dtype=np.uint8)  # slightly noisy glass
+    img[:, :TISSUE_W] = he_texture(H, TISSUE_W, rng)
+    return write_pyramid(tmp_path_factory.mktemp("slides") / "half.tif", img, MPP)
+
+
+def test_slide_metadata(slide_path, pcfg):
+    s = open_slide(slide_path)
+    assert s.level_count == 4 and s.level_dimensions[0] == (W, H)
+    assert level0_mpp(s, pcfg) == pytest.approx(MPP, rel=1e-3)
+    lvl, ds, side = read_level(s, pcfg)  # 1 mpp from 0.5 mpp: level 1, exact, no resize
+    assert (lvl, ds, side) == (1, 2.0, 224)
+
+
+def test_tissue_detection(slide_path, pcfg):
+    s = open_slide(slide_path)
+    mask, lvl, ds = tissue_mask(s, pcfg)
+    assert lvl == 3 and ds == pytest.approx(8.0) and mask.shape == (H // 8, W // 8)
+    edge = TISSUE_W // 8
+    assert mask[:, : edge - 2].mean() > 0.95  # tissue found
+    assert mask[:, edge + 2:].mean() < 0.01  # background not
+
+
+def test_tile_count_known_geometry(slide_path, pcfg):
+    s = open_slide(slide_path)
+    mask, _, ds = tissue_mask(s, pcfg)
+    coords = tile_grid(s, mask, pcfg, mask_downsample=ds)
+    t0 = 224 * pcfg["target_mpp"] / MPP  # 448 level-0 px per tile
+    assert len(coords) == (TISSUE_W // t0) * (H // t0) == 16
+    assert coords[:, 0].max() + t0 <= TISSUE_W
+    # max_tiles caps deterministically
+    c2 = dict(pcfg, max_tiles=5)
+    a, b = tile_grid(s, mask, c2, mask_downsample=ds), tile_grid(s, mask, c2, mask_downsample=ds)
+    assert len(a) == 5 and np.array_equal(a, b) and set(map(tuple, a)) <= set(map(tuple, coords))
+    # 0.5 mpp -> 4x as many tiles, read from level 0
+    c3 = dict(pcfg, target_mpp=0.5, max_tiles=0)
+    assert len(tile_grid(s, mask, c3, mask_downsample=ds)) == (TISSUE_W // 224) * (H // 224)
+    # a target between pyramid levels: read the finer level and resize
+    c4 = dict(pcfg, target_mpp=1.5)
+    lvl, ds4, side = read_level(s, c4)
+    assert lvl == 1 and side == round(224 * 1.5 / MPP / 2)
+    batch = next(iter_tile_batches(s, tile_grid(s, mask, c4, mask_downsample=ds)[:3], c4))
+    assert batch.shape == (3, 224, 224, 3) and batch.dtype == np.uint8
+
+
+def test_slide_to_bag(slide_path, pcfg):
+    calls = []
+    bag = slide_to_bag(slide_path, pcfg, progress_callback=lambda d, t: calls.append((d, t)))
+    assert bag["n_tiles"] == 16 and bag["features"].shape == (16, len(STATS_FEATURES))
+    assert bag["coords"].dtype == np.int32 and bag["coords"].shape == (16, 2)
+    assert bag["mpp"] == pytest.approx(MPP) and bag["level"] == 1
+    assert calls[-1] == (16, 16) and len(calls) == 1 + (16 - 1) // pcfg["batch_size"]
+    assert np.isfinite(bag["features"]).all()
+    bag2 = slide_to_bag(slide_path, pcfg)
+    assert np.array_equal(bag["features"], bag2["features"])  # deterministic
+
+
+def test_stats_encoder_separates_nuclei_density(pcfg):
+    enc = build_encoder(pcfg["encoder"])
+    assert enc.name == "stats" and enc.dim == len(STATS_FEATURES)
+    rng = np.random.default_rng(1)
+    dense = np.stack([he_texture(224, 224, rng, nuclei_per_mpx=6000) for _ in range(3)])
+    sparse = np.stack([he_texture(224, 224, rng, nuclei_per_mpx=400) for _ in range(3)])
+    fd, fs = enc(dense), enc(sparse)
+    assert fd.shape == (3, enc.dim) and fd.dtype == np.float32
+    assert np.array_equal(fd, enc(dense))  # deterministic
+    i = {n: k for k, n in enumerate(STATS_FEATURES)}
+    for name in ("nuclei_frac", "nuclei_per_kpx", "H_mean"):
+        assert fd[:, i[name]].min() > 2 * fs[:, i[name]].max(), name
+    # a uniform stain-intensity shift (paler centre) keeps the nuclei-density ranking
+    pale = (255 - (255 - dense.astype(np.float32)) * 0.75).astype(np.uint8)
+    fp = enc(pale)
+    assert fp[:, i["nuclei_frac_rel"]].min() > fs[:, i["nuclei_frac_rel"]].max()
+    # fingerprint follows the configuration
+    other = build_encoder({"name": "stats", "stats": {"nuclei_od": 0.5}})
+    assert other.fingerprint != enc.fingerprint and build_encoder(None).fingerprint == enc.fingerprint
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torchscript_encoder(tmp_path):
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+            self.head = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    p = tmp_path / "tiny.pt"
+    torch.jit.script(Tiny()).save(str(p))
+    enc = build_encoder({"name": "torchscript", "path": str(p), "input_size": 64})
+    assert enc.dim == 5
+    batch = np.random.default_rng(0).integers(0, 255, (4, 96, 96, 3), dtype=np.uint8)
+    out = enc(batch)
+    assert out.shape == (4, 5) and out.dtype == np.float32 and np.isfinite(out).all()
+    # other weights -> other fingerprint
+    torch.manual_seed(1)
+    p2 = tmp_path / "tiny2.pt"
+    torch.jit.script(Tiny()).save(str(p2))
+    assert build_encoder({"name": "torchscript", "path": str(p2)}).fingerprint != enc.fingerprint
+    with pytest.raises(ValueError, match="path"):
+        build_encoder({"name": "torchscript"})
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="bad.pt"):
+        build_encoder({"name": "torchscript", "path": str(bad)})
+
+
+def test_unavailable_encoders_fail_clearly(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        with pytest.raises(ImportError, match="needs the `timm` package and a local path; nothing is downloaded"):
+            build_encoder({"name": "timm", "path": str(tmp_path)})
+    if importlib.util.find_spec("transformers") is None:
+        with pytest.raises(ImportError, match="needs the `transformers` package"):
+            build_encoder({"name": "hf", "path": str(tmp_path)})
+    with pytest.raises(ValueError, match="unknown"):
+        build_encoder({"name": "resnet9000"})
+
+
+def test_non_slide_and_missing_mpp(tmp_path, pcfg):
+    junk = tmp_path / "P001.svs"
+    junk.write_bytes(b"this is not a slide" * 100)
+    with pytest.raises(ValueError, match="P001.svs"):
+        slide_to_bag(junk, pcfg)
+    with pytest.raises(FileNotFoundError, match="nope.tif"):
+        slide_to_bag(tmp_path / "nope.tif", pcfg)
+    rng = np.random.default_rng(2)
+    img = np.full((512, 1024, 3), 245, np.uint8)
+    img[:, :512] = he_texture(512, 512, rng)
+    nompp = write_pyramid(tmp_path / "nompp.tif", img, None, levels=2)
+    with pytest.raises(ValueError, match="nompp.tif.*microns-per-pixel"):
+        slide_to_bag(nompp, pcfg)
+    c = dict(pcfg, default_mpp=0.5)
+    with pytest.warns(UserWarning, match="default_mpp"):
+        bag = slide_to_bag(nompp, c)
+    assert bag["n_tiles"] == 1 and bag["mpp"] == 0.5  # 2 grid columns of 448 px; only the first is tissue
