@@ -154,3 +154,37 @@ def flwr_status(superlink: str, env: dict, run_id: int) -> dict:
         return {"status": "unknown", "error": (out.stdout + out.stderr)[-2000:]}
     runs = data.get("runs") or []
     return runs[0] if runs else {"status": "unknown", "raw": data}
+
+
+@dataclass
+class SuperLinkAddresses:
+    control: str   # `flwr` CLI (Control API)
+    fleet: str     # SuperNodes connect here (Fleet HTTP API)
+
+
+def start_superlink(group: ProcessGroup, flwr_home: Path, log_dir: Path, simulation: bool = False,
+                    extra_args: list[str] | None = None) -> tuple[SuperLinkAddresses, dict]:
+    """A ``flower-superlink`` on free loopback ports; writes FLWR_HOME/config.toml for the `flwr` CLI."""
+    env = flwr_env(flwr_home)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    http = free_port()  # Flower 1.41 serves Control, Fleet and Runtime APIs over HTTP on one port
+    args = [bin_path("flower-superlink"), "--host", "127.0.0.1", "--port", str(http),
+            "--database", str(flwr_home / "state.db"),
+            "--disable-runtime-dependency-installation", *(extra_args or ["--insecure"])]
+    if simulation:
+        args += ["--simulation", "--isolation", "subprocess"]
+    p = group.start(args, env, log_dir / "superlink.log")
+    wait_port(http, 60, p)
+    return SuperLinkAddresses(f"127.0.0.1:{http}", f"127.0.0.1:{http}"), env
+
+
+def node_config_arg(values: dict) -> str:
+    return run_config_arg(values)
+
+
+def start_supernode(group: ProcessGroup, env: dict, fleet: str, node_config: dict, log_path: Path,
+                    extra_args: list[str] | None = None) -> subprocess.Popen:
+    """A ``flower-supernode`` connected to ``fleet`` with its own runtime port and node config."""
+    args = [bin_path("flower-supernode"), "--superlink", fleet, "--node-config", node_config_arg(node_config),
+            "--port", str(free_port()), *(extra_args or ["--insecure"])]
+    return group.start(args, env, log_path)

@@ -19,8 +19,7 @@ from rich.table import Table
 
 from common.cohort import discover_sites, ensure_caches
 from common.config import load_config, save_config
-from server.flwr_process import (ProcessGroup, bin_path, flwr_env, flwr_run, flwr_status, free_port, wait_port,
-                                 write_flwr_config)
+from server.flwr_process import ProcessGroup, flwr_run, flwr_status, start_superlink, write_flwr_config
 
 
 class RunFailed(RuntimeError):
@@ -28,15 +27,8 @@ class RunFailed(RuntimeError):
 
 
 def start_simulation_superlink(flwr_home: Path, group: ProcessGroup, log_dir: Path) -> tuple[str, dict]:
-    env = flwr_env(flwr_home)
-    control, fleet, serverappio, http = free_port(), free_port(), free_port(), free_port()
-    args = [bin_path("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-            "--control-api-address", f"127.0.0.1:{control}", "--fleet-api-address", f"127.0.0.1:{fleet}",
-            "--host", "127.0.0.1", "--port", str(http), "--database", str(flwr_home / "state.db"),
-            "--disable-runtime-dependency-installation"]
-    p = group.start(args, env, log_dir / "superlink.log")
-    wait_port(control, 60, p)
-    write_flwr_config(flwr_home, "sim", f"127.0.0.1:{control}")
+    addrs, env = start_superlink(group, flwr_home, log_dir, simulation=True)
+    write_flwr_config(flwr_home, "sim", addrs.control)
     return "sim", env
 
 
