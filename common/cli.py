@@ -130,13 +130,29 @@ def _print_federation(metrics: dict, run_dir: Path) -> None:
 def cmd_simulate(args) -> int:
     from server.simulation import RunFailed, run_simulation
 
+    if args.resume:
+        run_dir = Path(args.resume)
+        spec = run_dir / "run.json"
+        if not spec.exists():
+            err_console.print(f"[red]{spec}: not a run directory of `newadj simulate` (no run.json)[/red]")
+            return 2
+        saved = json.loads(spec.read_text())
+        data, out, overrides = Path(saved["cohort"]), run_dir, saved["overrides"]
+        if args.overrides and args.overrides != overrides:
+            err_console.print("[red]--resume continues a run with its own overrides; do not pass new ones[/red]")
+            return 2
+    elif not (args.data and args.out):
+        err_console.print("[red]simulate needs --data and --out (or --resume RUN_DIR)[/red]")
+        return 2
+    else:
+        data, out, overrides = Path(args.data), Path(args.out), args.overrides
     try:
-        metrics = run_simulation(Path(args.data), Path(args.out), args.overrides, console=console,
-                                 stream=not args.quiet, resume=args.resume)
+        metrics = run_simulation(data, out, overrides, console=console, stream=not args.quiet,
+                                 resume=bool(args.resume))
     except RunFailed as exc:
         err_console.print(f"[red]federation failed:[/red] {exc}")
         return 1
-    _print_federation(metrics, Path(args.out).resolve())
+    _print_federation(metrics, out.resolve())
     return 0
 
 
@@ -200,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("simulate", help="run the federation as a Flower simulation on a cohort folder")
-    p.add_argument("--data", required=True, help="cohort folder (one site folder per center)")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--data", help="cohort folder (one site folder per center)")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue an interrupted run from its last checkpoint (same cohort and overrides)")
     p.add_argument("--quiet", action="store_true", help="do not stream Flower's logs")
     _add_overrides(p)
     p.set_defaults(func=cmd_simulate)
@@ -215,7 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):  # SIGTERM runs the same clean-up as Ctrl-C (stop every process we started)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+
+import psutil
 import re
 import signal
 import socket
@@ -61,6 +63,7 @@ class ProcessGroup:
 
     procs: list = field(default_factory=list)
     logs: list = field(default_factory=list)
+    _pgids: set = field(default_factory=set)
 
     def start(self, args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,26 +74,74 @@ class ProcessGroup:
         return p
 
     def stop(self, timeout: float = 10.0) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + timeout
+        """End every process we started *and everything it started*.
+
+        Flower's SuperLink starts ``flower-superexec`` in a session of its own,
+        which starts the ServerApp / simulation and Ray's workers: so the whole
+        descendant tree and the process groups it lives in are collected first,
+        sent SIGTERM, given ``timeout`` seconds, then SIGKILLed.
+        """
+        pids, pgids = set(), set()
         for p in self.procs:
+            pgids.add(p.pid)  # each was started as a session/group leader
+            pids.add(p.pid)
             try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
+                for c in psutil.Process(p.pid).children(recursive=True):
+                    pids.add(c.pid)
+                    try:
+                        pgids.add(os.getpgid(c.pid))
+                    except ProcessLookupError:
+                        pass
+            except psutil.NoSuchProcess:
+                pass
+        pgids.discard(os.getpgid(0))  # never our own group
+        self._pgids |= pgids
+        for g in pgids:
+            _signal_group(g, signal.SIGTERM)
+        procs = []
+        for pid in pids:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        for pr in procs:
+            try:
+                pr.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for pr in alive:
+            try:
+                pr.kill()
+            except psutil.NoSuchProcess:
+                pass
+        for g in pgids:
+            _signal_group(g, signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
         for fh in self.logs:
             fh.close()
-        self.procs.clear()
-        self.logs.clear()
+
+    def alive(self) -> list[int]:
+        """Process groups of ours that still have a live member (for tests)."""
+        return [g for g in sorted(self._pgids | {p.pid for p in self.procs}) if _group_alive(g)]
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    for pr in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(pr.info["pid"]) == pgid and pr.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return False
 
 
 def write_flwr_config(flwr_home: Path, name: str, control_address: str, insecure: bool = True,

@@ -180,6 +180,8 @@ def main(grid: Grid, context: Context) -> None:
         for m in msgs:
             if m.metadata.dst_node_id not in answered:
                 train_fail[roles.get(m.metadata.dst_node_id, {}).get("center-id", "?")] = "no reply before timeout"
+        # a fixed order (by center) makes the floating-point sum, hence the run, reproducible
+        good.sort(key=lambda r: roles[r.metadata.src_node_id]["center-id"])
         if len(good) >= int(fed.min_train_nodes):
             new_arrays, train_metrics = strategy.aggregate_train(rnd, good)
             if new_arrays is not None:

@@ -39,6 +39,8 @@ def run_simulation(cohort_dir: Path, run_dir: Path, overrides: list[str], consol
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(overrides)
     save_config(cfg, run_dir)
+    (run_dir / "run.json").write_text(json.dumps({"cohort": str(Path(cohort_dir).resolve()),
+                                                  "overrides": list(overrides)}, indent=1))
     sites = discover_sites(cohort_dir)
     console.print(f"[bold]Preprocessing[/bold] {len(sites)} sites of {cohort_dir} (cached where current)")
     ensure_caches(sites, cfg, progress=True)

@@ -1,0 +1,408 @@
+"""TLS + SuperNode-authenticated Flower deployment from `newadj provision` kits.
+
+Flower 1.41 facts this module relies on (checked in the installed flwr source):
+
+* ``flower-superlink`` serves the Fleet, Control and Runtime APIs over HTTP(S) on one
+  ``--host/--port``; TLS: ``--ssl-certfile --ssl-keyfile --ssl-ca-certfile``.  Its
+  SuperExec dials ``127.0.0.1:PORT`` with the CA file as root certificate.
+* ``--enable-supernode-auth`` (requires TLS) turns off self-registration over the
+  Fleet API; each SuperNode's public key must be registered through the Control API
+  (``flwr supernode register KEY.pub CONNECTION``; ``--auth-list-public-keys`` is
+  rejected by 1.41).  A SuperNode whose key is not registered fails to activate.
+* ``flower-supernode --root-certificates CA.pem --auth-supernode-private-key KEY``:
+  the key is an OpenSSH EC private key (NIST curve); the public key is derived from
+  it (``--auth-supernode-public-key`` is deprecated and not passed).
+* the ``flwr`` CLI reads ``root-certificates`` from ``FLWR_HOME/config.toml``.
+
+``start_secure_superlink`` / ``start_secure_supernode`` start background processes in
+a :class:`~server.flwr_process.ProcessGroup` (tests, demos); ``server_start`` /
+``site_start`` run them in the foreground (``newadj server start`` / ``newadj site
+start``) and return an exit code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from server.flwr_process import (
+    ProcessGroup,
+    SuperLinkAddresses,
+    bin_path,
+    flwr_env,
+    free_port,
+    node_config_arg,
+    wait_port,
+    write_flwr_config,
+)
+
+__all__ = ["Kit", "load_kit", "CONNECTION", "start_secure_superlink", "start_secure_supernode",
+           "register_supernodes", "list_supernodes", "superlink_command", "supernode_command",
+           "server_start", "site_start"]
+
+CONNECTION = "federation"          # name of the SuperLink connection in FLWR_HOME/config.toml
+REGISTRATIONS = "registered_supernodes.json"
+IN_MEMORY_DB = ":flwr-in-memory:"  # flower-superlink's default --database
+
+
+class KitError(ValueError):
+    """A startup kit is missing or malformed."""
+
+
+@dataclass
+class Kit:
+    dir: Path
+    data: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.data.get("kit", {}).get("kind", "")
+
+    @property
+    def federation(self) -> str:
+        return self.data.get("kit", {}).get("federation", "")
+
+    def file(self, key: str) -> Path:
+        rel = self.data.get("files", {}).get(key)
+        if not rel:
+            raise KitError(f"{self.dir / 'kit.toml'}: [files] has no `{key}`")
+        p = Path(rel)
+        return p if p.is_absolute() else self.dir / p
+
+    @property
+    def superlink_address(self) -> str:
+        return str(self.data["superlink"]["address"])
+
+    @property
+    def center(self) -> dict[str, Any]:
+        return self.data.get("center", {})
+
+    @property
+    def centers(self) -> list[dict[str, Any]]:
+        return list(self.data.get("centers", []))
+
+
+def load_kit(kit_dir: str | Path, kind: str | None = None) -> Kit:
+    """Read ``KIT/kit.toml`` and check that the files it names exist (and private keys are 0600)."""
+    kit_dir = Path(kit_dir).resolve()
+    toml = kit_dir / "kit.toml"
+    if not toml.exists():
+        raise KitError(f"{toml}: not found (is {kit_dir} a startup kit from `newadj provision`?)")
+    try:
+        data = tomllib.loads(toml.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise KitError(f"{toml}: {err}") from err
+    kit = Kit(kit_dir, data)
+    if kind and kit.kind != kind:
+        raise KitError(f"{toml}: a {kit.kind or 'unknown'} kit, expected a {kind} kit")
+    keys = ("root_certificates", "private_key") if kit.kind == "center" else ("ca_cert", "server_cert", "server_key")
+    for key in keys:
+        if not kit.file(key).is_file():
+            raise KitError(f"{kit.file(key)}: missing from the kit")
+    for key in ("private_key", "server_key"):
+        if key in data.get("files", {}):
+            mode = kit.file(key).stat().st_mode & 0o777
+            if mode & 0o077:
+                raise KitError(f"{kit.file(key)}: permissions {oct(mode)} let others read the private key; "
+                               f"run `chmod 600 {kit.file(key)}`")
+    if kit.kind == "center":
+        for key in ("center_id", "role"):
+            if not kit.center.get(key):
+                raise KitError(f"{toml}: [center] has no `{key}`")
+    return kit
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def superlink_command(kit: Kit, host: str, port: int, database: str | Path) -> list[str]:
+    """``flower-superlink`` with TLS (the kit's CA and server certificate) and SuperNode authentication."""
+    return [bin_path("flower-superlink"), "--host", host, "--port", str(port), "--database", str(database),
+            "--ssl-ca-certfile", str(kit.file("ca_cert")), "--ssl-certfile", str(kit.file("server_cert")),
+            "--ssl-keyfile", str(kit.file("server_key")), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation"]
+
+
+def supernode_command(kit: Kit, data_dir: str | Path, superlink: str | None = None,
+                      runtime_port: int | None = None) -> list[str]:
+    """``flower-supernode`` with TLS (the kit's CA) and the kit's authentication key."""
+    c = kit.center
+    node_config = {"data-dir": str(Path(data_dir).resolve()), "role": c["role"], "center-id": c["center_id"]}
+    port = runtime_port or int(kit.data.get("supernode", {}).get("runtime_port", 9094))
+    return [bin_path("flower-supernode"), "--superlink", superlink or kit.superlink_address,
+            "--root-certificates", str(kit.file("root_certificates")),
+            "--auth-supernode-private-key", str(kit.file("private_key")),
+            "--node-config", node_config_arg(node_config), "--port", str(port)]
+
+
+def _loopback(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else ("::1" if host == "::" else host)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _key_fingerprint(pub_file: Path) -> str:
+    parts = pub_file.read_text().split()
+    return hashlib.sha256(" ".join(parts[:2]).encode()).hexdigest()
+
+
+def _flwr(args: list[str], env: dict, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([bin_path("flwr"), *args], env=env, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def _json_tail(text: str) -> dict:
+    """The JSON object in ``flwr ... --format json`` output (it may be preceded by other lines)."""
+    start = text.find("{")
+    try:
+        return json.loads(text[start:]) if start >= 0 else {}
+    except ValueError:
+        return {}
+
+
+def list_supernodes(connection: str, env: dict, cwd: Path | None = None) -> list[dict]:
+    """``flwr supernode list CONNECTION --format json`` (node-id, status, ...); raises on failure."""
+    cwd = Path(cwd or env["FLWR_HOME"])
+    out = _flwr(["supernode", "list", connection, "--format", "json"], env, cwd)
+    data = _json_tail(out.stdout)
+    if "nodes" not in data:
+        raise RuntimeError(f"flwr supernode list failed ({out.returncode}): {(out.stdout + out.stderr)[-2000:]}")
+    return list(data["nodes"])
+
+
+def register_supernodes(kit: Kit, connection: str, env: dict, state_file: Path,
+                        echo: Callable[[str], None] | None = None) -> dict[str, int | None]:
+    """Make the SuperLink's registered keys match the coordinator kit's authorized keys.
+
+    Registers each center's public key (``flwr supernode register``), unregisters the
+    key a center had before a re-provisioning (and centers no longer in the kit), and
+    keeps ``state_file`` (center -> node id, key fingerprint) next to the database so a
+    restart with the same database registers nothing twice.  Returns center -> node id.
+    """
+    cwd = Path(env["FLWR_HOME"])
+    prev: dict[str, dict] = json.loads(state_file.read_text()) if state_file.exists() else {}
+    try:
+        live = {str(n["node-id"]): n.get("status") for n in list_supernodes(connection, env, cwd)}
+    except RuntimeError:
+        live = {}
+    current: dict[str, dict] = {}
+
+    def unregister(node_id) -> None:
+        if node_id is not None and live.get(str(node_id)) not in (None, "unregistered"):
+            out = _flwr(["supernode", "unregister", str(node_id), connection], env, cwd)
+            if echo:
+                echo(f"unregistered SuperNode {node_id}" if out.returncode == 0
+                     else f"could not unregister SuperNode {node_id}: {(out.stdout + out.stderr)[-500:]}")
+
+    for c in kit.centers:
+        cid = c["center_id"]
+        pub = kit.dir / c["public_key"]
+        if not pub.is_file():
+            raise KitError(f"{pub}: public key of {cid} missing from the coordinator kit")
+        fp = _key_fingerprint(pub)
+        rec = prev.get(cid)
+        if rec and rec.get("fingerprint") == fp and live.get(str(rec.get("node_id"))) not in (None, "unregistered"):
+            current[cid] = rec
+            continue
+        if rec and rec.get("fingerprint") != fp:
+            unregister(rec.get("node_id"))   # the key this center had before re-provisioning
+        out = _flwr(["supernode", "register", str(pub), connection, "--name", cid, "--format", "json"], env, cwd)
+        data = _json_tail(out.stdout)
+        if data.get("success") and data.get("node-id") is not None:
+            current[cid] = {"node_id": int(data["node-id"]), "fingerprint": fp}
+            if echo:
+                echo(f"registered {cid}: SuperNode {data['node-id']}")
+        elif "already" in (out.stdout + out.stderr).lower() or "in use" in (out.stdout + out.stderr).lower():
+            current[cid] = {"node_id": (rec or {}).get("node_id"), "fingerprint": fp}
+        else:
+            raise RuntimeError(f"flwr supernode register {pub} failed ({out.returncode}): "
+                               f"{(out.stdout + out.stderr)[-2000:]}")
+    for cid, rec in prev.items():
+        if cid not in current:
+            unregister(rec.get("node_id"))   # center removed from the federation
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(current, indent=2) + "\n")
+    return {cid: rec.get("node_id") for cid, rec in current.items()}
+
+
+# --------------------------------------------------------------------------- background (tests, demos)
+
+
+def start_secure_superlink(group: ProcessGroup, coordinator_kit: str | Path, flwr_home: Path, log_dir: Path,
+                           host: str | None = None, port: int | None = None,
+                           connection: str = CONNECTION,
+                           database: str | Path | None = None) -> tuple[SuperLinkAddresses, dict]:
+    """A TLS + SuperNode-auth ``flower-superlink`` from the coordinator kit, with every center's key registered.
+
+    Listens on ``host``/``port`` (default: the kit's ``bind_host``/``port``); the `flwr`
+    CLI's ``config.toml`` (connection ``connection``, TLS with the kit's CA) lives in
+    ``flwr_home``.  ``database``: the SuperLink state; default Flower's in-memory state
+    (a SQLite file hit "database is locked" under load on a 2-core loopback host with
+    seven SuperNodes; ``server_start`` keeps a file, for restarts).  Returns the
+    addresses (Control = Fleet: one HTTPS port) and the environment for the `flwr` CLI.
+    """
+    kit = load_kit(coordinator_kit, "coordinator")
+    host = host or str(kit.data["superlink"].get("bind_host", "127.0.0.1"))
+    port = int(port or kit.data["superlink"]["port"])
+    flwr_home = Path(flwr_home)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env = flwr_env(flwr_home)
+    p = group.start(superlink_command(kit, host, port, database or IN_MEMORY_DB), env, Path(log_dir) / "superlink.log")
+    wait_port(port, 60, p)
+    control = _hostport(_loopback(host), port)
+    write_flwr_config(flwr_home, connection, control, insecure=False, root_certificates=kit.file("ca_cert"))
+    register_supernodes(kit, connection, env, flwr_home / REGISTRATIONS)
+    return SuperLinkAddresses(control, control), env
+
+
+def start_secure_supernode(group: ProcessGroup, env: dict, center_kit: str | Path, data_dir: str | Path,
+                           log_path: Path, superlink: str | None = None,
+                           runtime_port: int | None = None) -> subprocess.Popen:
+    """A ``flower-supernode`` from a center kit (TLS with the kit's CA, its auth key, its center id and role).
+
+    ``superlink`` overrides the kit's address; the local Runtime API gets ``runtime_port``
+    (default: a free port, so several SuperNodes can share one host).
+    """
+    kit = load_kit(center_kit, "center")
+    return group.start(supernode_command(kit, data_dir, superlink, runtime_port or free_port()), env, Path(log_path))
+
+
+# --------------------------------------------------------------------------- foreground (CLI)
+
+
+def _run_foreground(args: list[str], env: dict, cwd: Path | None = None,
+                    on_started: Callable[[subprocess.Popen], None] | None = None) -> int:
+    """Run ``args`` until it exits; SIGINT/SIGTERM are passed on to it.
+
+    Returns its exit code, 0 when it ended because of a signal passed on (a requested stop).
+    """
+    p = subprocess.Popen(args, env=env, cwd=cwd)
+    forwarded = {}
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        if p.poll() is None:
+            p.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        forwarded[sig] = signal.signal(sig, forward)
+    try:
+        if on_started is not None:
+            try:
+                on_started(p)
+            except Exception:
+                if p.poll() is None:
+                    p.terminate()
+                    try:
+                        p.wait(15)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                raise
+        rc = p.wait()
+        if received and (rc < 0 or rc in (130, 143) or rc in (1, 2, 3)):
+            return 0   # stopped on request (uvicorn re-raises the signal; flwr uses codes 1-3 for it)
+        return rc
+    finally:
+        for sig, old in forwarded.items():
+            signal.signal(sig, old)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def server_start(kit_dir: str | Path, echo: Callable[[str], None] = print) -> int:
+    """`newadj server start --kit DIR`: the SuperLink (TLS + SuperNode auth) in the foreground.
+
+    State (database, registrations, the `flwr` CLI's FLWR_HOME) lives in the kit's
+    ``state_dir``; each center's public key is registered once the SuperLink listens.
+    """
+    try:
+        kit = load_kit(kit_dir, "coordinator")
+    except KitError as err:
+        echo(f"server start: {err}")
+        return 2
+    state = kit.dir / kit.data.get("files", {}).get("state_dir", "state")
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    home = state / "flwr-home"
+    home.mkdir(exist_ok=True)
+    env = flwr_env(home)
+    host = str(kit.data["superlink"].get("bind_host", "0.0.0.0"))
+    port = int(kit.data["superlink"]["port"])
+    control = _hostport(_loopback(host), port)
+
+    def ready(p: subprocess.Popen) -> None:
+        wait_port(port, 60, p)
+        write_flwr_config(home, CONNECTION, control, insecure=False, root_certificates=kit.file("ca_cert"))
+        nodes = register_supernodes(kit, CONNECTION, env, state / REGISTRATIONS, echo=echo)
+        echo(f"SuperLink of {kit.federation} on {_hostport(host, port)} (TLS, SuperNode authentication); "
+             f"{len(nodes)} center(s) authorized: {', '.join(nodes)}")
+        echo(f"start a run: FLWR_HOME={home} flwr run . {CONNECTION} --stream")
+
+    echo(f"starting flower-superlink for {kit.federation} ...")
+    try:
+        return _run_foreground(superlink_command(kit, host, port, state / "state.db"), env, cwd=state,
+                               on_started=ready)
+    except (RuntimeError, TimeoutError, KitError) as err:
+        echo(f"server start: {err}")
+        return 1
+
+
+def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] | None = None,
+               echo: Callable[[str], None] = print) -> int:
+    """`newadj site start --kit DIR --data SITE`: validate the site folder, then run the SuperNode in the foreground.
+
+    Refuses to start (exit code 1) when validation reports errors; they are printed.
+    """
+    from common.config import load_config
+    from common.validation import validate_site
+
+    try:
+        kit = load_kit(kit_dir, "center")
+    except KitError as err:
+        echo(f"site start: {err}")
+        return 2
+    data_dir = Path(data_dir).resolve()
+    if not data_dir.is_dir():
+        echo(f"site start: {data_dir}: not a folder")
+        return 2
+    cfg = load_config(list(overrides or []))
+    report = validate_site(data_dir, phases=tuple(cfg.data.phases), deep=True,
+                           val_fraction=float(cfg.data.val_fraction),
+                           genomic_features=list(cfg.data.genomic_features),
+                           clinical_features=list(cfg.data.clinical_features), cache_dir=str(cfg.data.cache_dir))
+    report.render()
+    if not report.ok:
+        echo(f"site start: {data_dir} has {len(report.errors)} error(s); the SuperNode was not started")
+        return 1
+    c = kit.center
+    site_id, site_role = report.summary.get("center_id"), report.summary.get("role")
+    if site_role and site_role != c["role"]:
+        echo(f"warning: the site folder says role {site_role!r} but the kit says {c['role']!r}; "
+             "the kit's role is the one the federation uses")
+    if site_id and site_id != c["center_id"]:
+        echo(f"note: site folder center_id {site_id!r} differs from the kit's {c['center_id']!r}; "
+             "the kit's id is used")
+    home = kit.dir / "flwr-home"
+    home.mkdir(exist_ok=True)
+    env = flwr_env(home)
+    echo(f"starting flower-supernode for {c['center_id']} ({c['role']}) -> {kit.superlink_address} (TLS, authenticated)")
+    return _run_foreground(supernode_command(kit, data_dir), env, cwd=kit.dir)
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m server.secure_deploy server|site KIT [DATA]
+    if sys.argv[1:2] == ["server"]:
+        sys.exit(server_start(sys.argv[2]))
+    sys.exit(site_start(sys.argv[2], sys.argv[3]))
