@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import config_hash, load_config, save_config, to_plain
 from common.engine import seed_everything
+from common.model_io import save_model_package
 from common.metrics import auc_from_histograms, pool_histograms, youden_from_histograms
 from common.task import model_from_config
 from common.wire import from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
@@ -242,15 +243,21 @@ def main(grid: Grid, context: Context) -> None:
         comm["bytes_sent"] += s4
         comm["bytes_received"] += r4
         external = ext
-    torch.save(best_state, run_dir / "best_model.pt")
+    card = {"training_centers": {c: v for c, v in centers.items() if v["role"] != "external"},
+            "external_centers": [c for c, v in centers.items() if v["role"] == "external"],
+            "strategy": str(fed.strategy), "rounds": num_rounds, "selected_round": best["round"],
+            "local_epochs": int(fed.local_epochs), "config_hash": cfg_hash, "seed": int(cfg.seed),
+            "selection": f"{fed.select_metric} on internal validation", "privacy": {"secure_aggregation": False,
+                                                                                      "differential_privacy": None}}
+    package = save_model_package(run_dir / "best_model.pt", best_state, cfg, float(best["threshold"]), card)
     per_round = [h["bytes_sent"] / max(1, h["n_train_replies"] + len(h["val_centers"])) for h in history]
     summary = {
         "status": "finished", "run_dir": str(run_dir), "config_hash": cfg_hash, "strategy": str(fed.strategy),
         "rounds": num_rounds, "centers": centers, "role_query_errors": role_errors,
         "selected_round": best["round"], "selection_metric": str(fed.select_metric),
         "threshold": best["threshold"], "selected_val": best["val"],
-        "best_model": {"file": "best_model.pt", "sha256": best_meta["sha256"],
-                       "weights_sha256": best_meta.get("weights_sha256")},
+        "best_model": {"file": "best_model.pt", "sha256": package["sha256"],
+                       "checkpoint_sha256": best_meta["sha256"], "weights_sha256": best_meta.get("weights_sha256")},
         "external": external, "history": history,
         "communication": {**comm, "model_bytes_fp32": weights_bytes, "fp16_weights": fp16,
                           "mean_bytes_per_message_out": float(np.mean(per_round)) if per_round else None},
