@@ -22,6 +22,7 @@ from common.config import config_hash, save_config
 from common.dataset import ConcatSites, SiteDataset
 from common.engine import evaluate_model, train_model
 from common.model import build_model
+from common.model_io import save_model_package
 
 MODALITIES = ("mri", "pathology", "genomics")
 
@@ -34,10 +35,16 @@ def model_for(cfg, ds, modalities=None):
                        n_clinical=ds.n_clinical)
 
 
-def run_arm(name, cfg, train_ds, val_ds, test_ds, modalities=None, seed=0) -> dict:
+def run_arm(name, cfg, train_ds, val_ds, test_ds, modalities=None, seed=0, model_path: Path | None = None) -> dict:
     model = model_for(cfg, train_ds, modalities)
     res = train_model(model, train_ds, val_ds, cfg.train, cfg.model.loss, seed=seed)
     ext = evaluate_model(model, test_ds, res.threshold, cfg.train, seed=seed)
+    if model_path is not None:
+        arm_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        if modalities is not None:
+            arm_cfg.model.modalities = list(modalities)
+        save_model_package(model_path, res.state_dict, arm_cfg, res.threshold,
+                           {"arm": name, "n_train": res.n_train, "n_val": res.n_val, "best_epoch": res.best_epoch})
     return {"arm": name, "modalities": list(modalities or cfg.model.modalities), "external": ext,
             "val": res.val, "threshold": res.threshold, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
             "n_train": res.n_train, "n_val": res.n_val, "seconds": res.seconds,
@@ -88,7 +95,8 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
     t0 = time.perf_counter()
     for name, trd, vad, mods in plan:
         console.print(f"[bold]{name}[/bold]: {len(trd)} train / {len(vad)} val patients")
-        results[name] = run_arm(name, cfg, trd, vad, test, mods, seed)
+        results[name] = run_arm(name, cfg, trd, vad, test, mods, seed,
+                                model_path=out_dir / "models" / f"{name.replace(':', '_')}.pt")
         a = results[name]["external"].get("auc") or {}
         console.print(f"  external AUC {a.get('value')}  ({results[name]['seconds']:.0f}s, "
                       f"{results[name]['train_samples_per_s']:.0f} samples/s)")
