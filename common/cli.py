@@ -181,6 +181,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_provision(args) -> int:
+    from server.provision import cmd_provision as provision
+
+    return provision(args.federation_file, args.out, args.only, args.force)
+
+
+def cmd_site_start(args) -> int:
+    from server.secure_deploy import site_start
+
+    return site_start(args.kit, args.data)
+
+
+def cmd_server_start(args) -> int:
+    from server.secure_deploy import server_start
+
+    return server_start(args.kit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="newadj", description="Federated New-adj-Net for BCLC-B HCC")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +247,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_overrides(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("provision", help="coordinating center: CA, SuperLink TLS certificate, one startup kit per center")
+    p.add_argument("federation_file", help="federation file (see conf/federation_kit/demo.yaml)")
+    p.add_argument("--out", required=True, help="kits folder")
+    p.add_argument("--only", action="append", default=None, metavar="CENTER",
+                   help="re-provision only this center (repeatable); the CA and other centers stay as they are")
+    p.add_argument("--force", action="store_true", help="replace an existing CA (invalidates every kit)")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("site", help="site IT: start this center's SuperNode")
+    ss = p.add_subparsers(dest="site_command", required=True)
+    q = ss.add_parser("start", help="validate the site data, then run flower-supernode with TLS and the kit's key")
+    q.add_argument("--kit", required=True)
+    q.add_argument("--data", required=True)
+    q.set_defaults(func=cmd_site_start)
+
+    p = sub.add_parser("server", help="coordinating center: start the SuperLink")
+    ss = p.add_subparsers(dest="server_command", required=True)
+    q = ss.add_parser("start", help="run flower-superlink with TLS and SuperNode authentication, centers' keys registered")
+    q.add_argument("--kit", required=True)
+    q.set_defaults(func=cmd_server_start)
+
+    try:  # the evaluator's verbs (evaluate, report, screen)
+        from common.cli_evaluator import register
+    except ImportError:
+        pass
+    else:
+        register(sub)
     return parser
 
 
