@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import load_config
-from common.dataset import SiteDataset
+from common.dataset import SiteDataset, site_dataset
 from common.preprocess.cache import preprocess_site
 from common.task import check_dataset_matches, input_dims
 
@@ -71,14 +71,13 @@ def site_runtime(run_config, node_config) -> SiteRuntime:
     center = str(center or toml.get("center_id", site_dir.name))
     # idempotent: reuses the cache that `newadj preprocess` built
     res = preprocess_site(site_dir, cfg, progress=False)
-    max_tiles = cfg.train.max_tiles
     dims = input_dims(cfg)
-    test = SiteDataset(res.cache_dir, None, max_tiles)
+    test = site_dataset(res.cache_dir, None, cfg)
     check_dataset_matches(test, dims)
     train = val = None
     if role != "external":
-        train = SiteDataset(res.cache_dir, ["train"], max_tiles)
-        val = SiteDataset(res.cache_dir, ["val"], max_tiles)
+        train = site_dataset(res.cache_dir, ["train"], cfg)
+        val = site_dataset(res.cache_dir, ["val"], cfg)
     rt = SiteRuntime(center, role, site_dir, cfg, dims, train, val, test)
     _RUNTIMES[key] = rt
     return rt

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from common.cohort import discover_sites, ensure_caches
 from common.config import config_hash, save_config
-from common.dataset import ConcatSites, SiteDataset
+from common.dataset import ConcatSites, site_dataset
 from common.engine import evaluate_model, train_model
 from common.model import build_model
 from common.model_io import save_model_package
@@ -77,10 +77,9 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
         raise SystemExit(f"{cohort_dir}: a baseline needs exactly one external site and at least one training site "
                          f"(found external={[s.name for s in ext]}, train={[s.name for s in train_sites]})")
     caches = ensure_caches(sites, cfg, progress=True)
-    max_tiles = cfg.train.max_tiles
-    tr = {s.name: SiteDataset(caches[s.name], ["train"], max_tiles) for s in train_sites}
-    va = {s.name: SiteDataset(caches[s.name], ["val"], max_tiles) for s in train_sites}
-    test = SiteDataset(caches[ext[0].name], None, max_tiles)
+    tr = {s.name: site_dataset(caches[s.name], ["train"], cfg) for s in train_sites}
+    va = {s.name: site_dataset(caches[s.name], ["val"], cfg) for s in train_sites}
+    test = site_dataset(caches[ext[0].name], None, cfg)
     seed = int(cfg.seed)
     results: dict[str, dict] = {}
     plan = []

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from common.preprocess.cache import load_manifest
 
 log = logging.getLogger(__name__)
+_SITE_TILE_STATS: dict = {}  # cache_dir -> (mean, std) of the site's tile features
 
 
 def _nan(v) -> float:
@@ -28,7 +29,8 @@ def _nan(v) -> float:
 class SiteDataset(Dataset):
     """Patients of one site (optionally one or more splits), all arrays held in memory."""
 
-    def __init__(self, cache_dir: Path, splits: Iterable[str] | None = None, max_tiles: int | None = None):
+    def __init__(self, cache_dir: Path, splits: Iterable[str] | None = None, max_tiles: int | None = None,
+                 path_norm: str = "site"):
         self.cache_dir = Path(cache_dir)
         self.manifest = load_manifest(self.cache_dir)
         self.center_id = self.manifest["center_id"]
@@ -63,6 +65,39 @@ class SiteDataset(Dataset):
                 if item["path"] is not None and len(item["path"]) == 0:
                     item["path"] = None
             self.items.append(item)
+        if path_norm == "site":
+            self._standardise_bags()
+        elif path_norm not in ("none", None):
+            raise ValueError(f"path_norm={path_norm!r}: choose site or none")
+
+    def _standardise_bags(self) -> None:
+        """Per-feature z-score of tile embeddings with this site's own statistics.
+
+        Computed over every tile of the site (all splits, no labels involved), so
+        the external center does the same at evaluation time; it removes the
+        site's stain/scanner offset and puts hand-crafted features of very
+        different scales on one footing.
+        """
+        key = (str(self.cache_dir), self.manifest.get("created"))
+        stats = _SITE_TILE_STATS.get(key)
+        if stats is None:
+            bags = []
+            for p in self.manifest["patients"]:
+                if p.get("pathology"):
+                    try:
+                        with np.load(self.cache_dir / p["pathology"]) as z:
+                            bags.append(z["features"].astype(np.float64))
+                    except Exception:  # unreadable bags are reported by _load
+                        continue
+            tiles = np.concatenate([b for b in bags if len(b)]) if any(len(b) for b in bags) else None
+            if tiles is None:
+                return
+            stats = (tiles.mean(0), np.maximum(tiles.std(0), 1e-6))
+            _SITE_TILE_STATS[key] = stats
+        mean, std = stats
+        for it in self.items:
+            if it["path"] is not None:
+                it["path"] = np.clip((it["path"] - mean) / std, -10, 10).astype(np.float32)
 
     def _load(self, p: dict, modality: str, reader):
         f = self.cache_dir / p[modality]
@@ -92,6 +127,11 @@ class SiteDataset(Dataset):
             "pathology": sum(it["path"] is not None for it in self.items),
             "genomics": sum(bool(it["genomics_mask"].any()) for it in self.items),
         }
+
+
+def site_dataset(cache_dir: Path, splits: Iterable[str] | None, cfg) -> SiteDataset:
+    """A site's dataset with the run config's loading options (the one way the code opens one)."""
+    return SiteDataset(cache_dir, splits, max_tiles=cfg.train.max_tiles, path_norm=str(cfg.train.path_norm))
 
 
 class ConcatSites(Dataset):
