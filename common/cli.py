@@ -269,12 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kit", required=True)
     q.set_defaults(func=cmd_server_start)
 
-    try:  # the evaluator's verbs (evaluate, report, screen)
-        from common.cli_evaluator import register
-    except ImportError:
-        pass
-    else:
-        register(sub)
+    from common.cli_evaluator import register  # the evaluator's verbs: evaluate, report, screen
+
+    register(sub)
     return parser
 
 

@@ -1,0 +1,109 @@
+"""The evaluator's subcommands: ``evaluate``, ``report``, ``screen``.
+
+``register(subparsers)`` adds them to the ``newadj`` parser (``common/cli.py``).
+Handlers return exit codes: 0 success, 2 bad input (the message names the file
+or patient), 1 any other failure.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+
+
+def _fail(exc: Exception) -> int:
+    from common.evaluate import EvaluationError
+
+    print(f"error: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, EvaluationError) else 1
+
+
+def cmd_evaluate(args) -> int:
+    from common.evaluate import EvaluationError, evaluate_site
+
+    splits = [s.strip() for s in args.split.split(",")] if args.split else None
+    try:
+        m = evaluate_site(Path(args.model), Path(args.site), Path(args.out), splits=splits, n_boot=args.n_boot,
+                          seed=args.seed)
+    except EvaluationError as exc:
+        return _fail(exc)
+    auc = m["discrimination"]["auc"]
+    acc = m["discrimination"]["accuracy"]
+
+    def show(e):
+        if e.get("value") is None:
+            return f"not computable: {e.get('not_computable')}"
+        return f"{e['value']:.3f} ({e['lo']:.3f}-{e['hi']:.3f})"
+
+    console.print(f"{m['site']['center_id']}: {m['n_patients']} patients; AUC {show(auc)}; accuracy {show(acc)}; "
+                  f"C-index {show(m['survival']['c_index'])}", highlight=False)
+    console.print(f"report: {Path(args.out) / 'report.html'}\nmetrics: {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from common.evaluate import EvaluationError
+    from common.run_report import run_report
+
+    try:
+        out = run_report(Path(args.run_dir), Path(args.baseline) if args.baseline else None,
+                         Path(args.cohort) if args.cohort else None)
+    except EvaluationError as exc:
+        return _fail(exc)
+    console.print(f"report: {out}")
+    return 0
+
+
+def cmd_screen(args) -> int:
+    from common.evaluate import EvaluationError
+    from common.screening import format_screening, screen_all, screen_patient
+
+    if bool(args.patient) == bool(args.all):
+        print("error: give exactly one of --patient ID or --all", file=sys.stderr)
+        return 2
+    try:
+        if args.all:
+            out = screen_all(Path(args.model), Path(args.site), Path(args.out) if args.out else None,
+                             passes=args.passes, seed=args.seed)
+            console.print(f"screening of every patient written to {out} (keep it at the site)")
+        else:
+            r = screen_patient(Path(args.model), Path(args.site), args.patient, passes=args.passes, seed=args.seed)
+            if args.json:
+                print(json.dumps(r, indent=1, default=str))
+            else:
+                print(format_screening(r))
+    except EvaluationError as exc:
+        return _fail(exc)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="external validation of a model package on one site (run at the site)")
+    p.add_argument("--model", required=True, help="model package (best_model.pt or a baseline models/*.pt)")
+    p.add_argument("--site", required=True, help="site data folder")
+    p.add_argument("--out", required=True, help="report folder (report.html, metrics.json)")
+    p.add_argument("--split", default=None, help="comma list of splits to evaluate (default: every patient)")
+    p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default: the model's train.n_boot)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("report", help="one HTML page about a finished federation run")
+    p.add_argument("run_dir")
+    p.add_argument("--baseline", default=None, help="`newadj baseline --out` directory (pooled / local-only arms)")
+    p.add_argument("--cohort", default=None, help="cohort folder for the cross-site matrix (default: the run's)")
+    p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser("screen", help="trial screening: predicted benefit (criterion 8) and protocol checks")
+    p.add_argument("--model", required=True)
+    p.add_argument("--site", required=True)
+    p.add_argument("--patient", default=None, help="patient_id to screen")
+    p.add_argument("--all", action="store_true", help="screen every patient of the site into a CSV")
+    p.add_argument("--out", default=None, help="CSV path for --all (default <SITE>/.newadj-screening.csv)")
+    p.add_argument("--passes", type=int, default=50, help="MC-dropout forward passes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_screen)

@@ -1,0 +1,476 @@
+"""``newadj evaluate``: external validation of one model package on one site, run where the data is.
+
+``evaluate_site(model_path, site_dir, out_dir)`` preprocesses the site with the
+*model's* configuration (so input dimensions match), predicts every patient and
+writes two files to ``out_dir``:
+
+* ``metrics.json`` -- aggregates only (no per-patient row): discrimination (AUC
+  with DeLong CI; accuracy, sensitivity, specificity, PPV, NPV at the
+  checkpoint's threshold -- never re-tuned on these data -- with bootstrap CIs),
+  calibration (Brier, ECE, reliability bins), DFS (Harrell's C-index with CI,
+  log-rank test and Cox hazard ratio of predicted-benefit vs predicted-no-benefit
+  groups), subgroups (modality availability, clinical strata) and the model card
+  beside the seed study's reference numbers;
+* ``report.html`` -- the same, self-contained (figures embedded as base64 PNG).
+
+A metric that the site's data cannot support (no benefit labels, no DFS, too few
+patients, one class) is ``{"value": null, "not_computable": "<reason>"}`` and
+everything else is still computed.  A file that is not a usable model package
+raises :class:`EvaluationError` naming the file (the CLI exits with code 2).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.engine import predict
+from common.metrics import delong_auc_ci, evaluate_predictions, reliability_curve
+
+SEED_STUDY = {"external_auc": 0.89, "accuracy": 0.86,
+              "reference": "New-adj-Net seed study, external validation cohort (reported AUC 0.89, accuracy 0.86)"}
+CLS_KEYS = ("accuracy", "sensitivity", "specificity", "ppv", "npv")
+CAL_KEYS = ("brier", "ece")
+MODALITY_NAMES = ("mri", "pathology", "genomics")
+
+# clinical strata: (field, subgroup label, predicate); a patient without the field is in none of them
+CLINICAL_STRATA = [
+    ("tumor_count", "tumor count = 1", lambda v: v <= 1),
+    ("tumor_count", "tumor count > 1", lambda v: v > 1),
+    ("afp_ng_ml", "AFP < 400 ng/mL", lambda v: v < 400),
+    ("afp_ng_ml", "AFP >= 400 ng/mL", lambda v: v >= 400),
+    ("child_pugh", "Child-Pugh 5-6", lambda v: v <= 6),
+    ("child_pugh", "Child-Pugh >= 7", lambda v: v >= 7),
+    ("max_diameter_cm", "max diameter <= 5 cm", lambda v: v <= 5),
+    ("max_diameter_cm", "max diameter > 5 cm", lambda v: v > 5),
+    ("age", "age < 65", lambda v: v < 65),
+    ("age", "age >= 65", lambda v: v >= 65),
+    ("ecog", "ECOG 0", lambda v: v < 0.5),
+    ("ecog", "ECOG >= 1", lambda v: v >= 0.5),
+]
+
+
+class EvaluationError(Exception):
+    """Bad input (not a model package, wrong configuration, unreadable site): exit code 2."""
+
+    exit_code = 2
+
+
+# --------------------------------------------------------------------------- inputs
+
+def load_checkpoint(model_path: Path):
+    """(model, package) or :class:`EvaluationError` naming the file."""
+    from common.model_io import ModelPackageError, load_model_package
+
+    model_path = Path(model_path)
+    try:
+        return load_model_package(model_path)
+    except ModelPackageError as exc:
+        raise EvaluationError(f"{exc}\n(checkpoint {model_path} cannot be used: it must be a model package "
+                              f"written by `newadj simulate` or `newadj baseline`, unmodified)") from exc
+    except Exception as exc:  # a foreign config that does not build a model, tensors of another shape, etc.
+        detail = " ".join(str(exc).split())
+        detail = detail[:400] + ("..." if len(detail) > 400 else "")
+        if "size mismatch" in str(exc):
+            raise EvaluationError(f"{model_path}: weights do not fit the model its config describes (a checkpoint "
+                                  f"from another model configuration?): {detail}") from exc
+        raise EvaluationError(f"{model_path}: not a usable model package for this version of newadj "
+                              f"({type(exc).__name__}: {detail})") from exc
+
+
+def open_site(site_dir: Path, cfg, model_path: Path | None = None, splits=None):
+    """The site's dataset (preprocessed with the model's config) and its clinical rows by patient id."""
+    from common.dataset import SiteDataset
+    from common.preprocess.cache import preprocess_site
+    from common.site_data import SiteData, SiteDataError
+    from common.task import check_dataset_matches, input_dims
+
+    site_dir = Path(site_dir)
+    if not site_dir.is_dir():
+        raise EvaluationError(f"{site_dir}: no such site folder")
+    try:
+        res = preprocess_site(site_dir, cfg, progress=False)
+    except SiteDataError as exc:
+        raise EvaluationError(f"{site_dir}: site data has errors; run `newadj validate-site {site_dir}`\n{exc}") from exc
+    max_tiles = cfg.train.get("max_tiles") if "train" in cfg else None
+    ds = SiteDataset(res.cache_dir, splits, max_tiles)
+    try:
+        check_dataset_matches(ds, input_dims(cfg))
+    except ValueError as exc:
+        raise EvaluationError(f"checkpoint {model_path}: {exc}") from exc
+    site = SiteData.open(site_dir, phases=tuple(cfg.data.phases), val_fraction=float(cfg.data.val_fraction),
+                         strict=False, cache_dir=str(cfg.data.cache_dir))
+    clinical = {p.patient_id: dict(p.clinical) for p in site.patients}
+    return ds, clinical, site
+
+
+def item_modalities(item: dict) -> list[str]:
+    have = []
+    if item.get("mri") is not None:
+        have.append("mri")
+    if item.get("path") is not None:
+        have.append("pathology")
+    gm = item.get("genomics_mask")
+    if gm is not None and bool(np.asarray(gm).any()):
+        have.append("genomics")
+    return have
+
+
+# --------------------------------------------------------------------------- metrics
+
+def _nc(reason: str) -> dict:
+    return {"value": None, "not_computable": reason}
+
+
+def _convert(entry: dict | None, reason_override: str | None = None) -> dict:
+    if not entry:
+        return _nc(reason_override or "not computed")
+    if entry.get("abstained") or entry.get("value") is None:
+        return _nc(reason_override or entry.get("reason") or "undefined")
+    return entry
+
+
+def _auc_entry(y: np.ndarray, p: np.ndarray, min_patients: int) -> dict:
+    lab = np.isfinite(y) & np.isfinite(p)
+    y, p = y[lab], p[lab]
+    n, n_pos = int(y.size), int(y.sum()) if y.size else 0
+    out = {"n": n, "n_pos": n_pos}
+    if len(lab) == 0:
+        return {**out, "auc": _nc("no patients in this subgroup")}
+    if n == 0:
+        return {**out, "auc": _nc("no patient with a benefit label")}
+    if n < min_patients:
+        return {**out, "auc": _nc(f"only {n} labelled patients (< min_patients={min_patients})")}
+    if n_pos in (0, n):
+        return {**out, "auc": _nc(f"only one class present (n_pos={n_pos}, n={n})")}
+    auc, lo, hi, _ = delong_auc_ci(y, p)
+    return {**out, "auc": {"value": auc, "lo": lo, "hi": hi, "method": "delong"}}
+
+
+def survival_analysis(time: np.ndarray, event: np.ndarray, group: np.ndarray, min_patients: int) -> dict:
+    """Log-rank test and Cox hazard ratio (predicted benefit vs no benefit); aggregates only."""
+    keep = np.isfinite(time) & np.isfinite(event)
+    t, e, g = time[keep], event[keep].astype(int), group[keep].astype(int)
+    n = int(t.size)
+    out: dict[str, Any] = {"n": n, "n_events": int(e.sum()),
+                           "groups": {"predicted_benefit": {"n": int((g == 1).sum()), "events": int(e[g == 1].sum())},
+                                      "predicted_no_benefit": {"n": int((g == 0).sum()), "events": int(e[g == 0].sum())}}}
+    reason = None
+    if n == 0:
+        reason = "no patient with DFS time and event"
+    elif n < min_patients:
+        reason = f"only {n} patients with DFS data (< min_patients={min_patients})"
+    elif not e.any():
+        reason = "no DFS events observed"
+    elif (g == 1).all() or (g == 0).all():
+        reason = "all patients fall in one predicted group at the checkpoint threshold"
+    if reason:
+        out.update({"km": _nc(reason), "logrank": _nc(reason), "hazard_ratio": _nc(reason)})
+        return out
+    out["km"] = {"value": True}
+    try:
+        from lifelines.statistics import logrank_test
+
+        lr = logrank_test(t[g == 1], t[g == 0], event_observed_A=e[g == 1], event_observed_B=e[g == 0])
+        out["logrank"] = {"p_value": float(lr.p_value), "statistic": float(lr.test_statistic),
+                          "value": float(lr.p_value)}
+    except Exception as exc:  # pragma: no cover - lifelines edge cases
+        out["logrank"] = _nc(f"log-rank test failed: {exc}")
+    try:
+        import warnings
+
+        import pandas as pd
+        from lifelines import CoxPHFitter
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cph = CoxPHFitter()
+            cph.fit(pd.DataFrame({"T": t, "E": e, "predicted_benefit": g}), duration_col="T", event_col="E")
+        s = cph.summary.loc["predicted_benefit"]
+        hr, lo, hi = float(s["exp(coef)"]), float(s["exp(coef) lower 95%"]), float(s["exp(coef) upper 95%"])
+        if not all(math.isfinite(v) for v in (hr, lo, hi)) or hi > 1e6 or lo < 1e-6:
+            out["hazard_ratio"] = _nc("Cox model did not converge (e.g. no events in one group)")
+        else:
+            out["hazard_ratio"] = {"value": hr, "lo": lo, "hi": hi, "p_value": float(s["p"]),
+                                   "method": "Cox PH on the predicted-benefit indicator"}
+    except Exception as exc:
+        out["hazard_ratio"] = _nc(f"Cox model failed: {type(exc).__name__}: {exc}")
+    return out
+
+
+def subgroup_analysis(y: np.ndarray, p: np.ndarray, modalities: list[list[str]], clinical: list[dict],
+                      min_patients: int) -> dict:
+    counts = np.array([len(m) for m in modalities])
+    by_mod = []
+    for k, label in ((3, "all three modalities"), (2, "two modalities"), (1, "one modality"), (0, "no modality")):
+        m = counts == k
+        if k == 0 and not m.any():
+            continue
+        by_mod.append({"subgroup": label, "n_patients": int(m.sum()), **_auc_entry(y[m], p[m], min_patients)})
+    by_clin = []
+    for fld, label, pred in CLINICAL_STRATA:
+        vals = np.array([(c or {}).get(fld) if (c or {}).get(fld) is not None else np.nan for c in clinical], float)
+        if not np.isfinite(vals).any():
+            continue
+        m = np.isfinite(vals) & np.array([bool(pred(v)) if np.isfinite(v) else False for v in vals])
+        by_clin.append({"field": fld, "subgroup": label, "n_patients": int(m.sum()),
+                        "n_missing_field": int((~np.isfinite(vals)).sum()), **_auc_entry(y[m], p[m], min_patients)})
+    return {"modality_availability": by_mod, "clinical": by_clin}
+
+
+def compute_metrics(pred: dict, threshold: float, modalities: list[list[str]], clinical: list[dict], *,
+                    n_boot: int = 500, seed: int = 0, min_patients: int = 10, ece_bins: int = 10) -> dict:
+    """Every aggregate of the report from per-patient predictions (which never leave this function)."""
+    y = np.asarray(pred["benefit"], float)
+    p = np.asarray(pred["prob"], float)
+    t = np.asarray(pred["dfs_time"], float)
+    e = np.asarray(pred["dfs_event"], float)
+    r = np.asarray(pred["risk"], float)
+    rep = evaluate_predictions(y, p, threshold, time=t, event=e, risk=r, n_boot=n_boot, seed=seed,
+                               min_patients=min_patients, ece_bins=ece_bins)
+    n_lab = int(np.isfinite(y).sum())
+    n_surv = int((np.isfinite(t) & np.isfinite(e)).sum())
+    no_labels = "no patient at this site has a benefit label" if n_lab == 0 else None
+    no_dfs = "no patient at this site has DFS time and event" if n_surv == 0 else None
+    out: dict[str, Any] = {
+        "n_patients": int(y.size), "n_labelled": n_lab, "n_pos": int(np.nansum(y)) if n_lab else 0,
+        "n_with_dfs": n_surv, "threshold": float(threshold), "threshold_source": "checkpoint (internal validation)",
+        "predicted_benefit": int((p >= threshold).sum()),
+    }
+    out["discrimination"] = {"auc": _convert(rep.get("auc"), no_labels),
+                             **{k: _convert(rep.get(k), no_labels) for k in CLS_KEYS}}
+    lab = np.isfinite(y) & np.isfinite(p)
+    cal = {k: _convert(rep.get(k), no_labels) for k in CAL_KEYS}
+    if lab.sum() >= min_patients:
+        rc = reliability_curve(y[lab], p[lab], n_bins=ece_bins)
+        cal["reliability"] = {k: [None if not np.isfinite(v) else float(v) for v in np.asarray(rc[k], float)]
+                              for k in ("prob_pred", "prob_true", "bin_edges")}
+        cal["reliability"]["counts"] = [int(c) for c in rc["counts"]]
+    else:
+        cal["reliability"] = _nc(no_labels or f"only {int(lab.sum())} labelled patients (< min_patients={min_patients})")
+    out["calibration"] = cal
+    group = (p >= threshold).astype(int)
+    surv = survival_analysis(t, e, group, min_patients)
+    surv["c_index"] = _convert(rep.get("c_index"), no_dfs)
+    out["survival"] = surv
+    out["subgroups"] = subgroup_analysis(y, p, modalities, clinical, min_patients)
+    out["modality_counts"] = {m: int(sum(m in ms for ms in modalities)) for m in MODALITY_NAMES}
+    return out
+
+
+# --------------------------------------------------------------------------- model card
+
+def model_card(pkg: dict, model_path: Path) -> dict:
+    from common.config import config_hash
+
+    card = dict(pkg.get("card") or {})
+    cfg = pkg["config"]
+    centers = card.get("training_centers") or {}
+    return {
+        "file": str(model_path), "sha256": pkg.get("sha256"), "threshold": float(pkg.get("threshold", 0.5)),
+        "config_hash": card.get("config_hash") or config_hash(cfg),
+        "model": str(cfg.model.get("name", "?")), "modalities": list(cfg.model.modalities),
+        "strategy": card.get("strategy") or (f"baseline arm {card['arm']}" if card.get("arm") else None),
+        "rounds": card.get("rounds"), "selected_round": card.get("selected_round"),
+        "local_epochs": card.get("local_epochs"), "selection": card.get("selection"),
+        "training_centers": {c: {"n_train": (v or {}).get("n_train"), "n_val": (v or {}).get("n_val")}
+                             for c, v in centers.items()},
+        "n_train": card.get("n_train"), "n_val": card.get("n_val"),
+        "privacy": card.get("privacy"), "seed": card.get("seed"),
+        "seed_study": SEED_STUDY,
+    }
+
+
+# --------------------------------------------------------------------------- entry point
+
+def evaluate_site(model_path: Path, site_dir: Path, out_dir: Path, *, splits=None, n_boot: int | None = None,
+                  seed: int = 0) -> dict:
+    """Evaluate the package at ``model_path`` on the site at ``site_dir``; write report.html and metrics.json."""
+    from common.plots import km_figure, reliability_figure, roc_figure
+
+    model_path, site_dir, out_dir = Path(model_path), Path(site_dir), Path(out_dir)
+    model, pkg = load_checkpoint(model_path)
+    cfg = pkg["config"]
+    ds, clinical_by_id, site = open_site(site_dir, cfg, model_path, splits)
+    if len(ds) == 0:
+        raise EvaluationError(f"{site_dir}: no patients to evaluate" + (f" in split(s) {splits}" if splits else ""))
+    tc = cfg.train
+    n_boot = int(tc.get("n_boot", 500) if n_boot is None else n_boot)
+    min_patients = int(tc.get("min_patients", 10))
+    threshold = float(pkg.get("threshold", 0.5))
+    pred = predict(model, ds, int(tc.get("eval_batch_size", 64)))
+    modalities = [item_modalities(it) for it in ds.items]
+    clinical = [clinical_by_id.get(it["patient_id"], {}) for it in ds.items]
+    metrics = compute_metrics(pred, threshold, modalities, clinical, n_boot=n_boot, seed=seed,
+                              min_patients=min_patients)
+    card = model_card(pkg, model_path)
+    metrics = {"site": {"dir": str(site_dir), "center_id": ds.center_id, "role": ds.role,
+                        "splits": list(splits) if splits else "all",
+                        "skipped_files": len(ds.skipped), "data_problems": len(site.problems)},
+               "created": _dt.datetime.now().isoformat(timespec="seconds"), **metrics, "model_card": card}
+    metrics["comparison"] = _comparison(metrics)
+
+    figs: dict[str, str] = {}
+    y, p = np.asarray(pred["benefit"], float), np.asarray(pred["prob"], float)
+    lab = np.isfinite(y) & np.isfinite(p)
+    auc = metrics["discrimination"]["auc"]
+    if auc.get("value") is not None:
+        figs["roc"] = roc_figure(y[lab], p[lab], auc, threshold)
+    rel = metrics["calibration"]["reliability"]
+    if not rel.get("not_computable"):
+        figs["reliability"] = reliability_figure(rel, metrics["calibration"]["brier"].get("value"),
+                                                 metrics["calibration"]["ece"].get("value"))
+    surv = metrics["survival"]
+    if not surv["km"].get("not_computable"):
+        t, e = np.asarray(pred["dfs_time"], float), np.asarray(pred["dfs_event"], float)
+        k = np.isfinite(t) & np.isfinite(e)
+        figs["km"] = km_figure(t[k], e[k].astype(int), (p[k] >= threshold).astype(int),
+                               f"DFS by predicted benefit at threshold {threshold:.3f}",
+                               (surv["logrank"] or {}).get("p_value"), surv["hazard_ratio"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=1))
+    (out_dir / "report.html").write_text(render_html(metrics, figs))
+    metrics["figures"] = sorted(figs)
+    return metrics
+
+
+def _comparison(m: dict) -> list[dict]:
+    d = m["discrimination"]
+    return [{"metric": "external AUC", "this_model": d["auc"], "seed_study": SEED_STUDY["external_auc"]},
+            {"metric": "accuracy", "this_model": d["accuracy"], "seed_study": SEED_STUDY["accuracy"]}]
+
+
+def _json_safe(o):
+    if isinstance(o, dict):
+        return {str(k): _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        f = float(o)
+        return f if math.isfinite(f) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    return o
+
+
+# --------------------------------------------------------------------------- HTML
+
+_LABELS = {"auc": "AUC (DeLong 95% CI)", "accuracy": "accuracy", "sensitivity": "sensitivity",
+           "specificity": "specificity", "ppv": "PPV", "npv": "NPV", "brier": "Brier score",
+           "ece": "expected calibration error (ECE)", "c_index": "Harrell's C-index"}
+
+
+def _subgroup_rows(rows: list[dict], first: str):
+    from common.html_report import esc, metric_cell
+
+    return [[esc(r["subgroup"]), str(r["n_patients"]), str(r["n"]), str(r["n_pos"]), metric_cell(r["auc"])]
+            for r in rows]
+
+
+def render_html(m: dict, figs: dict[str, str]) -> str:
+    from common.html_report import esc, figure, fmt_num, metric_cell, not_computable, page, table
+
+    card = m["model_card"]
+    site = m["site"]
+    body = []
+    body.append(table(["", ""], [
+        ["site", esc(f"{site['center_id']} ({site['dir']}), role {site['role']}, splits: {site['splits']}")],
+        ["patients", esc(f"{m['n_patients']} ({m['n_labelled']} with benefit label, {m['n_pos']} benefit; "
+                         f"{m['n_with_dfs']} with DFS)")],
+        ["checkpoint", esc(f"{card['file']}")],
+        ["checkpoint SHA-256", f"<code>{esc(card['sha256'])}</code>"],
+        ["decision threshold", esc(f"{m['threshold']:.4f} (from the checkpoint: chosen on internal validation, "
+                                   "not re-tuned on these data)")],
+        ["created", esc(m["created"])],
+    ], raw=True))
+
+    body.append("<h2>Comparison with the seed study</h2>")
+    body.append(table(["metric", "this model on this site", "seed study (external cohort)"],
+                      [[esc(r["metric"]), metric_cell(r["this_model"]), esc(fmt_num(r["seed_study"], 2))]
+                       for r in m["comparison"]], raw=True))
+    body.append(f'<p class="note">Reference: {esc(SEED_STUDY["reference"])}.</p>')
+
+    d = m["discrimination"]
+    body.append("<h2>Discrimination</h2>")
+    parts = [table(["metric", "value (95% CI)"],
+                   [[esc(_LABELS[k]), metric_cell(d[k])] for k in ("auc",) + CLS_KEYS], raw=True),
+             f'<p class="note">Classification metrics at threshold {m["threshold"]:.4f}; CIs: percentile bootstrap '
+             "over patients (stratified by label), AUC: DeLong.</p>"]
+    if "roc" in figs:
+        parts.insert(0, figure(figs["roc"], "ROC curve with the checkpoint's operating point", fig_id="roc"))
+    else:
+        parts.insert(0, not_computable("ROC curve", d["auc"].get("not_computable", "")))
+    body.append('<div class="figs">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>")
+
+    c = m["calibration"]
+    body.append("<h2>Calibration</h2>")
+    parts = [table(["metric", "value (95% CI)"], [[esc(_LABELS[k]), metric_cell(c[k])] for k in CAL_KEYS], raw=True)]
+    if "reliability" in figs:
+        parts.insert(0, figure(figs["reliability"], "Reliability curve (10 equal-width bins) and bin counts",
+                               fig_id="reliability"))
+    else:
+        parts.insert(0, not_computable("reliability curve", c["reliability"].get("not_computable", "")))
+    body.append('<div class="figs">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>")
+
+    s = m["survival"]
+    body.append("<h2>Disease-free survival</h2>")
+    lr = s["logrank"]
+    hr = s["hazard_ratio"]
+    rows = [[esc(_LABELS["c_index"]), metric_cell(s["c_index"])],
+            ["log-rank p (predicted benefit vs no benefit)",
+             metric_cell(lr) if lr.get("not_computable") else esc(f"{lr['p_value']:.4g} (chi2 {lr['statistic']:.2f})")],
+            ["hazard ratio, predicted benefit vs no benefit (Cox, 95% CI)", metric_cell(hr, 2)],
+            ["patients with DFS / events", esc(f"{s['n']} / {s['n_events']}")]]
+    for g, v in s["groups"].items():
+        rows.append([esc(g.replace("_", " ")), esc(f"n={v['n']}, events={v['events']}")])
+    parts = [table(["", ""], rows, raw=True)]
+    if "km" in figs:
+        parts.insert(0, figure(figs["km"], "Kaplan-Meier DFS by predicted group, number at risk below", fig_id="km"))
+    else:
+        parts.insert(0, not_computable("Kaplan-Meier curves", s["km"].get("not_computable", "")))
+    body.append('<div class="figs">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>")
+
+    sg = m["subgroups"]
+    body.append("<h2>Subgroups</h2><h3>By modality availability</h3>")
+    body.append(table(["subgroup", "patients", "labelled", "benefit", "AUC (95% CI)"],
+                      _subgroup_rows(sg["modality_availability"], "subgroup"), raw=True))
+    mc = m["modality_counts"]
+    body.append(f'<p class="note">Patients with MRI {mc["mri"]}, pathology {mc["pathology"]}, genomics '
+                f'{mc["genomics"]}. AUC abstains below min_patients labelled patients or with one class.</p>')
+    body.append("<h3>By clinical strata</h3>")
+    if sg["clinical"]:
+        body.append(table(["subgroup", "patients", "labelled", "benefit", "AUC (95% CI)"],
+                          _subgroup_rows(sg["clinical"], "subgroup"), raw=True))
+    else:
+        body.append(not_computable("clinical subgroups", "clinical.csv has none of the stratification fields"))
+
+    body.append("<h2>Model card</h2>")
+    priv = card.get("privacy") or {}
+    dp = priv.get("differential_privacy") if isinstance(priv, dict) else None
+    rows = [["model", esc(f"{card['model']} ({', '.join(card['modalities'])})")],
+            ["strategy", esc(card.get("strategy") or "n/a")],
+            ["rounds (selected round)", esc(f"{fmt_num(card.get('rounds'))} ({fmt_num(card.get('selected_round'))})")],
+            ["local epochs per round", esc(fmt_num(card.get("local_epochs")))],
+            ["model selection", esc(card.get("selection") or "n/a")],
+            ["secure aggregation", esc(priv.get("secure_aggregation", "n/a") if isinstance(priv, dict) else priv)],
+            ["differential privacy", esc("none" if not dp else (f"epsilon={dp.get('epsilon')}" if isinstance(dp, dict)
+                                                                  and "epsilon" in dp else dp))],
+            ["config hash", f"<code>{esc(card['config_hash'])}</code>"],
+            ["checkpoint SHA-256", f"<code>{esc(card['sha256'])}</code>"],
+            ["seed", esc(fmt_num(card.get("seed")))]]
+    body.append(table(["", ""], rows, raw=True))
+    if card["training_centers"]:
+        body.append(table(["training center", "train patients", "validation patients"],
+                          [[c, v.get("n_train"), v.get("n_val")] for c, v in card["training_centers"].items()]))
+    elif card.get("n_train") is not None:
+        body.append(f'<p class="note">Trained on {card["n_train"]} patients, validated on {card.get("n_val")}.</p>')
+    body.append('<p class="note">All numbers on this page are aggregates computed at the site; no per-patient '
+                "prediction is written to metrics.json.</p>")
+    return page(f"External validation: {site['center_id']}", body,
+                subtitle="newadj evaluate: benefit from neoadjuvant therapy and DFS, BCLC-B HCC")
