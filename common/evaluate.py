@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from common.hashing import json_safe
 from common.engine import predict
 from common.metrics import delong_auc_ci, evaluate_predictions, reliability_curve
 
@@ -332,7 +333,7 @@ def evaluate_site(model_path: Path, site_dir: Path, out_dir: Path, *, splits=Non
                                f"DFS by predicted benefit at threshold {threshold:.3f}",
                                (surv["logrank"] or {}).get("p_value"), surv["hazard_ratio"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=1))
+    (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1))
     (out_dir / "report.html").write_text(render_html(metrics, figs))
     metrics["figures"] = sorted(figs)
     return metrics
@@ -343,23 +344,6 @@ def _comparison(m: dict) -> list[dict]:
     return [{"metric": "external AUC", "this_model": d["auc"], "seed_study": SEED_STUDY["external_auc"]},
             {"metric": "accuracy", "this_model": d["accuracy"], "seed_study": SEED_STUDY["accuracy"]}]
 
-
-def _json_safe(o):
-    if isinstance(o, dict):
-        return {str(k): _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    if isinstance(o, (np.floating, float)):
-        f = float(o)
-        return f if math.isfinite(f) else None
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    return o
-
-
-# --------------------------------------------------------------------------- HTML
 
 _LABELS = {"auc": "AUC (DeLong 95% CI)", "accuracy": "accuracy", "sensitivity": "sensitivity",
            "specificity": "specificity", "ppv": "PPV", "npv": "NPV", "brier": "Brier score",

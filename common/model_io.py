@@ -8,7 +8,6 @@ the wrong architecture.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -17,17 +16,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from common.hashing import sha256_file
+
 
 class ModelPackageError(Exception):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_model_package(path: Path, state_dict: dict, cfg, threshold: float, card: dict | None = None) -> dict:

@@ -6,7 +6,6 @@ checked on every load (a changed byte is refused).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -15,17 +14,11 @@ from pathlib import Path
 
 import torch
 
+from common.hashing import sha256_file
+
 
 class CheckpointError(Exception):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(run_dir: Path, rnd: int, state_dict: dict, meta: dict, server_state: dict | None = None) -> Path:
@@ -37,7 +30,7 @@ def save_checkpoint(run_dir: Path, rnd: int, state_dict: dict, meta: dict, serve
     tmp = path.with_suffix(".pt.tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
-    meta = dict(meta, round=rnd, file=path.name, sha256=_sha256(path))
+    meta = dict(meta, round=rnd, file=path.name, sha256=sha256_file(path))
     side = path.with_suffix(".json")
     side.with_suffix(".json.tmp").write_text(json.dumps(meta, indent=1))
     os.replace(side.with_suffix(".json.tmp"), side)
@@ -51,7 +44,7 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     if not side.exists():
         raise CheckpointError(f"{side}: checkpoint metadata missing")
     meta = json.loads(side.read_text())
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != meta.get("sha256"):
         raise CheckpointError(f"{path}: SHA-256 {digest[:16]}... does not match the recorded "
                               f"{str(meta.get('sha256'))[:16]}...; the checkpoint was modified or is corrupt")

@@ -23,6 +23,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from common.hashing import json_safe
 from common.config import config_hash, load_config, save_config, to_plain
 from common.engine import seed_everything
 from common.model_io import save_model_package
@@ -95,18 +96,6 @@ def _selection_key(pooled: dict, metric: str) -> float:
     return -np.inf if v is None or np.isnan(v) else float(v)
 
 
-def _json_safe(o):
-    if isinstance(o, dict):
-        return {str(k): _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    if isinstance(o, (np.floating, float)):
-        return None if np.isnan(o) or np.isinf(o) else float(o)
-    if isinstance(o, np.integer):
-        return int(o)
-    return o
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
@@ -151,7 +140,7 @@ def main(grid: Grid, context: Context) -> None:
         restore_strategy_state(strategy, server_state.get("strategy", {}))
         random.setstate(server_state["py_random"])
         log.info("resuming %s after round %d", run_dir, meta["round"])
-        history_path.write_text("".join(json.dumps(_json_safe(h)) + "\n" for h in history))
+        history_path.write_text("".join(json.dumps(json_safe(h)) + "\n" for h in history))
     elif history_path.exists():
         history_path.unlink()
     weights_bytes = state_dict_bytes(state)
@@ -221,9 +210,9 @@ def main(grid: Grid, context: Context) -> None:
         rec["best_round"] = best["round"]
         history.append(rec)
         with history_path.open("a") as f:
-            f.write(json.dumps(_json_safe(rec)) + "\n")
+            f.write(json.dumps(json_safe(rec)) + "\n")
         sd = from_arrays(arrays)
-        save_checkpoint(run_dir, rnd, sd, {"config_hash": cfg_hash, "metrics": _json_safe(rec["val"]),
+        save_checkpoint(run_dir, rnd, sd, {"config_hash": cfg_hash, "metrics": json_safe(rec["val"]),
                                            "threshold": best["threshold"] if best["round"] == rnd else None,
                                            "weights_sha256": weights_sha256(sd)},
                         {"history": history, "best": best, "comm": comm, "strategy": strategy_state(strategy),
@@ -263,5 +252,5 @@ def main(grid: Grid, context: Context) -> None:
                           "mean_bytes_per_message_out": float(np.mean(per_round)) if per_round else None},
         "config": to_plain(cfg),
     }
-    (run_dir / "metrics.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    (run_dir / "metrics.json").write_text(json.dumps(json_safe(summary), indent=1))
     log.info("finished: selected round %d; metrics in %s", best["round"], run_dir / "metrics.json")

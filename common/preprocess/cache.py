@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from common.config import config_hash, to_plain
+from common.hashing import sha256_file
 from common.preprocess.tabular import feature_vector
 
 CACHE_FORMAT = 1  # bump when the on-disk layout of cached arrays changes
@@ -41,14 +42,6 @@ MANIFEST = "manifest.json"
 def resolve_cache_dir(site_dir: Path, cfg) -> Path:
     p = Path(str(cfg.data.cache_dir))
     return p if p.is_absolute() else Path(site_dir) / p
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ContentHasher:
@@ -67,7 +60,7 @@ class ContentHasher:
         hit = self.known.get(rel)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
         self.known[rel] = [st.st_size, st.st_mtime_ns, digest]
         return digest
 

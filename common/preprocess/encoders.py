@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from common.hashing import sha256_file
 from scipy import ndimage
 
 # Ruifrok & Johnston (2001) stain OD vectors (rows: haematoxylin, eosin, DAB/residual).
@@ -62,12 +64,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Encoder:
@@ -245,9 +241,9 @@ def _local_path(cfg: Mapping, name: str) -> Path:
 
 def _weights_id(p: Path) -> str:
     if p.is_file():
-        return file_sha256(p)
+        return sha256_file(p)
     files = sorted(f for f in p.rglob("*") if f.is_file())
-    return _digest([(str(f.relative_to(p)), file_sha256(f)) for f in files])
+    return _digest([(str(f.relative_to(p)), sha256_file(f)) for f in files])
 
 
 def _need(pkg: str, name: str):
