@@ -181,7 +181,7 @@ def main(grid: Grid, context: Context) -> None:
             log.error("round %d: %d training replies < min_train_nodes=%d; global model unchanged",
                       rnd, len(good), fed.min_train_nodes)
         t_train = time.perf_counter() - t0
-        val, s2, r2 = _evaluate_centers(grid, train_ids, roles, arrays,
+        val, s2, r2 = _evaluate_centers(grid, train_ids, roles, to_arrays(from_arrays(arrays), fp16),
                                         {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5},
                                         float(fed.round_timeout))
         sent, received = sent + s2, received + r2
@@ -194,7 +194,7 @@ def main(grid: Grid, context: Context) -> None:
                "failures": {**train_fail, **{c: f"evaluate: {v}" for c, v in val["failures"].items()}},
                "bytes_sent": sent, "bytes_received": received, "n_train_replies": len(good)}
         if int(fed.external_every) > 0 and rnd % int(fed.external_every) == 0 and ext_ids:
-            mon, s3, r3 = _evaluate_centers(grid, ext_ids, roles, arrays,
+            mon, s3, r3 = _evaluate_centers(grid, ext_ids, roles, to_arrays(from_arrays(arrays), fp16),
                                             {"split": "test", "bins": int(fed.histogram_bins), "threshold": 0.5},
                                             float(fed.round_timeout))
             rec["external_monitoring"] = {"auc": mon["pooled"].get("auc"), "used_for_selection": False}
