@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site_runtime import round_seed, site_runtime
 from common.engine import predict, train_model
+from common.losses import multitask_loss
 from common.metrics import c_index, evaluate_predictions, score_histogram
 from common.task import model_from_config
 from common.wire import from_arrays, to_arrays
@@ -89,9 +91,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
     bins = int(conf.get("bins", cfg.federation.histogram_bins))
     hist = score_histogram(y, p, bins)
-    from common.losses import multitask_loss
-    import torch
-
     with torch.no_grad():
         loss = float(multitask_loss({"logit": torch.as_tensor(pred["logit"]), "risk": torch.as_tensor(pred["risk"])},
                                     {k: torch.as_tensor(pred[k]) for k in ("benefit", "dfs_time", "dfs_event")},
