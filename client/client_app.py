@@ -8,13 +8,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site_runtime import round_seed, site_runtime
-from common.engine import predict, train_model
-from common.losses import multitask_loss
+from common.engine import prediction_loss, predict, train_model
 from common.metrics import c_index, evaluate_predictions, score_histogram
 from common.task import model_from_config
 from common.wire import from_arrays, to_arrays
@@ -91,10 +89,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
     bins = int(conf.get("bins", cfg.federation.histogram_bins))
     hist = score_histogram(y, p, bins)
-    with torch.no_grad():
-        loss = float(multitask_loss({"logit": torch.as_tensor(pred["logit"]), "risk": torch.as_tensor(pred["risk"])},
-                                    {k: torch.as_tensor(pred[k]) for k in ("benefit", "dfs_time", "dfs_event")},
-                                    cfg.model.loss)[0])
+    loss = prediction_loss(pred, cfg.model.loss)
     thr = float(conf.get("threshold", 0.5))
     yl, pl = y[lab], p[lab]
     out.update({"hist-neg": hist[0].tolist(), "hist-pos": hist[1].tolist(), "loss": loss,

@@ -89,6 +89,16 @@ def predict(model: torch.nn.Module, dataset, batch_size: int = 64, device: torch
     return {k: (torch.cat(v).numpy() if v else np.zeros(0)) for k, v in out.items()}
 
 
+def prediction_loss(pred: dict, loss_cfg) -> float:
+    """The training loss of a set of predictions (from ``predict``); NaN when empty."""
+    if not len(pred["benefit"]):
+        return float("nan")
+    with torch.no_grad():
+        batch = {k: torch.as_tensor(pred[k]) for k in ("benefit", "dfs_time", "dfs_event")}
+        outs = {"logit": torch.as_tensor(pred["logit"]), "risk": torch.as_tensor(pred["risk"])}
+        return float(multitask_loss(outs, batch, loss_cfg)[0])
+
+
 def _val_score(pred: dict, loss_cfg) -> tuple[float, float]:
     """(AUC, loss) of predictions on a validation set; NaN where undefined."""
     y, p = pred["benefit"], pred["prob"]
@@ -98,11 +108,7 @@ def _val_score(pred: dict, loss_cfg) -> tuple[float, float]:
         from sklearn.metrics import roc_auc_score
 
         auc = float(roc_auc_score(y[lab], p[lab]))
-    with torch.no_grad():
-        batch = {k: torch.as_tensor(pred[k]) for k in ("benefit", "dfs_time", "dfs_event")}
-        outs = {"logit": torch.as_tensor(pred["logit"]), "risk": torch.as_tensor(pred["risk"])}
-        loss = float(multitask_loss(outs, batch, loss_cfg)[0]) if len(y) else float("nan")
-    return auc, loss
+    return auc, prediction_loss(pred, loss_cfg)
 
 
 def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *, seed: int = 0,
