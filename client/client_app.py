@@ -11,6 +11,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit import audit_mod
+from client.policy import policy_mod
 from client.site_runtime import round_seed, site_runtime
 from common.engine import prediction_loss, predict, train_model
 from common.metrics import c_index, evaluate_predictions, score_histogram
@@ -18,7 +20,8 @@ from common.task import model_from_config
 from common.wire import from_arrays, to_arrays
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+# audit outermost: refusals by the site policy are logged too
+app = ClientApp(mods=[audit_mod, policy_mod])
 
 ERR_REFUSED = 403
 
@@ -82,11 +85,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     lab = ~np.isnan(y)
     n, n_pos = int(lab.sum()), int(np.nansum(y[lab]))
     min_n = int(cfg.train.min_patients)
-    out: dict = {"num-examples": n, "n-pos": n_pos, "abstained": 0}
     if n < min_n:
-        # fewer patients than the minimum: no metric at all
-        out["abstained"] = 1
-        return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
+        # fewer labelled patients than the minimum: no metric at all, not even the class balance
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "abstained": 1})}), reply_to=msg)
+    out: dict = {"num-examples": n, "n-pos": n_pos, "abstained": 0}
     bins = int(conf.get("bins", cfg.federation.histogram_bins))
     hist = score_histogram(y, p, bins)
     loss = prediction_loss(pred, cfg.model.loss)

@@ -190,13 +190,26 @@ def cmd_provision(args) -> int:
 def cmd_site_start(args) -> int:
     from server.secure_deploy import site_start
 
-    return site_start(args.kit, args.data)
+    return site_start(args.kit, args.data, runtime_port=args.runtime_port)
 
 
 def cmd_server_start(args) -> int:
     from server.secure_deploy import server_start
 
     return server_start(args.kit)
+
+
+def cmd_run(args) -> int:
+    from server.simulation import RunFailed
+    from server.submit import submit_run
+
+    try:
+        metrics = submit_run(Path(args.kit), Path(args.out), args.overrides, console=console, stream=not args.quiet)
+    except RunFailed as exc:
+        err_console.print(f"[red]run failed:[/red] {exc}")
+        return 1
+    _print_federation(metrics, Path(args.out).resolve())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = ss.add_parser("start", help="validate the site data, then run flower-supernode with TLS and the kit's key")
     q.add_argument("--kit", required=True)
     q.add_argument("--data", required=True)
+    q.add_argument("--runtime-port", type=int, default=None,
+                   help="local port of this SuperNode's Runtime API (default: the kit's runtime_port)")
     q.set_defaults(func=cmd_site_start)
 
     p = sub.add_parser("server", help="coordinating center: start the SuperLink")
@@ -268,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = ss.add_parser("start", help="run flower-superlink with TLS and SuperNode authentication, centers' keys registered")
     q.add_argument("--kit", required=True)
     q.set_defaults(func=cmd_server_start)
+
+    p = sub.add_parser("run", help="coordinating center: submit the federation to the running SuperLink and follow it")
+    p.add_argument("--kit", required=True, help="the coordinator's kit (after `newadj server start --kit KIT`)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, history, metrics.json)")
+    p.add_argument("--quiet", action="store_true")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_run)
 
     from common.cli_evaluator import register  # the evaluator's verbs: evaluate, report, screen
 

@@ -574,7 +574,7 @@ class _SiteReader:
 
     # -- folder
     def _check_top_level(self) -> None:
-        known_files = {CLINICAL_CSV, GENOMICS_CSV, SITE_TOML}
+        known_files = {CLINICAL_CSV, GENOMICS_CSV, SITE_TOML, "policy.toml"}  # policy.toml: the site's federation policy (client/policy.py)
         known_dirs = {"mri", "pathology"}
         cache_name = self.cache_dir.name if not self.cache_dir.is_absolute() else None
         for entry in sorted(self.root.iterdir(), key=lambda p: p.name):

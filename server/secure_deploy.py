@@ -361,7 +361,7 @@ def server_start(kit_dir: str | Path, echo: Callable[[str], None] = print) -> in
 
 
 def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] | None = None,
-               echo: Callable[[str], None] = print) -> int:
+               echo: Callable[[str], None] = print, runtime_port: int | None = None) -> int:
     """`newadj site start --kit DIR --data SITE`: validate the site folder, then run the SuperNode in the foreground.
 
     Refuses to start (exit code 1) when validation reports errors; they are printed.
@@ -399,7 +399,7 @@ def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] |
     home.mkdir(exist_ok=True)
     env = flwr_env(home)
     echo(f"starting flower-supernode for {c['center_id']} ({c['role']}) -> {kit.superlink_address} (TLS, authenticated)")
-    return _run_foreground(supernode_command(kit, data_dir), env, cwd=kit.dir)
+    return _run_foreground(supernode_command(kit, data_dir, runtime_port=runtime_port), env, cwd=kit.dir)
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m server.secure_deploy server|site KIT [DATA]

@@ -60,7 +60,7 @@ def run_simulation(cohort_dir: Path, run_dir: Path, overrides: list[str], consol
         run_id = flwr_run(superlink, env, run_config, run_dir / "logs" / "flwr-run.log", fed_cfg, echo=echo)
         if run_id is None:
             raise RunFailed(f"`flwr run` did not start a run; see {run_dir / 'logs' / 'flwr-run.log'}")
-        status = _final_status(superlink, env, run_id)
+        status = final_status(superlink, env, run_id, _run_budget(cfg))
     finally:
         group.stop()
     wall = time.perf_counter() - t0
@@ -76,13 +76,20 @@ def run_simulation(cohort_dir: Path, run_dir: Path, overrides: list[str], consol
     return metrics
 
 
-def _final_status(superlink: str, env: dict, run_id: int, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
+def final_status(superlink: str, env: dict, run_id: int, timeout: float | None = None) -> dict:
+    """Poll ``flwr ls`` until the run is finished (``flwr run --stream`` may return earlier)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         st = flwr_status(superlink, env, run_id)
-        if str(st.get("status", "")).startswith("finished") or time.monotonic() > deadline:
+        if str(st.get("status", "")).startswith("finished") or (deadline and time.monotonic() > deadline):
             return st
-        time.sleep(1.0)
+        time.sleep(2.0)
+
+
+def _run_budget(cfg) -> float:
+    """Longest a run may take before we stop waiting: every round's timeout, plus the role query and the end."""
+    fed = cfg.federation
+    return float(fed.wait_nodes_timeout) + float(fed.query_timeout) + float(fed.round_timeout) * (2 * int(fed.num_rounds) + 1)
 
 
 def _f(v, digits=3) -> str:

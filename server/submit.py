@@ -1,0 +1,54 @@
+"""``newadj run``: submit the app to the federation's SuperLink and follow the run to its end.
+
+Uses the `flwr` CLI configuration that ``newadj server start`` wrote into the
+coordinator kit's state folder (TLS, the federation's CA). The outcome is read
+from ``flwr ls --format json`` and the run directory, and a failed run exits
+non-zero (``flwr run --stream`` itself exits 0 either way).
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from common.config import load_config, save_config
+from server.flwr_process import flwr_env, flwr_run
+from server.secure_deploy import CONNECTION, KitError, load_kit
+from server.simulation import RunFailed, _run_budget, final_status
+
+
+def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Console | None = None,
+               stream: bool = True) -> dict:
+    console = console or Console()
+    try:
+        kit = load_kit(kit_dir, "coordinator")
+    except KitError as err:
+        raise RunFailed(str(err)) from err
+    home = kit.dir / kit.data.get("files", {}).get("state_dir", "state") / "flwr-home"
+    if not (home / "config.toml").exists():
+        raise RunFailed(f"{home}: no `flwr` configuration; start the SuperLink first with "
+                        f"`newadj server start --kit {kit.dir}`")
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(load_config(overrides), run_dir)
+    env = flwr_env(home)
+    run_config = {"run-dir": str(run_dir), "overrides": " ".join(shlex.quote(o) for o in overrides),
+                  "expected-nodes": len(kit.centers)}
+    echo = (lambda line: console.print(line, markup=False, highlight=False)) if stream else None
+    t0 = time.perf_counter()
+    run_id = flwr_run(CONNECTION, env, run_config, run_dir / "flwr-run.log", echo=echo)
+    if run_id is None:
+        raise RunFailed(f"`flwr run` did not start a run; see {run_dir / 'flwr-run.log'}")
+    status = final_status(CONNECTION, env, run_id, _run_budget(load_config(overrides)))
+    (run_dir / "flwr-status.json").write_text(json.dumps(status, indent=1))
+    if "finished:completed" not in str(status.get("status", "")).replace(" ", "") \
+            or not (run_dir / "metrics.json").exists():
+        raise RunFailed(f"run {run_id} ended with status {status.get('status')!r}; see {run_dir}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    metrics["flwr_run_id"] = run_id
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
