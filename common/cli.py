@@ -196,7 +196,7 @@ def cmd_site_start(args) -> int:
 def cmd_server_start(args) -> int:
     from server.secure_deploy import server_start
 
-    return server_start(args.kit)
+    return server_start(args.kit, database=args.database)
 
 
 def cmd_run(args) -> int:
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     ss = p.add_subparsers(dest="server_command", required=True)
     q = ss.add_parser("start", help="run flower-superlink with TLS and SuperNode authentication, centers' keys registered")
     q.add_argument("--kit", required=True)
+    q.add_argument("--database", default=None,
+                   help="SuperLink state file (default: in memory; keys are registered at every start)")
     q.set_defaults(func=cmd_server_start)
 
     p = sub.add_parser("run", help="coordinating center: submit the federation to the running SuperLink and follow it")

@@ -322,7 +322,7 @@ def _run_foreground(args: list[str], env: dict, cwd: Path | None = None,
             p.wait()
 
 
-def server_start(kit_dir: str | Path, echo: Callable[[str], None] = print) -> int:
+def server_start(kit_dir: str | Path, echo: Callable[[str], None] = print, database: str | None = None) -> int:
     """`newadj server start --kit DIR`: the SuperLink (TLS + SuperNode auth) in the foreground.
 
     State (database, registrations, the `flwr` CLI's FLWR_HOME) lives in the kit's
@@ -353,7 +353,9 @@ def server_start(kit_dir: str | Path, echo: Callable[[str], None] = print) -> in
 
     echo(f"starting flower-superlink for {kit.federation} ...")
     try:
-        return _run_foreground(superlink_command(kit, host, port, state / "state.db"), env, cwd=state,
+        # Flower's in-memory state by default: its SQLite file hits "database is locked" under load
+        # (seen on 2 cores), and the centers' keys are registered again at every start anyway
+        return _run_foreground(superlink_command(kit, host, port, database or ":flwr-in-memory:"), env, cwd=state,
                                on_started=ready)
     except (RuntimeError, TimeoutError, KitError) as err:
         echo(f"server start: {err}")
