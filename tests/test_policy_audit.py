@@ -269,7 +269,7 @@ ALLOWED_REPLY_RECORDS = {"arrays", "metrics", "info"}
 
 def _copy_cohort(tiny_cohort: Path, dst: Path) -> Path:
     """The whole cohort, caches (.newadj-cache) included, so nothing is re-preprocessed."""
-    shutil.copytree(tiny_cohort, dst)
+    shutil.copytree(tiny_cohort, dst, ignore=shutil.ignore_patterns(AUDIT_FILE))  # other runs may have logged into the shared fixture
     return dst
 
 
