@@ -58,12 +58,13 @@ DEFAULTS: dict[str, Any] = {
     "branch_layernorm": True,
     "mri": {
         "arch": "resunit",
-        "widths": [16, 32, 64, 128],
-        "subunits": 2,
+        "widths": [8, 16],
+        "subunits": 1,
         "resnet_layers": [1, 1, 1, 1],
         "norm": "group",
         "num_groups": 8,
         "dropout": 0.1,
+        "center_frac": 0.25,
     },
     "pathology": {
         "proj_dim": 128,
@@ -213,14 +214,35 @@ class MRIEncoder(nn.Module):
         else:
             raise ValueError(f"model.mri.arch must be 'resunit' or 'resnet', got {arch!r}")
         self.arch = arch
+        # center_frac > 0: the per-channel mean and std of the input's central box
+        # (this fraction of every spatial side; the ROI is centred on the tumor) are
+        # concatenated to the pooled CNN features.  They keep the tumor's absolute
+        # (z-scored) intensity per phase, which GroupNorm/InstanceNorm and global
+        # average pooling over the whole crop wash out.
+        self.center_frac = float(cfg.get("center_frac", 0.0) or 0.0)
+        if not 0.0 <= self.center_frac <= 1.0:
+            raise ValueError(f"model.mri.center_frac must be in [0, 1], got {self.center_frac}")
+        n_stats = 2 * in_channels if self.center_frac > 0 else 0
         self.drop = nn.Dropout(dropout)
-        self.proj = nn.Linear(feat_dim, out_dim)
+        self.proj = nn.Linear(feat_dim + n_stats, out_dim)
+
+    def _center_stats(self, x: torch.Tensor) -> torch.Tensor:
+        sl = [slice(None), slice(None)]
+        for n in x.shape[2:]:
+            k = max(1, int(round(n * self.center_frac)))
+            a = (n - k) // 2
+            sl.append(slice(a, a + k))
+        c = x[tuple(sl)].flatten(2).float()
+        return torch.cat([c.mean(-1), c.std(-1, unbiased=False)], dim=1).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x)
         if h.dim() > 2:  # resunit: global average pool
             h = h.flatten(2).mean(-1)
-        return self.proj(self.drop(h))
+        h = self.drop(h)
+        if self.center_frac > 0:
+            h = torch.cat([h, self._center_stats(x)], dim=1)
+        return self.proj(h)
 
 
 class GatedAttentionMIL(nn.Module):
