@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = ss.add_parser("start", help="run flower-superlink with TLS and SuperNode authentication, centers' keys registered")
     q.add_argument("--kit", required=True)
     q.add_argument("--database", default=None,
-                   help="SuperLink state file (default: in memory; keys are registered at every start)")
+                   help="SuperLink state (default: KIT/state/state.db, kept across restarts); "
+                        "':flwr-in-memory:' avoids SQLite lock errors on an overloaded host")
     q.set_defaults(func=cmd_server_start)
 
     p = sub.add_parser("run", help="coordinating center: submit the federation to the running SuperLink and follow it")

@@ -353,9 +353,9 @@ def server_start(kit_dir: str | Path, echo: Callable[[str], None] = print, datab
 
     echo(f"starting flower-superlink for {kit.federation} ...")
     try:
-        # Flower's in-memory state by default: its SQLite file hits "database is locked" under load
-        # (seen on 2 cores), and the centers' keys are registered again at every start anyway
-        return _run_foreground(superlink_command(kit, host, port, database or ":flwr-in-memory:"), env, cwd=state,
+        # a state file keeps node ids and registrations across restarts; on a heavily loaded host
+        # Flower's SQLite file can fail with "database is locked": pass database=":flwr-in-memory:" there
+        return _run_foreground(superlink_command(kit, host, port, database or state / "state.db"), env, cwd=state,
                                on_started=ready)
     except (RuntimeError, TimeoutError, KitError) as err:
         echo(f"server start: {err}")
