@@ -34,6 +34,20 @@ def to_plain(node: Any) -> Any:
     return node
 
 
+def deep_merge(base: dict, over) -> dict:
+    """A copy of ``base`` with ``over`` merged in, recursively for nested dicts."""
+    import copy
+    from collections.abc import Mapping
+
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
 def config_hash(node: Any) -> str:
     """Stable SHA-256 of a config node (key order independent)."""
     blob = json.dumps(to_plain(node), sort_keys=True, separators=(",", ":"), default=str)

@@ -43,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.config import deep_merge, to_plain
+
 __all__ = ["DEFAULTS", "MODALITIES", "NewAdjNet", "build_model", "resolve_model_cfg"]
 
 MODALITIES = ("mri", "pathology", "genomics")
@@ -96,34 +98,12 @@ DEFAULTS: dict[str, Any] = {
 # --------------------------------------------------------------------------- #
 # config helpers
 # --------------------------------------------------------------------------- #
-def _to_plain(cfg: Any) -> Any:
-    """DictConfig/ListConfig -> plain python containers (no-op otherwise)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg
-
-
-def _deep_merge(base: dict, over: Mapping) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def resolve_model_cfg(cfg: Any = None) -> dict:
     """Return a plain dict: ``cfg`` (DictConfig, dict or None) merged over DEFAULTS."""
-    cfg = _to_plain(cfg) if cfg is not None else {}
+    cfg = to_plain(cfg) if cfg is not None else {}
     if not isinstance(cfg, Mapping):
         raise TypeError(f"model config must be a mapping, got {type(cfg).__name__}")
-    merged = _deep_merge(DEFAULTS, cfg)
+    merged = deep_merge(DEFAULTS, cfg)
     mods = [str(m) for m in merged["modalities"]]
     bad = [m for m in mods if m not in MODALITIES]
     if bad:

@@ -74,6 +74,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common.config import deep_merge, to_plain
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_CONFIG = CONF_DIR / "synth" / "default.yaml"
 DATA_CONFIG = CONF_DIR / "data" / "default.yaml"
@@ -93,35 +95,14 @@ def _load_yaml(path: Path) -> dict:
         return yaml.safe_load(f) or {}
 
 
-def _to_plain(cfg: Any) -> Any:
-    try:  # accept OmegaConf DictConfig (Hydra passes cfg.synth)
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def load_config(cfg: dict | None = None) -> dict:
     """Default synth config deep-merged with ``cfg``; phases/genes resolved."""
     base = _load_yaml(DEFAULT_CONFIG)
     if cfg is not None:
-        cfg = _to_plain(cfg)
+        cfg = to_plain(cfg)
         if "synth" in cfg and "sites" not in cfg and isinstance(cfg["synth"], dict):
             cfg = cfg["synth"]  # a whole Hydra root config was passed
-        base = _deep_merge(base, cfg)
+        base = deep_merge(base, cfg)
     data_cfg = None
     if base.get("phases") is None or base.get("genomic_features") is None:
         data_cfg = _load_yaml(DATA_CONFIG) if DATA_CONFIG.exists() else {}
@@ -186,7 +167,7 @@ def _site_tables(cfg: dict, site: dict, site_idx: int, n: int, seed: int):
     age = np.where(oor & (which == 2), oor_age, age)
 
     # missingness ---------------------------------------------------------
-    m = _deep_merge(cfg["missing"], site.get("missing") or {})
+    m = deep_merge(cfg["missing"], site.get("missing") or {})
     no_mri = rng.random(n) < m["p_no_mri"]
     incomplete = (rng.random(n) < m["p_incomplete_phases"]) & ~no_mri
     drop_phase = rng.integers(0, len(cfg["phases"]), n)
@@ -699,7 +680,7 @@ def generate_cohort(out_dir: Path, seed: int = 0, scale: float = 1.0, cfg: dict 
         clinical.to_csv(sdir / "clinical.csv", index=False)
         genomics.to_csv(sdir / "genomics.csv", index=False)
         truths.append(truth)
-        path_cfg = _deep_merge(cfg["pathology"], site.get("pathology") or {})
+        path_cfg = deep_merge(cfg["pathology"], site.get("pathology") or {})
         scanner = dict(site["mri"])
         if scanner.get("format", "nifti") == "dicom":
             ax = scanner.get("axcodes", "LPS").upper()

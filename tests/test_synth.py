@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.config import deep_merge
 from common import synth
 
 SCALE = 0.05  # 8 patients per site (the minimum), 56 in all
@@ -237,7 +238,7 @@ def test_signal_visible_in_images():
         ratios.append(art[mask > 0].mean() / por[mask > 0].mean())
     assert ratios[1] > ratios[0] * 1.3
     dens = []
-    pc = synth._deep_merge(cfg["pathology"], {"size_px": [512, 512]})
+    pc = deep_merge(cfg["pathology"], {"size_px": [512, 512]})
     for z in (-1.5, 1.5):
         task = dict(seed=0, site_idx=0, pidx=0, path_cfg=pc, stain=site["stain"], z_path=z)
         rgb, _ = synth._slide_rgb(task)
