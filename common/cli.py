@@ -127,8 +127,21 @@ def _print_federation(metrics: dict, run_dir: Path) -> None:
     console.print(f"[bold]run directory:[/bold] {run_dir}")
 
 
+def _federate(start, run_dir: Path) -> int:
+    """Run a federation (``start()`` returns its metrics), print its tables; exit 1 if it failed."""
+    from server.simulation import RunFailed
+
+    try:
+        metrics = start()
+    except RunFailed as exc:
+        err_console.print(f"[red]federation failed:[/red] {exc}")
+        return 1
+    _print_federation(metrics, run_dir.resolve())
+    return 0
+
+
 def cmd_simulate(args) -> int:
-    from server.simulation import RunFailed, run_simulation
+    from server.simulation import run_simulation
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -146,14 +159,8 @@ def cmd_simulate(args) -> int:
         return 2
     else:
         data, out, overrides = Path(args.data), Path(args.out), args.overrides
-    try:
-        metrics = run_simulation(data, out, overrides, console=console, stream=not args.quiet,
-                                 resume=bool(args.resume))
-    except RunFailed as exc:
-        err_console.print(f"[red]federation failed:[/red] {exc}")
-        return 1
-    _print_federation(metrics, out.resolve())
-    return 0
+    return _federate(lambda: run_simulation(data, out, overrides, console=console, stream=not args.quiet,
+                                            resume=bool(args.resume)), out)
 
 
 def cmd_demo(args) -> int:
@@ -161,7 +168,7 @@ def cmd_demo(args) -> int:
 
     from common.config import load_config, to_plain
     from common.synth import generate_cohort
-    from server.simulation import RunFailed, run_simulation
+    from server.simulation import run_simulation
 
     cfg = load_config(args.overrides)
     d = cfg.demo
@@ -172,13 +179,8 @@ def cmd_demo(args) -> int:
         generate_cohort(cohort, seed=int(d.seed), scale=float(d.scale), cfg=to_plain(cfg.synth), workers=int(d.workers))
     run_dir = base / "runs" / time.strftime("%Y%m%d-%H%M%S")
     overrides = list(d.overrides) + list(args.overrides) + [f"preprocess.workers={int(d.workers)}"]
-    try:
-        metrics = run_simulation(cohort, run_dir, overrides, console=console, stream=not args.quiet)
-    except RunFailed as exc:
-        err_console.print(f"[red]federation failed:[/red] {exc}")
-        return 1
-    _print_federation(metrics, run_dir.resolve())
-    return 0
+    return _federate(lambda: run_simulation(cohort, run_dir, overrides, console=console, stream=not args.quiet),
+                     run_dir)
 
 
 def cmd_provision(args) -> int:
@@ -200,16 +202,10 @@ def cmd_server_start(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from server.simulation import RunFailed
     from server.submit import submit_run
 
-    try:
-        metrics = submit_run(Path(args.kit), Path(args.out), args.overrides, console=console, stream=not args.quiet)
-    except RunFailed as exc:
-        err_console.print(f"[red]run failed:[/red] {exc}")
-        return 1
-    _print_federation(metrics, Path(args.out).resolve())
-    return 0
+    return _federate(lambda: submit_run(Path(args.kit), Path(args.out), args.overrides, console=console,
+                                        stream=not args.quiet), Path(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:

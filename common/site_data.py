@@ -143,8 +143,22 @@ class PatientRecord:
         return self.dfs_months is not None and self.dfs_event is not None
 
 
+class HasProblems:
+    """``errors`` / ``warnings`` views of a ``problems`` list (site data and validation reports)."""
+
+    problems: list
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+
 @dataclass
-class SiteData:
+class SiteData(HasProblems):
     root: Path
     center_id: str
     display_name: str
@@ -155,14 +169,6 @@ class SiteData:
     problems: list[Problem] = field(default_factory=list)
     phases: tuple[str, ...] = DEFAULT_PHASES
     notes: str | None = None
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
 
     def split(self, name: str) -> list[PatientRecord]:
         if name not in SPLITS:
@@ -594,23 +600,17 @@ class _SiteReader:
             if p.exists() and not p.is_dir():
                 self.problems.append(_err(d, None, None, f"'{d}' must be a folder"))
 
-    # -- clinical.csv
-    def _read_clinical(self, role: str) -> tuple[list[PatientRecord], list[str], bool]:
-        F = CLINICAL_CSV
-        path = self.root / F
-        if not path.is_file():
-            self.problems.append(_err(F, None, None, "clinical.csv is missing (required: one row per patient)"))
-            return [], [], False
-        table = _read_csv(path, F, self.problems)
-        if table is None:
-            return [], [], False
-        if "patient_id" not in table.columns:
-            self.problems.append(
-                _err(F, 1, "patient_id", f"required column 'patient_id' is missing (columns: {', '.join(table.columns)})")
-            )
-            return [], [], False
-        covariates = [c for c in table.columns if c not in RESERVED_CLINICAL]
-        patients: list[PatientRecord] = []
+    # -- rows keyed by patient_id (clinical.csv, genomics.csv)
+    def _has_id_column(self, table, F: str) -> bool:
+        if "patient_id" in table.columns:
+            return True
+        self.problems.append(
+            _err(F, 1, "patient_id", f"required column 'patient_id' is missing (columns: {', '.join(table.columns)})")
+        )
+        return False
+
+    def _unique_rows(self, table, F: str):
+        """(line, cells, patient_id) of each row with a valid, not yet seen patient_id; the others are reported."""
         seen: dict[str, int] = {}
         for line, cells in table.rows:
             pid = cells["patient_id"]
@@ -622,6 +622,23 @@ class _SiteReader:
                 )
                 continue
             seen[pid] = line
+            yield line, cells, pid
+
+    # -- clinical.csv
+    def _read_clinical(self, role: str) -> tuple[list[PatientRecord], list[str], bool]:
+        F = CLINICAL_CSV
+        path = self.root / F
+        if not path.is_file():
+            self.problems.append(_err(F, None, None, "clinical.csv is missing (required: one row per patient)"))
+            return [], [], False
+        table = _read_csv(path, F, self.problems)
+        if table is None:
+            return [], [], False
+        if not self._has_id_column(table, F):
+            return [], [], False
+        covariates = [c for c in table.columns if c not in RESERVED_CLINICAL]
+        patients: list[PatientRecord] = []
+        for line, cells, pid in self._unique_rows(table, F):
             rec = PatientRecord(patient_id=pid, row=line)
             rec.benefit = self._binary(cells, "benefit", F, line, label=True)
             rec.dfs_event = self._binary(cells, "dfs_event", F, line)
@@ -713,25 +730,12 @@ class _SiteReader:
         table = _read_csv(path, F, self.problems)
         if table is None:
             return []
-        if "patient_id" not in table.columns:
-            self.problems.append(
-                _err(F, 1, "patient_id", f"required column 'patient_id' is missing (columns: {', '.join(table.columns)})")
-            )
+        if not self._has_id_column(table, F):
             return []
         features = [c for c in table.columns if c != "patient_id"]
         if not features:
             self.problems.append(_warn(F, 1, None, "no feature columns besides patient_id"))
-        seen: dict[str, int] = {}
-        for line, cells in table.rows:
-            pid = cells["patient_id"]
-            if not self._check_id(pid, F, line):
-                continue
-            if pid in seen:
-                self.problems.append(
-                    _err(F, line, "patient_id", f"duplicated patient_id '{pid}' (first on line {seen[pid]})")
-                )
-                continue
-            seen[pid] = line
+        for line, cells, pid in self._unique_rows(table, F):
             values = {c: self._float(cells, c, F, line) for c in features}
             rec = by_id.get(pid)
             if rec is None:

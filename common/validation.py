@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from common.site_data import (
+    HasProblems,
     CLINICAL_CSV,
     DEFAULT_CACHE_DIR,
     DEFAULT_PHASES,
@@ -40,19 +41,11 @@ SLIDE_PROBE = 256  # side of the region read from the lowest-resolution slide le
 
 
 @dataclass
-class ValidationReport:
+class ValidationReport(HasProblems):
     root: Path
     problems: list[Problem] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     deep: bool = True
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
 
     @property
     def ok(self) -> bool:

@@ -60,7 +60,7 @@ def run_simulation(cohort_dir: Path, run_dir: Path, overrides: list[str], consol
         run_id = flwr_run(superlink, env, run_config, run_dir / "logs" / "flwr-run.log", fed_cfg, echo=echo)
         if run_id is None:
             raise RunFailed(f"`flwr run` did not start a run; see {run_dir / 'logs' / 'flwr-run.log'}")
-        status = final_status(superlink, env, run_id, _run_budget(cfg))
+        status = final_status(superlink, env, run_id, run_budget(cfg))
     finally:
         group.stop()
     wall = time.perf_counter() - t0
@@ -86,7 +86,7 @@ def final_status(superlink: str, env: dict, run_id: int, timeout: float | None =
         time.sleep(2.0)
 
 
-def _run_budget(cfg) -> float:
+def run_budget(cfg) -> float:
     """Longest a run may take before we stop waiting: every round's timeout, plus the role query and the end."""
     fed = cfg.federation
     return float(fed.wait_nodes_timeout) + float(fed.query_timeout) + float(fed.round_timeout) * (2 * int(fed.num_rounds) + 1)

@@ -17,7 +17,7 @@ from rich.console import Console
 from common.config import load_config, save_config
 from server.flwr_process import flwr_env, flwr_run
 from server.secure_deploy import CONNECTION, KitError, load_kit
-from server.simulation import RunFailed, _run_budget, final_status
+from server.simulation import RunFailed, run_budget, final_status
 
 
 def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Console | None = None,
@@ -42,7 +42,7 @@ def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Cons
     run_id = flwr_run(CONNECTION, env, run_config, run_dir / "flwr-run.log", echo=echo)
     if run_id is None:
         raise RunFailed(f"`flwr run` did not start a run; see {run_dir / 'flwr-run.log'}")
-    status = final_status(CONNECTION, env, run_id, _run_budget(load_config(overrides)))
+    status = final_status(CONNECTION, env, run_id, run_budget(load_config(overrides)))
     (run_dir / "flwr-status.json").write_text(json.dumps(status, indent=1))
     if "finished:completed" not in str(status.get("status", "")).replace(" ", "") \
             or not (run_dir / "metrics.json").exists():
