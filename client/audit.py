@@ -31,6 +31,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 
 from client.policy import ERR_REFUSED, PolicyError, load_policy, site_identity
+from common.wire import record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def describe_records(msg: Message) -> tuple[dict, int]:
         return {}, 0
     out, total = {}, 0
     for name, rec in msg.content.items():
-        n = int(rec.count_bytes())
+        n = record_bytes(rec)
         total += n
         entry: dict = {"bytes": n, "keys": list(rec.keys())}
         if isinstance(rec, ArrayRecord):

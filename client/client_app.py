@@ -12,7 +12,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
+from client.fault_injection import fault_injection_mod
 from client.policy import policy_mod
+from client.secure_aggregation import dp_clipping_mod, secure_aggregation_mod
 from client.site_runtime import round_seed, site_runtime
 from common.engine import prediction_loss, predict, train_model
 from common.metrics import c_index, evaluate_predictions, score_histogram
@@ -20,8 +22,10 @@ from common.task import model_from_config
 from common.wire import from_arrays, to_arrays
 
 log = logging.getLogger(__name__)
-# audit outermost: refusals by the site policy are logged too
-app = ClientApp(mods=[audit_mod, policy_mod])
+# audit outermost: it logs exactly what leaves the site (masked vectors under SecAgg+, refusals of the
+# policy).  Fault injection (tests only, off unless NEWADJ_FAULTS is set) acts on what is sent.  Secure
+# aggregation and DP clipping wrap the same policy-checked handlers as a plain run.
+app = ClientApp(mods=[audit_mod, fault_injection_mod, secure_aggregation_mod, dp_clipping_mod, policy_mod])
 
 ERR_REFUSED = 403
 
@@ -55,7 +59,8 @@ def train(msg: Message, context: Context) -> Message:
                       select_best=False, early_stopping=False,
                       proximal_mu=float(conf.get("proximal-mu", 0.0)))
     metrics = {"num-examples": res.n_train, "train-loss": float(res.train_loss),
-               "train-seconds": float(res.seconds), "samples-per-s": float(res.samples_per_s)}
+               "train-seconds": float(res.seconds), "samples-per-s": float(res.samples_per_s),
+               "n-skipped": len(rt.train.skipped)}
     return Message(RecordDict({"arrays": to_arrays(res.state_dict, bool(conf.get("fp16", False))),
                                "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -124,7 +124,23 @@ def _print_federation(metrics: dict, run_dir: Path) -> None:
     comm = metrics.get("communication", {})
     console.print(f"model {comm.get('model_bytes_fp32', 0) / 1e6:.2f} MB (fp32); sent {comm.get('bytes_sent', 0) / 1e6:.1f} MB, "
                   f"received {comm.get('bytes_received', 0) / 1e6:.1f} MB in all; wall {metrics.get('wall_seconds', 0):.0f}s")
+    console.print(privacy_line(metrics.get("privacy") or {}))
+    if metrics.get("stopped_early"):
+        console.print(f"[yellow]stopped early:[/yellow] {metrics['stopped_early']}")
     console.print(f"[bold]run directory:[/bold] {run_dir}")
+
+
+def privacy_line(privacy: dict) -> str:
+    """One line on how the run protected the centers' updates."""
+    parts = ["secure aggregation (SecAgg+): " + ("on" if privacy.get("secure_aggregation") else "off")]
+    dp = privacy.get("differential_privacy")
+    if dp:
+        parts.append(f"differential privacy: epsilon {dp['epsilon']:.2f} at delta {dp['delta']:g} after "
+                     f"{dp['releases']} rounds (noise multiplier {dp['noise_multiplier']:g}, clipping norm "
+                     f"{dp['clipping_norm']:g}, {dp['accounting']} accountant, {dp['level']})")
+    else:
+        parts.append("differential privacy: off")
+    return "privacy: " + "; ".join(parts)
 
 
 def _federate(start, run_dir: Path) -> int:

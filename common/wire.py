@@ -10,7 +10,7 @@ import hashlib
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord
 
 
 def to_arrays(state_dict: dict, fp16: bool = False) -> ArrayRecord:
@@ -48,3 +48,16 @@ def weights_sha256(state_dict: dict) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+def record_bytes(rec) -> int:
+    """Payload bytes of one Flower record (what ``count_bytes`` measures)."""
+    try:
+        return int(rec.count_bytes())
+    except IndexError:  # flwr 1.41: ConfigRecord.count_bytes fails on an empty list (SecAgg+ sends some)
+        return int(ConfigRecord({k: v for k, v in rec.items() if not (isinstance(v, list) and not v)}).count_bytes())
+
+
+def content_bytes(content) -> int:
+    """Payload bytes of a message's RecordDict."""
+    return sum(record_bytes(rec) for rec in content.values())

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.hashing import json_safe
 from common.config import config_hash, load_config, save_config, to_plain
@@ -29,10 +30,12 @@ from common.engine import seed_everything
 from common.model_io import save_model_package
 from common.metrics import auc_from_histograms, pool_histograms, youden_from_histograms
 from common.task import model_from_config
-from common.wire import from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
+from common.wire import content_bytes, from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
 from server.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from server.roles import NodeView, query_roles, wait_for_nodes
-from server.strategies import build_strategy, restore_strategy_state, strategy_state
+from server.secure_aggregation import average_as_reply, check_secure_config, secure_train_round
+from server.strategies import DP_WEIGHT, build_strategy, is_dp, privacy_spent, restore_strategy_state, strategy_state
+from server.update_checks import screen_updates
 
 log = logging.getLogger("newadj.server")
 app = ServerApp()
@@ -96,11 +99,82 @@ def _selection_key(pooled: dict, metric: str) -> float:
     return -np.inf if v is None or np.isnan(v) else float(v)
 
 
+def _center(roles, nid) -> str:
+    return roles.get(nid, {}).get("center-id", str(nid))
+
+
+def _plain_round(grid, roles, rnd, msgs, global_state: dict, fed, fp16: bool) -> dict:
+    """Send the train messages, screen every reply (server/update_checks), keep the good ones in center order."""
+    sent = sum(m.content["arrays"].count_bytes() for m in msgs)
+    replies = list(grid.send_and_receive(msgs, timeout=float(fed.round_timeout)))
+    received, failures, ok = 0, {}, {}
+    for r in replies:
+        center = _center(roles, r.metadata.src_node_id)
+        if r.has_error():
+            failures[center] = r.error.reason
+            log.error("round %d: center %s failed: %s", rnd, center, r.error.reason)
+            continue
+        received += content_bytes(r.content)
+        ok[center] = r
+    answered = {r.metadata.src_node_id for r in replies}
+    for m in msgs:
+        if m.metadata.dst_node_id not in answered:
+            center = _center(roles, m.metadata.dst_node_id)
+            failures[center] = "no reply before the round timeout"
+            log.error("round %d: center %s sent no reply within %ss (dead, disconnected or too slow)",
+                      rnd, center, fed.round_timeout)
+    reference = {k: v.numpy() for k, v in global_state.items()}
+    checks = fed.update_checks
+    rejected, norms = screen_updates({c: r.content["arrays"] for c, r in ok.items()}, reference, fp16,
+                                     None if checks.max_norm_ratio in (None, "") else float(checks.max_norm_ratio),
+                                     int(checks.min_for_norm))
+    for center, why in rejected.items():
+        log.error("round %d: rejected the update of center %s: %s", rnd, center, why)
+        failures[center] = f"update rejected: {why}"
+    # a fixed order (by center) makes the floating-point sum, hence the run, reproducible
+    good = [ok[c] for c in sorted(ok) if c not in rejected]
+    for r in good:
+        r.content["arrays"] = upcast(r.content["arrays"])
+    return {"good": good, "n_good": len(good), "sent": sent, "received": received, "failures": failures,
+            "rejected": rejected, "norms": norms,
+            "client_seconds": {c: float(ok[c].content["metrics"]["train-seconds"]) for c in sorted(ok)},
+            "n_skipped": {c: int(ok[c].content["metrics"].get("n-skipped", 0)) for c in sorted(ok)
+                          if int(ok[c].content["metrics"].get("n-skipped", 0))}}
+
+
+def _secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed) -> dict:
+    """SecAgg+: the server gets the weighted average of the updates, never one center's."""
+    config = msgs[0].content["config"] if msgs else ConfigRecord({})
+    sr = secure_train_round(grid, context, train_ids, rnd, send_arrays, config, fed.secure_aggregation,
+                            float(fed.round_timeout))
+    failures = {}
+    for nid, why in sr.failures.items():
+        failures[_center(roles, nid)] = why
+        log.error("round %d: center %s failed in secure aggregation: %s", rnd, _center(roles, nid), why)
+    good = []
+    if sr.average is not None:
+        reference = {k: v.numpy() for k, v in from_arrays(send_arrays).items()}
+        rejected, _ = screen_updates({"(secure sum)": sr.average}, reference, False, None)
+        problem = rejected.get("(secure sum)")
+        if problem:
+            log.error("round %d: the securely aggregated update is unusable: %s", rnd, problem)
+            failures["(secure aggregate)"] = problem
+        else:
+            good = [average_as_reply(sr.average, sr.num_examples, sr.train_loss)]
+    else:
+        log.error("round %d: secure aggregation halted (too few centers to unmask); global model unchanged", rnd)
+    return {"good": good, "n_good": sr.n_results if good else 0, "sent": sr.bytes_sent,
+            "received": sr.bytes_received, "failures": failures,
+            "client_seconds": {"slowest (secure)": sr.slowest_client_seconds} if sr.slowest_client_seconds else {}}
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     cfg = load_config(shlex.split(str(rc.get("overrides", "") or "")))
     fed = cfg.federation
+    check_secure_config(fed)
+    secure = bool(fed.secure_aggregation.enabled)
     run_dir = Path(str(rc.get("run-dir") or f"runs/run-{int(time.time())}")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
@@ -124,7 +198,7 @@ def main(grid: Grid, context: Context) -> None:
     train_view = NodeView(grid, train_ids)
 
     # --- model and (maybe) resume -------------------------------------------------
-    strategy = build_strategy(fed)
+    strategy = build_strategy(fed, n_train_centers=len(train_ids))
     model = model_from_config(cfg)
     state, start_round, history, best = model.state_dict(), 1, [], None
     comm = {"bytes_sent": 0, "bytes_received": 0}
@@ -145,54 +219,54 @@ def main(grid: Grid, context: Context) -> None:
         history_path.unlink()
     weights_bytes = state_dict_bytes(state)
     arrays = ArrayRecord(state)
-    fp16 = bool(fed.fp16_weights)
+    fp16 = bool(fed.fp16_weights) and not secure   # SecAgg+ quantises fp32 weights itself
 
     # --- rounds ---------------------------------------------------------------------
     num_rounds = int(fed.num_rounds)
+    stopped_early = None
     for rnd in range(start_round, num_rounds + 1):
         t0 = time.perf_counter()
         send_arrays = to_arrays(from_arrays(arrays), fp16)
         config = ConfigRecord({"local-epochs": int(fed.local_epochs), "fp16": fp16})
-        msgs = list(strategy.configure_train(rnd, send_arrays, config, train_view))
-        sent = sum(m.content["arrays"].count_bytes() for m in msgs)
-        replies = list(grid.send_and_receive(msgs, timeout=float(fed.round_timeout)))
-        received, train_fail, good = 0, {}, []
-        for r in replies:
-            center = roles.get(r.metadata.src_node_id, {}).get("center-id", str(r.metadata.src_node_id))
-            if r.has_error():
-                train_fail[center] = r.error.reason
-                log.error("round %d: center %s failed: %s", rnd, center, r.error.reason)
-                continue
-            received += r.content["arrays"].count_bytes()
-            r.content["arrays"] = upcast(r.content["arrays"])
-            good.append(r)
-        answered = {r.metadata.src_node_id for r in replies}
-        for m in msgs:
-            if m.metadata.dst_node_id not in answered:
-                train_fail[roles.get(m.metadata.dst_node_id, {}).get("center-id", "?")] = "no reply before timeout"
-        # a fixed order (by center) makes the floating-point sum, hence the run, reproducible
-        good.sort(key=lambda r: roles[r.metadata.src_node_id]["center-id"])
-        if len(good) >= int(fed.min_train_nodes):
+        try:
+            msgs = list(strategy.configure_train(rnd, send_arrays, config, train_view))
+        except PrivacyBudgetExhausted as exc:
+            stopped_early = f"privacy budget exhausted before round {rnd}: {exc}"
+            log.warning("%s; stopping", stopped_early)
+            break
+        if secure:
+            rt = _secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed)
+        else:
+            rt = _plain_round(grid, roles, rnd, msgs, from_arrays(arrays), fed, fp16)
+        sent, received, train_fail = rt["sent"], rt["received"], rt["failures"]
+        good = rt["good"]
+        if is_dp(strategy):
+            for r in good:      # client-level DP: every center weighs the same (Flower's accountant requires it)
+                r.content["metrics"][DP_WEIGHT] = 1.0
+        if rt["n_good"] >= int(fed.min_train_nodes) and good:
             new_arrays, train_metrics = strategy.aggregate_train(rnd, good)
             if new_arrays is not None:
                 arrays = new_arrays
         else:
             train_metrics = None
-            log.error("round %d: %d training replies < min_train_nodes=%d; global model unchanged",
-                      rnd, len(good), fed.min_train_nodes)
+            log.error("round %d: %d usable training updates < min_train_nodes=%d; global model unchanged",
+                      rnd, rt["n_good"], fed.min_train_nodes)
         t_train = time.perf_counter() - t0
         val, s2, r2 = _evaluate_centers(grid, train_ids, roles, to_arrays(from_arrays(arrays), fp16),
                                         {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5},
                                         float(fed.round_timeout))
         sent, received = sent + s2, received + r2
         rec = {"round": rnd, "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
-               "client_train_seconds": {roles[r.metadata.src_node_id]["center-id"]:
-                                        float(r.content["metrics"]["train-seconds"]) for r in good},
+               "client_train_seconds": rt["client_seconds"],
                "val": {k: v for k, v in val["pooled"].items() if k != "histogram"},
                "val_centers": {c: {k: e.get(k) for k in ("auc", "n", "loss", "abstained")}
                                for c, e in val["centers"].items()},
                "failures": {**train_fail, **{c: f"evaluate: {v}" for c, v in val["failures"].items()}},
-               "bytes_sent": sent, "bytes_received": received, "n_train_replies": len(good)}
+               "rejected_updates": rt.get("rejected", {}), "update_norms": rt.get("norms", {}),
+               "n_skipped_train": rt.get("n_skipped", {}),
+               "bytes_sent": sent, "bytes_received": received, "n_train_replies": rt["n_good"]}
+        if (spent := privacy_spent(strategy)) is not None:
+            rec["privacy"] = spent
         if int(fed.external_every) > 0 and rnd % int(fed.external_every) == 0 and ext_ids:
             mon, s3, r3 = _evaluate_centers(grid, ext_ids, roles, to_arrays(from_arrays(arrays), fp16),
                                             {"split": "test", "bins": int(fed.histogram_bins), "threshold": 0.5},
@@ -221,6 +295,8 @@ def main(grid: Grid, context: Context) -> None:
                  rec["train_loss"], rec["val"].get("auc", float("nan")), rec["seconds"], sent)
 
     # --- the selected model on the external center -----------------------------------
+    if best is None:
+        raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
     best_state, best_meta, _ = load_checkpoint(run_dir / "checkpoints" / f"round_{best['round']:03d}.pt")
     best_arrays = ArrayRecord(best_state)
     external = {}
@@ -232,12 +308,18 @@ def main(grid: Grid, context: Context) -> None:
         comm["bytes_sent"] += s4
         comm["bytes_received"] += r4
         external = ext
+    dp_spent = privacy_spent(strategy)
+    privacy = {"secure_aggregation": secure, "differential_privacy": dp_spent,
+               "secure_aggregation_settings": to_plain(fed.secure_aggregation) if secure else None}
+    if dp_spent is not None:
+        log.info("privacy spent: epsilon %.3f at delta %g after %d private releases (noise multiplier %g, "
+                 "clipping norm %g)", dp_spent["epsilon"], dp_spent["delta"], dp_spent["releases"],
+                 dp_spent["noise_multiplier"], dp_spent["clipping_norm"])
     card = {"training_centers": {c: v for c, v in centers.items() if v["role"] != "external"},
             "external_centers": [c for c, v in centers.items() if v["role"] == "external"],
             "strategy": str(fed.strategy), "rounds": num_rounds, "selected_round": best["round"],
             "local_epochs": int(fed.local_epochs), "config_hash": cfg_hash, "seed": int(cfg.seed),
-            "selection": f"{fed.select_metric} on internal validation", "privacy": {"secure_aggregation": False,
-                                                                                      "differential_privacy": None}}
+            "selection": f"{fed.select_metric} on internal validation", "privacy": privacy}
     package = save_model_package(run_dir / "best_model.pt", best_state, cfg, float(best["threshold"]), card)
     per_round = [h["bytes_sent"] / max(1, h["n_train_replies"] + len(h["val_centers"])) for h in history]
     summary = {
@@ -247,7 +329,7 @@ def main(grid: Grid, context: Context) -> None:
         "threshold": best["threshold"], "selected_val": best["val"],
         "best_model": {"file": "best_model.pt", "sha256": package["sha256"],
                        "checkpoint_sha256": best_meta["sha256"], "weights_sha256": best_meta.get("weights_sha256")},
-        "external": external, "history": history,
+        "external": external, "history": history, "privacy": privacy, "stopped_early": stopped_early,
         "communication": {**comm, "model_bytes_fp32": weights_bytes, "fp16_weights": fp16,
                           "mean_bytes_per_message_out": float(np.mean(per_round)) if per_round else None},
         "config": to_plain(cfg),

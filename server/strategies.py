@@ -1,14 +1,56 @@
 """Flower's own strategies, chosen and parameterised by ``conf/federation``."""
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedMedian,
+                                     FedProx, FedTrimmedAvg, FedYogi)
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 STRATEGY_STATE = ("m_t", "v_t")  # FedOpt moments, saved in checkpoints for an exact resume
+DP_WEIGHT = "dp-weight"          # uniform client weight under DP (set by the server on each reply)
 
 
-def build_strategy(fed):
+def build_strategy(fed, n_train_centers: int | None = None):
+    """The configured Flower strategy; wrapped in Flower's client-side fixed-clipping DP when enabled."""
+    dp = fed.get("differential_privacy")
+    if dp is not None and bool(dp.enabled):
+        if str(fed.strategy).lower() not in ("fedavg", "fedprox"):
+            raise ValueError(f"federation.differential_privacy needs fedavg or fedprox (Flower's accountant "
+                             f"requires FedAvg aggregation), not {fed.strategy!r}")
+        if not n_train_centers:
+            raise ValueError("differential privacy needs the number of training centers")
+        inner = _base_strategy(fed, weighted_by_key=DP_WEIGHT)
+        accountant = RdpAccountant(PrivacyConfig(
+            target_delta=float(dp.target_delta), population_size=int(n_train_centers),
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=None if dp.max_epsilon in (None, "") else float(dp.max_epsilon)))
+        return DifferentialPrivacyClientSideFixedClipping(
+            inner, noise_multiplier=float(dp.noise_multiplier), clipping_norm=float(dp.clipping_norm),
+            num_sampled_clients=int(n_train_centers), accountant=accountant)
+    return _base_strategy(fed)
+
+
+def is_dp(strategy) -> bool:
+    return isinstance(strategy, DifferentialPrivacyClientSideFixedClipping)
+
+
+def privacy_spent(strategy) -> dict | None:
+    """Cumulative (epsilon, delta) of a DP strategy so far (None: not a DP run)."""
+    if not is_dp(strategy):
+        return None
+    spent = strategy.privacy_spent()
+    dp = {"noise_multiplier": strategy.noise_multiplier, "clipping_norm": strategy.clipping_norm,
+          "accounting": "rdp", "level": "center (client-level), uniform weights, no sampling amplification"}
+    if spent is None or spent.num_releases == 0:
+        return {**dp, "epsilon": 0.0, "delta": strategy.accountant.config.target_delta, "releases": 0}
+    return {**dp, "epsilon": float(spent.epsilon), "delta": float(spent.delta), "releases": int(spent.num_releases)}
+
+
+def _base_strategy(fed, weighted_by_key: str = "num-examples"):
     common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=int(fed.min_train_nodes),
-                  min_evaluate_nodes=0, min_available_nodes=int(fed.min_available_nodes))
+                  min_evaluate_nodes=0, min_available_nodes=int(fed.min_available_nodes),
+                  weighted_by_key=weighted_by_key)
     name = str(fed.strategy).lower()
     if name == "fedavg":
         return FedAvg(**common)
@@ -28,9 +70,14 @@ def build_strategy(fed):
 
 
 def strategy_state(strategy) -> dict:
+    if is_dp(strategy):
+        return {"accountant": strategy.accountant.state_dict()}
     return {k: getattr(strategy, k) for k in STRATEGY_STATE if getattr(strategy, k, None) is not None}
 
 
 def restore_strategy_state(strategy, state: dict) -> None:
     for k, v in state.items():
-        setattr(strategy, k, v)
+        if k == "accountant":
+            strategy.accountant.load_state_dict(v)
+        else:
+            setattr(strategy, k, v)

@@ -11,6 +11,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
@@ -265,6 +267,8 @@ def test_unwritable_audit_log_fails_closed(tmp_path):
 
 HIST_KEYS = ("hist-neg", "hist-pos")
 ALLOWED_REPLY_RECORDS = {"arrays", "metrics", "info"}
+SECAGG_RECORD = RECORD_KEY_CONFIGS
+SECAGG_KEYS = {v for k, v in vars(SecAggKey).items() if not k.startswith("_") and isinstance(v, str)}
 
 
 def _copy_cohort(tiny_cohort: Path, dst: Path) -> Path:
@@ -306,7 +310,7 @@ def _strings(obj):
         yield str(obj)
 
 
-def replay_audit(site: Path, bins: int, run_id: int) -> list[dict]:
+def replay_audit(site: Path, bins: int, run_id: int, allowed: set[str] = ALLOWED_REPLY_RECORDS) -> list[dict]:
     """Every line of one site's audit log; fails on any reply that holds patient-level data."""
     lines = read_audit(site / AUDIT_FILE)
     assert lines, f"{site.name}: empty audit log"
@@ -322,7 +326,7 @@ def replay_audit(site: Path, bins: int, run_id: int) -> list[dict]:
         where = f"{site.name}: reply to {out['message_type']} {out['reply_to']}"
         assert out["reply_to"] in ins, f"{where} answers no logged request"
         # 1) only whitelisted records
-        extra = set(out["records"]) - ALLOWED_REPLY_RECORDS
+        extra = set(out["records"]) - allowed
         assert not extra, f"{where} holds records {extra}"
         # 2) no patient id anywhere in record names, keys, values (or a refusal reason)
         text = list(_strings(out["records"])) + [str(out.get("reason", ""))]
@@ -331,6 +335,12 @@ def replay_audit(site: Path, bins: int, run_id: int) -> list[dict]:
         # 3) no per-patient vectors: a list as long as a split is only allowed as a histogram of `bins`
         for name, rec in out["records"].items():
             assert name != "metrics" or rec["kind"] == "metric"
+            if name == SECAGG_RECORD:
+                # SecAgg+ protocol material (public keys, encrypted shares, masked vectors, node ids): only
+                # the protocol's own keys; its lists are as long as the neighbour set, not a patient list
+                unknown = set(rec.get("keys", [])) - SECAGG_KEYS
+                assert not unknown, f"{where}: unexpected keys {unknown} in the SecAgg+ record"
+                continue
             for key, val in (rec.get("values") or {}).items():
                 if not isinstance(val, list):
                     continue

@@ -261,7 +261,7 @@ def test_server_start_foreground_registers_and_rotates_keys(tmp_path):
 
 
 @pytest.mark.slow
-def test_tls_authenticated_deployment_runs_to_completion(tiny_cohort, tmp_path):
+def test_tls_authenticated_secagg_deployment_runs_to_completion(tiny_cohort, tmp_path):
     from common.cohort import discover_sites
 
     sites = discover_sites(tiny_cohort)
@@ -278,7 +278,10 @@ def test_tls_authenticated_deployment_runs_to_completion(tiny_cohort, tmp_path):
         nodes = [start_secure_supernode(group, env, kits / s.name, s.path, logs / f"supernode-{s.name}.log")
                  for s in sites]
         bad = start_secure_supernode(group, env, rogue, sites[0].path, logs / "supernode-rogue.log")
-        run_id = flwr_run(CONNECTION, env, {"run-dir": str(run_dir), "overrides": " ".join(TEST_OVERRIDES),
+        # production settings: TLS, SuperNode authentication and SecAgg+ (each SecAgg+ stage is a
+        # message, so this also shows the protocol state survives Flower's per-message ClientApp processes)
+        overrides = TEST_OVERRIDES + ["federation.secure_aggregation.enabled=true"]
+        run_id = flwr_run(CONNECTION, env, {"run-dir": str(run_dir), "overrides": " ".join(overrides),
                                             "expected-nodes": len(sites)}, logs / "flwr-run.log", timeout=900)
         assert run_id is not None, (logs / "flwr-run.log").read_text()[-3000:]
         status = flwr_status(CONNECTION, env, run_id)
@@ -295,6 +298,7 @@ def test_tls_authenticated_deployment_runs_to_completion(tiny_cohort, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["rounds"] == 2 and len(metrics["history"]) == 2
     assert set(metrics["centers"]) == {s.name for s in sites}
+    assert metrics["privacy"]["secure_aggregation"] is True
     for h in metrics["history"]:
-        assert not h["failures"]
+        assert not h["failures"] and h["n_train_replies"] == 6 and h["train_loss"] is not None
     assert (run_dir / "checkpoints" / "round_002.pt").exists()
