@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -60,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
                       proximal_mu=float(conf.get("proximal-mu", 0.0)))
     metrics = {"num-examples": res.n_train, "train-loss": float(res.train_loss),
                "train-seconds": float(res.seconds), "samples-per-s": float(res.samples_per_s),
-               "n-skipped": len(rt.train.skipped)}
+               "n-skipped": len(rt.train.skipped), "rss-mb": psutil.Process().memory_info().rss / 2**20}
     return Message(RecordDict({"arrays": to_arrays(res.state_dict, bool(conf.get("fp16", False))),
                                "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -6,6 +6,8 @@ import time
 
 from flwr.app import Message, MessageType, RecordDict
 
+from server.messaging import send_and_collect
+
 log = logging.getLogger(__name__)
 
 
@@ -43,14 +45,39 @@ def query_roles(grid, node_ids, timeout: float) -> tuple[dict[int, dict], dict[i
     """Returns ({node_id: info}, {node_id: error reason}) from a QUERY to each node."""
     msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
     infos, errors = {}, {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
-        nid = reply.metadata.src_node_id
-        if reply.has_error():
+    for nid, reply in send_and_collect(grid, msgs, timeout).items():
+        if reply is None:
+            errors[nid] = "no reply before the query timeout"
+        elif reply.has_error():
             errors[nid] = reply.error.reason
             log.error("node %s did not answer the role query: %s", nid, reply.error.reason)
         else:
             infos[nid] = dict(reply.content["info"])
-    for n in node_ids:
-        if n not in infos and n not in errors:
-            errors[n] = "no reply before the query timeout"
     return infos, errors
+
+
+def admit_new_nodes(grid, roles: dict[int, dict], timeout: float, unanswered: set[int]) -> list[str]:
+    """Query the role of nodes that connected since the last look; add them to ``roles`` in place.
+
+    A center that comes back after a crash appears as a node id not seen before
+    (without SuperNode authentication every start gets a new id): its old id is
+    forgotten so that the round does not wait for a node that is gone.  Returns
+    a log line per change.  Nodes that did not answer are added to
+    ``unanswered`` and not asked again.
+    """
+    new = [n for n in grid.get_node_ids() if n not in roles and n not in unanswered]
+    if not new:
+        return []
+    infos, errors = query_roles(grid, new, timeout)
+    events = []
+    for nid, info in infos.items():
+        center = info.get("center-id", str(nid))
+        stale = [old for old, i in roles.items() if i.get("center-id") == center]
+        for old in stale:
+            del roles[old]
+        roles[nid] = info
+        events.append(f"center {center} ({info.get('role')}) {'rejoined as' if stale else 'joined as'} node {nid}")
+    for nid, why in errors.items():
+        unanswered.add(nid)
+        events.append(f"node {nid} connected but did not answer the role query: {why}")
+    return events

@@ -41,6 +41,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from common.wire import content_bytes
+from server.messaging import NO_REPLY, send_and_collect
 
 log = logging.getLogger("newadj.server")
 
@@ -76,17 +77,17 @@ class MeteredGrid:
     def send_and_receive(self, messages, *, timeout=None):
         msgs = list(messages)
         self.bytes_sent += sum(content_bytes(m.content) for m in msgs)
-        replies = list(self._grid.send_and_receive(msgs, timeout=timeout))
-        for r in replies:
+        replies = []
+        for nid, r in send_and_collect(self._grid, msgs, timeout).items():
+            if r is None:
+                self.failures.setdefault(nid, NO_REPLY)
+                continue
             if r.has_error():
-                self.failures[r.metadata.src_node_id] = r.error.reason
+                self.failures[nid] = r.error.reason
             else:
                 self.bytes_received += content_bytes(r.content)
-        answered = {r.metadata.src_node_id for r in replies}
-        for m in msgs:
-            if m.metadata.dst_node_id not in answered:
-                self.failures.setdefault(m.metadata.dst_node_id, "no reply before the round timeout")
-        return replies
+            replies.append(r)
+        return replies   # a list: the workflow iterates the replies more than once
 
 
 @dataclass

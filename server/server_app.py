@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -32,7 +33,8 @@ from common.metrics import auc_from_histograms, pool_histograms, youden_from_his
 from common.task import model_from_config
 from common.wire import content_bytes, from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
 from server.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from server.roles import NodeView, query_roles, wait_for_nodes
+from server.messaging import NO_REPLY, send_and_collect
+from server.roles import NodeView, admit_new_nodes, query_roles, wait_for_nodes
 from server.secure_aggregation import average_as_reply, check_secure_config, secure_train_round
 from server.strategies import DP_WEIGHT, build_strategy, is_dp, privacy_spent, restore_strategy_state, strategy_state
 from server.update_checks import screen_updates
@@ -44,8 +46,7 @@ app = ServerApp()
 def _send(grid, node_ids, arrays: ArrayRecord, config: dict, timeout: float, mtype=MessageType.EVALUATE):
     msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), message_type=mtype,
                     dst_node_id=n) for n in node_ids]
-    replies = list(grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
-    return replies, arrays.count_bytes() * len(msgs)
+    return send_and_collect(grid, msgs, timeout), arrays.count_bytes() * len(msgs)
 
 
 def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[dict, int, int]:
@@ -53,9 +54,11 @@ def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[d
     replies, sent = _send(grid, node_ids, arrays, config, timeout)
     received = 0
     per_center, hists, failures = {}, [], {}
-    for r in replies:
-        nid = r.metadata.src_node_id
+    for nid, r in replies.items():
         center = roles.get(nid, {}).get("center-id", str(nid))
+        if r is None:
+            failures[center] = NO_REPLY
+            continue
         if r.has_error():
             failures[center] = r.error.reason
             log.error("center %s failed evaluation: %s", center, r.error.reason)
@@ -74,9 +77,6 @@ def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[d
                           if k not in ("hist-neg", "hist-pos", "num-examples", "n-pos", "abstained", "loss",
                                        "c-index", "tp", "fp", "tn", "fn") and isinstance(v, (int, float))})
         per_center[center] = entry
-    for nid in node_ids:
-        if not any(r.metadata.src_node_id == nid for r in replies):
-            failures[roles.get(nid, {}).get("center-id", str(nid))] = "no reply before the round timeout"
     pooled = {}
     if hists:
         ph = pool_histograms(hists)
@@ -99,6 +99,21 @@ def _selection_key(pooled: dict, metric: str) -> float:
     return -np.inf if v is None or np.isnan(v) else float(v)
 
 
+def _merge_failures(train: dict, evaluate: dict) -> dict:
+    """{center: reason} of a round; a center that failed both phases keeps both reasons."""
+    out = dict(train)
+    for c, why in evaluate.items():
+        out[c] = f"{out[c]}; evaluate: {why}" if c in out else f"evaluate: {why}"
+    return out
+
+
+def _membership(grid, roles) -> tuple[list[int], list[int]]:
+    """(training, external) node ids among the nodes the SuperLink lists as connected now."""
+    online = set(grid.get_node_ids())
+    train = sorted(n for n, i in roles.items() if i.get("role") != "external" and n in online)
+    return train, sorted(n for n, i in roles.items() if i.get("role") == "external" and n in online)
+
+
 def _center(roles, nid) -> str:
     return roles.get(nid, {}).get("center-id", str(nid))
 
@@ -106,23 +121,21 @@ def _center(roles, nid) -> str:
 def _plain_round(grid, roles, rnd, msgs, global_state: dict, fed, fp16: bool) -> dict:
     """Send the train messages, screen every reply (server/update_checks), keep the good ones in center order."""
     sent = sum(m.content["arrays"].count_bytes() for m in msgs)
-    replies = list(grid.send_and_receive(msgs, timeout=float(fed.round_timeout)))
+    replies = send_and_collect(grid, msgs, float(fed.round_timeout))
     received, failures, ok = 0, {}, {}
-    for r in replies:
-        center = _center(roles, r.metadata.src_node_id)
+    for nid, r in replies.items():
+        center = _center(roles, nid)
+        if r is None:
+            failures[center] = NO_REPLY
+            log.error("round %d: center %s sent no reply within %ss (dead, disconnected or too slow)",
+                      rnd, center, fed.round_timeout)
+            continue
         if r.has_error():
             failures[center] = r.error.reason
             log.error("round %d: center %s failed: %s", rnd, center, r.error.reason)
             continue
         received += content_bytes(r.content)
         ok[center] = r
-    answered = {r.metadata.src_node_id for r in replies}
-    for m in msgs:
-        if m.metadata.dst_node_id not in answered:
-            center = _center(roles, m.metadata.dst_node_id)
-            failures[center] = "no reply before the round timeout"
-            log.error("round %d: center %s sent no reply within %ss (dead, disconnected or too slow)",
-                      rnd, center, fed.round_timeout)
     reference = {k: v.numpy() for k, v in global_state.items()}
     checks = fed.update_checks
     rejected, norms = screen_updates({c: r.content["arrays"] for c, r in ok.items()}, reference, fp16,
@@ -138,6 +151,8 @@ def _plain_round(grid, roles, rnd, msgs, global_state: dict, fed, fp16: bool) ->
     return {"good": good, "n_good": len(good), "sent": sent, "received": received, "failures": failures,
             "rejected": rejected, "norms": norms,
             "client_seconds": {c: float(ok[c].content["metrics"]["train-seconds"]) for c in sorted(ok)},
+            "client_rss": {c: float(ok[c].content["metrics"]["rss-mb"]) for c in sorted(ok)
+                           if "rss-mb" in ok[c].content["metrics"]},
             "n_skipped": {c: int(ok[c].content["metrics"].get("n-skipped", 0)) for c in sorted(ok)
                           if int(ok[c].content["metrics"].get("n-skipped", 0))}}
 
@@ -187,15 +202,14 @@ def main(grid: Grid, context: Context) -> None:
     expected = int(rc.get("expected-nodes", 0) or fed.expected_nodes or fed.min_available_nodes)
     node_ids = wait_for_nodes(grid, expected, float(fed.wait_nodes_timeout))
     roles, role_errors = query_roles(grid, node_ids, float(fed.query_timeout))
-    train_ids = sorted(n for n, i in roles.items() if i.get("role") != "external")
-    ext_ids = sorted(n for n, i in roles.items() if i.get("role") == "external")
+    unanswered = set(role_errors)
+    train_ids, ext_ids = _membership(grid, roles)
     centers = {i["center-id"]: {"role": i["role"], "n_train": i.get("n-train"), "n_val": i.get("n-val"),
                                 "n_test": i.get("n-test")} for i in roles.values()}
     log.info("roles: %s", {i["center-id"]: i["role"] for i in roles.values()})
     if len(train_ids) < int(fed.min_train_nodes):
         raise RuntimeError(f"only {len(train_ids)} training centers answered; federation.min_train_nodes="
                            f"{fed.min_train_nodes}")
-    train_view = NodeView(grid, train_ids)
 
     # --- model and (maybe) resume -------------------------------------------------
     strategy = build_strategy(fed, n_train_centers=len(train_ids))
@@ -226,6 +240,11 @@ def main(grid: Grid, context: Context) -> None:
     stopped_early = None
     for rnd in range(start_round, num_rounds + 1):
         t0 = time.perf_counter()
+        # centers that (re)connected since the last round join; nodes the SuperLink no longer lists are skipped
+        for event in admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered):
+            log.warning("round %d: %s", rnd, event)
+        train_ids, ext_ids = _membership(grid, roles)
+        train_view = NodeView(grid, train_ids)
         send_arrays = to_arrays(from_arrays(arrays), fp16)
         config = ConfigRecord({"local-epochs": int(fed.local_epochs), "fp16": fp16})
         try:
@@ -243,6 +262,7 @@ def main(grid: Grid, context: Context) -> None:
         if is_dp(strategy):
             for r in good:      # client-level DP: every center weighs the same (Flower's accountant requires it)
                 r.content["metrics"][DP_WEIGHT] = 1.0
+        t_agg = time.perf_counter()
         if rt["n_good"] >= int(fed.min_train_nodes) and good:
             new_arrays, train_metrics = strategy.aggregate_train(rnd, good)
             if new_arrays is not None:
@@ -251,7 +271,7 @@ def main(grid: Grid, context: Context) -> None:
             train_metrics = None
             log.error("round %d: %d usable training updates < min_train_nodes=%d; global model unchanged",
                       rnd, rt["n_good"], fed.min_train_nodes)
-        t_train = time.perf_counter() - t0
+        t_train, t_agg = time.perf_counter() - t0, time.perf_counter() - t_agg
         val, s2, r2 = _evaluate_centers(grid, train_ids, roles, to_arrays(from_arrays(arrays), fp16),
                                         {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5},
                                         float(fed.round_timeout))
@@ -261,10 +281,12 @@ def main(grid: Grid, context: Context) -> None:
                "val": {k: v for k, v in val["pooled"].items() if k != "histogram"},
                "val_centers": {c: {k: e.get(k) for k in ("auc", "n", "loss", "abstained")}
                                for c, e in val["centers"].items()},
-               "failures": {**train_fail, **{c: f"evaluate: {v}" for c, v in val["failures"].items()}},
+               "failures": _merge_failures(train_fail, val["failures"]),
                "rejected_updates": rt.get("rejected", {}), "update_norms": rt.get("norms", {}),
                "n_skipped_train": rt.get("n_skipped", {}),
-               "bytes_sent": sent, "bytes_received": received, "n_train_replies": rt["n_good"]}
+               "bytes_sent": sent, "bytes_received": received, "n_train_replies": rt["n_good"],
+               "aggregate_seconds": t_agg, "server_rss_mb": psutil.Process().memory_info().rss / 2**20,
+               "client_rss_mb": rt.get("client_rss", {})}
         if (spent := privacy_spent(strategy)) is not None:
             rec["privacy"] = spent
         if int(fed.external_every) > 0 and rnd % int(fed.external_every) == 0 and ext_ids:
@@ -299,6 +321,8 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
     best_state, best_meta, _ = load_checkpoint(run_dir / "checkpoints" / f"round_{best['round']:03d}.pt")
     best_arrays = ArrayRecord(best_state)
+    admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered)
+    train_ids, ext_ids = _membership(grid, roles)
     external = {}
     if ext_ids:
         ext, s4, r4 = _evaluate_centers(grid, ext_ids, roles, best_arrays,
@@ -308,6 +332,8 @@ def main(grid: Grid, context: Context) -> None:
         comm["bytes_sent"] += s4
         comm["bytes_received"] += r4
         external = ext
+    centers.update({i["center-id"]: {"role": i["role"], "n_train": i.get("n-train"), "n_val": i.get("n-val"),
+                                     "n_test": i.get("n-test")} for i in roles.values()})   # late joiners too
     dp_spent = privacy_spent(strategy)
     privacy = {"secure_aggregation": secure, "differential_privacy": dp_spent,
                "secure_aggregation_settings": to_plain(fed.secure_aggregation) if secure else None}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import logging
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from common.config import config_hash, to_plain
 from common.hashing import sha256_file
 from common.preprocess.tabular import feature_vector
+
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the on-disk layout of cached arrays changes
 MANIFEST = "manifest.json"
@@ -131,6 +134,16 @@ class PreprocessResult:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+
+def _first_readable(files, read):
+    """``read`` of the first file that can be read (a corrupt cached file is the dataset's to skip and count)."""
+    for f in files:
+        try:
+            return read(f)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: try the next
+            log.warning("%s: unreadable cached array (%s); skipped when the data are loaded", f, exc)
+    return None
 
 
 def preprocess_site(site_dir: Path, cfg, workers: int | None = None, cache_dir: Path | None = None,
@@ -254,9 +267,10 @@ def preprocess_site(site_dir: Path, cfg, workers: int | None = None, cache_dir: 
     mri_stats["volumes_per_s"] = mri_stats["built"] / wall if mri_stats["built"] and wall > 0 else None
     path_stats["tiles_per_s"] = path_stats["tiles"] / wall if path_stats["tiles"] and wall > 0 else None
 
-    mri_shape = next((list(np.load(cache / e["mri"], mmap_mode="r").shape) for e in entries.values() if e["mri"]), None)
-    path_dim = path_stats["dim"] or next((int(np.load(cache / e["pathology"])["features"].shape[1])
-                                          for e in entries.values() if e["pathology"]), encoder.dim)
+    mri_shape = _first_readable((cache / e["mri"] for e in entries.values() if e["mri"]),
+                                lambda f: list(np.load(f, mmap_mode="r").shape))
+    path_dim = path_stats["dim"] or _first_readable((cache / e["pathology"] for e in entries.values() if e["pathology"]),
+                                                    lambda f: int(np.load(f)["features"].shape[1])) or encoder.dim
     manifest = {
         "format": CACHE_FORMAT, "center_id": site.center_id, "display_name": site.display_name, "role": site.role,
         "phases": phases, "genomic_features": genomic_features, "clinical_features": clinical_features,

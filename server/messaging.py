@@ -1,0 +1,28 @@
+"""Send a batch of messages with a deadline and match every reply to the node it was meant for.
+
+* Each message gets ``ttl = timeout``: a message nobody pulled in time expires at the
+  SuperLink instead of waiting in the queue of a slow or restarted center, which would
+  otherwise work through stale rounds and never catch up.
+* Replies are matched by ``reply_to_message_id``, not by ``src_node_id``: an error the
+  SuperLink produces itself (for example "Node Unavailable" for a center that stopped
+  sending heartbeats) does not come from the center's node id.
+"""
+from __future__ import annotations
+
+from flwr.app import Message
+
+NO_REPLY = "no reply before the round timeout"
+
+
+def send_and_collect(grid, msgs: list[Message], timeout: float | None) -> dict[int, Message | None]:
+    """{destination node id: its reply, or None when none came before ``timeout``}."""
+    if timeout is not None:
+        for m in msgs:
+            m.metadata.ttl = float(timeout)
+    replies = list(grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
+    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+    out: dict[int, Message | None] = {m.metadata.dst_node_id: None for m in msgs}
+    for r in replies:
+        dst = dst_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+        out[dst] = r
+    return out

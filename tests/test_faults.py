@@ -1,0 +1,137 @@
+"""Faults with the real processes on loopback: one flower-superlink, seven flower-supernode processes.
+
+One 3-round run carries four faults at once (each is asserted on its own):
+
+* center_b's SuperNode (and its ClientApp) is SIGKILLed while it trains in round 1, and
+  restarted once round 1 is over: the round completes with the others, the death is
+  logged, and center_b trains again in a later round;
+* center_c is slow in round 1 (it sleeps longer than the round timeout): the round does
+  not wait past ``federation.round_timeout``;
+* center_d has a corrupt cached MRI array: the sample's MRI is skipped and counted, the
+  center reports the count, the run goes on;
+* center_e sends a NaN update in round 2: the server rejects it with a log line naming it.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from client.audit import AUDIT_FILE, read_audit
+from client.fault_injection import ENV as FAULTS_ENV
+from common.cohort import discover_sites
+from server.messaging import NO_REPLY
+from server.flwr_process import ProcessGroup, flwr_run, flwr_status, start_superlink, start_supernode, write_flwr_config
+from tests.conftest import TEST_OVERRIDES
+from tests.test_policy_audit import _copy_cohort
+
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
+
+ROUND_TIMEOUT = 60
+SLOW_SECONDS = 90   # > ROUND_TIMEOUT
+OVERRIDES = TEST_OVERRIDES + ["federation.num_rounds=3", f"federation.round_timeout={ROUND_TIMEOUT}",
+                              "federation.query_timeout=60"]
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (a machine that dies takes its ClientApp with it)."""
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _trains_started(site) -> int:
+    f = site / AUDIT_FILE
+    return sum(1 for ln in read_audit(f) if ln["direction"] == "in" and ln["message_type"] == "train") \
+        if f.exists() else 0
+
+
+def test_dead_slow_corrupt_and_hostile_centers_do_not_stop_the_run(tiny_cohort, tmp_path):
+    cohort = _copy_cohort(tiny_cohort, tmp_path / "cohort")
+    sites = {s.name: s for s in discover_sites(cohort)}
+    assert len(sites) == 7
+    # center_d: one cached MRI array of a training patient is garbage
+    manifest = json.loads((sites["center_d"].path / ".newadj-cache" / "manifest.json").read_text())
+    victim = next(p for p in manifest["patients"] if p["split"] == "train" and p["mri"])
+    (sites["center_d"].path / ".newadj-cache" / victim["mri"]).write_bytes(b"\x00garbage" * 64)
+
+    run_dir, logs, home = tmp_path / "run", tmp_path / "logs", tmp_path / "flwr-home"
+    group = ProcessGroup()
+    result: dict = {}
+    try:
+        addrs, env = start_superlink(group, home, logs)
+        node_env = {**env, FAULTS_ENV: f"center_c:delay={SLOW_SECONDS}@1;center_e:nan@2"}
+
+        def node(s, tag=""):
+            return start_supernode(group, node_env, addrs.fleet,
+                                   {"data-dir": str(s.path), "role": s.role, "center-id": s.name},
+                                   logs / f"supernode-{s.name}{tag}.log")
+
+        nodes = {name: node(s) for name, s in sites.items()}
+        write_flwr_config(home, "loopback", addrs.control)
+        runner = threading.Thread(target=lambda: result.update(run_id=flwr_run(
+            "loopback", env, {"run-dir": str(run_dir), "overrides": " ".join(OVERRIDES),
+                              "expected-nodes": len(sites)}, logs / "flwr-run.log", timeout=1200)))
+        runner.start()
+        # center_b dies while it trains in round 1 ...
+        _wait(lambda: _trains_started(sites["center_b"].path) >= 1, 300, "center_b to start training")
+        time.sleep(1.0)
+        _kill_tree(nodes["center_b"].pid)
+        killed_at = time.monotonic()
+        # ... and comes back once round 1 is over
+        _wait(lambda: (run_dir / "checkpoints" / "round_001.json").exists(), 600, "round 1 to end")
+        round1_wall = time.monotonic() - killed_at
+        node(sites["center_b"], "-restarted")
+        runner.join(timeout=1500)
+        assert not runner.is_alive(), "the run did not finish"
+        assert result.get("run_id") is not None, (logs / "flwr-run.log").read_text()[-3000:]
+        status = flwr_status("loopback", env, result["run_id"])
+        assert all(p.poll() is None for name, p in nodes.items() if name != "center_b")
+    finally:
+        group.stop()
+    assert group.alive() == []
+    assert "finished:completed" in str(status.get("status", "")).replace(" ", ""), status
+    m = json.loads((run_dir / "metrics.json").read_text())
+    h1, h2, h3 = m["history"]
+    server_log = (logs / "flwr-run.log").read_text()
+
+    # dead center: round 1 completes without it, the death is logged, it trains again later
+    assert "center_b" in h1["failures"] and "center_b" not in h1["client_train_seconds"]
+    assert h1["n_train_replies"] >= int(m["config"]["federation"]["min_train_nodes"])
+    assert "round 1: center center_b sent no reply" in server_log or "round 1: center center_b failed" in server_log
+    assert "center_b" in h3["client_train_seconds"], "center_b did not rejoin after its restart"
+    assert "center center_b (train) rejoined as node" in server_log
+
+    # slow center: the training phase of round 1 ends at the timeout, not when center_c wakes up
+    assert h1["failures"].get("center_c", "").startswith(NO_REPLY)
+    assert h1["train_phase_seconds"] < ROUND_TIMEOUT + 15 < SLOW_SECONDS
+    assert round1_wall < 2 * ROUND_TIMEOUT + 60          # train + validation phases, each bounded
+    # its stale messages expire (ttl = round timeout) instead of queueing: it is back within two rounds
+    assert "center_c" in h2["client_train_seconds"] or "center_c" in h3["client_train_seconds"]
+
+    # corrupt file: skipped, counted and reported by center_d every round it trained
+    trained = [h for h in (h1, h2, h3) if "center_d" in h["client_train_seconds"]]
+    assert trained and all(h["n_skipped_train"].get("center_d") == 1 for h in trained)
+
+    # hostile update: rejected, named, and left out of the aggregate
+    assert h2["rejected_updates"].get("center_e", "").endswith("NaN/Inf value(s)")
+    assert h2["failures"]["center_e"].startswith("update rejected:")
+    assert "round 2: rejected the update of center center_e" in server_log
+    assert "center_e" not in h2["update_norms"]
+    assert m["status"] == "finished" and (run_dir / "best_model.pt").exists()
