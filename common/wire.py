@@ -61,3 +61,6 @@ def record_bytes(rec) -> int:
 def content_bytes(content) -> int:
     """Payload bytes of a message's RecordDict."""
     return sum(record_bytes(rec) for rec in content.values())
+
+
+PARAM_KEYS = "param-keys-json"   # SecAgg+ fit config: the state-dict names in order (legacy Parameters are a bare list)

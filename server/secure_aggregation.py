@@ -40,12 +40,11 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-from common.wire import content_bytes
+from common.wire import PARAM_KEYS, content_bytes
 from server.messaging import NO_REPLY, send_and_collect
 
 log = logging.getLogger("newadj.server")
 
-PARAM_KEYS = "param-keys-json"   # fit config key: the state-dict names, in order (legacy Parameters are a bare list)
 NEEDS_INDIVIDUAL_UPDATES = ("fedmedian", "fedtrimmedavg")
 
 

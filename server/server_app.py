@@ -99,6 +99,11 @@ def _selection_key(pooled: dict, metric: str) -> float:
     return -np.inf if v is None or np.isnan(v) else float(v)
 
 
+def _centers(roles) -> dict:
+    return {i["center-id"]: {"role": i["role"], "n_train": i.get("n-train"), "n_val": i.get("n-val"),
+                             "n_test": i.get("n-test")} for i in roles.values()}
+
+
 def _merge_failures(train: dict, evaluate: dict) -> dict:
     """{center: reason} of a round; a center that failed both phases keeps both reasons."""
     out = dict(train)
@@ -204,8 +209,7 @@ def main(grid: Grid, context: Context) -> None:
     roles, role_errors = query_roles(grid, node_ids, float(fed.query_timeout))
     unanswered = set(role_errors)
     train_ids, ext_ids = _membership(grid, roles)
-    centers = {i["center-id"]: {"role": i["role"], "n_train": i.get("n-train"), "n_val": i.get("n-val"),
-                                "n_test": i.get("n-test")} for i in roles.values()}
+    centers = _centers(roles)
     log.info("roles: %s", {i["center-id"]: i["role"] for i in roles.values()})
     if len(train_ids) < int(fed.min_train_nodes):
         raise RuntimeError(f"only {len(train_ids)} training centers answered; federation.min_train_nodes="
@@ -332,8 +336,7 @@ def main(grid: Grid, context: Context) -> None:
         comm["bytes_sent"] += s4
         comm["bytes_received"] += r4
         external = ext
-    centers.update({i["center-id"]: {"role": i["role"], "n_train": i.get("n-train"), "n_val": i.get("n-val"),
-                                     "n_test": i.get("n-test")} for i in roles.values()})   # late joiners too
+    centers.update(_centers(roles))   # late joiners too
     dp_spent = privacy_spent(strategy)
     privacy = {"secure_aggregation": secure, "differential_privacy": dp_spent,
                "secure_aggregation_settings": to_plain(fed.secure_aggregation) if secure else None}
