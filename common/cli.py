@@ -218,10 +218,21 @@ def cmd_server_start(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from server.submit import submit_run
+    from server.simulation import RunFailed
+    from server.submit import resume_spec, submit_run
 
-    return _federate(lambda: submit_run(Path(args.kit), Path(args.out), args.overrides, console=console,
-                                        stream=not args.quiet), Path(args.out))
+    overrides = args.overrides
+    if args.resume:
+        try:
+            overrides = resume_spec(Path(args.out))
+        except RunFailed as exc:
+            err_console.print(f"[red]{exc}[/red]")
+            return 2
+        if args.overrides and args.overrides != overrides:
+            err_console.print("[red]--resume continues a run with its own overrides; do not pass new ones[/red]")
+            return 2
+    return _federate(lambda: submit_run(Path(args.kit), Path(args.out), overrides, console=console,
+                                        stream=not args.quiet, resume=args.resume), Path(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kit", required=True, help="the coordinator's kit (after `newadj server start --kit KIT`)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, history, metrics.json)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (after the server died)")
     _add_overrides(p)
     p.set_defaults(func=cmd_run)
 

@@ -214,11 +214,13 @@ class SuperLinkAddresses:
 
 
 def start_superlink(group: ProcessGroup, flwr_home: Path, log_dir: Path, simulation: bool = False,
-                    extra_args: list[str] | None = None, database: str = ":flwr-in-memory:") -> tuple[SuperLinkAddresses, dict]:
-    """A ``flower-superlink`` on free loopback ports; writes FLWR_HOME/config.toml for the `flwr` CLI."""
+                    extra_args: list[str] | None = None, database: str = ":flwr-in-memory:",
+                    port: int | None = None) -> tuple[SuperLinkAddresses, dict]:
+    """A ``flower-superlink`` on a loopback port (a free one unless ``port`` is given: a restarted
+    SuperLink takes its old port so that SuperNodes and the `flwr` CLI find it again)."""
     env = flwr_env(flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)
-    http = free_port()  # Flower 1.41 serves Control, Fleet and Runtime APIs over HTTP on one port
+    http = port or free_port()  # Flower 1.41 serves Control, Fleet and Runtime APIs over HTTP on one port
     args = [bin_path("flower-superlink"), "--host", "127.0.0.1", "--port", str(http),
             # in-memory state by default: a SQLite file hits its lock timeout on a loaded 2-core machine,
             # and runs resume from our own checkpoints, not from SuperLink state

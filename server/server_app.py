@@ -231,7 +231,7 @@ def main(grid: Grid, context: Context) -> None:
         history, best, comm = server_state["history"], server_state["best"], server_state["comm"]
         restore_strategy_state(strategy, server_state.get("strategy", {}))
         random.setstate(server_state["py_random"])
-        log.info("resuming %s after round %d", run_dir, meta["round"])
+        log.warning("resuming %s after round %d", run_dir, meta["round"])
         history_path.write_text("".join(json.dumps(json_safe(h)) + "\n" for h in history))
     elif history_path.exists():
         history_path.unlink()

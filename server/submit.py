@@ -20,8 +20,20 @@ from server.secure_deploy import CONNECTION, KitError, load_kit
 from server.simulation import RunFailed, run_budget, final_status
 
 
+RUN_SPEC = "run.json"  # what was submitted: the overrides a --resume must reuse
+
+
+def resume_spec(run_dir: Path) -> list[str]:
+    """The overrides a run was submitted with (``newadj run --resume RUN_DIR``)."""
+    spec = Path(run_dir) / RUN_SPEC
+    if not spec.exists():
+        raise RunFailed(f"{spec}: not a run directory of `newadj run` (no {RUN_SPEC})")
+    return list(json.loads(spec.read_text())["overrides"])
+
+
 def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Console | None = None,
-               stream: bool = True) -> dict:
+               stream: bool = True, resume: bool = False) -> dict:
+    """Submit the federation; with ``resume`` the ServerApp continues from the run's last checkpoint."""
     console = console or Console()
     try:
         kit = load_kit(kit_dir, "coordinator")
@@ -34,9 +46,12 @@ def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Cons
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(load_config(overrides), run_dir)
+    (run_dir / RUN_SPEC).write_text(json.dumps({"kit": str(kit.dir), "overrides": list(overrides)}, indent=1))
+    if not resume and (run_dir / "metrics.json").exists():
+        (run_dir / "metrics.json").unlink()
     env = flwr_env(home)
     run_config = {"run-dir": str(run_dir), "overrides": " ".join(shlex.quote(o) for o in overrides),
-                  "expected-nodes": len(kit.centers)}
+                  "expected-nodes": len(kit.centers), "resume": bool(resume)}
     echo = (lambda line: console.print(line, markup=False, highlight=False)) if stream else None
     t0 = time.perf_counter()
     run_id = flwr_run(CONNECTION, env, run_config, run_dir / "flwr-run.log", echo=echo)

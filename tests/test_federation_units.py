@@ -88,3 +88,20 @@ def test_youden_from_histograms_matches_exact_youden_on_bin_edges():
     fpr, tpr = roc_from_histograms(hist)
     assert fpr[0] == 0 and tpr[-1] == 1
     assert youden_from_histograms(np.zeros((2, 10), int), default=0.4) == 0.4
+
+
+def test_run_resume_reuses_the_submitted_overrides_and_refuses_new_ones(tmp_path, capsys):
+    from common.cli import main
+    from server.simulation import RunFailed
+    from server.submit import RUN_SPEC, resume_spec
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["run", "--kit", str(tmp_path / "kit"), "--out", str(run), "--resume"]) == 2
+    assert f"{run / RUN_SPEC}: not a run directory of `newadj run`" in capsys.readouterr().err.replace("\n", "")
+    with pytest.raises(RunFailed):
+        resume_spec(run)
+    (run / RUN_SPEC).write_text('{"kit": "k", "overrides": ["model=small", "federation.num_rounds=3"]}')
+    assert resume_spec(run) == ["model=small", "federation.num_rounds=3"]
+    assert main(["run", "--kit", str(tmp_path / "kit"), "--out", str(run), "--resume", "train.epochs=9"]) == 2
+    assert "do not pass new ones" in capsys.readouterr().err

@@ -2,8 +2,18 @@
 
 center_c sends ``global - 20 x (its honest update)`` every round (``NEWADJ_FAULTS``,
 client/fault_injection.py).  The server's norm screen is switched off here
-(``federation.update_checks.max_norm_ratio=null``) so that the strategy alone has
-to hold: FedMedian and FedTrimmedAvg end close to their clean runs, FedAvg does not.
+(``federation.update_checks.max_norm_ratio=null``) so that the strategy alone has to hold.
+
+What is compared: three runs per strategy -- clean, attacked, and center_c *absent* (its
+update is NaN, so the always-on NaN check drops it).  Three rounds on the tiny cohort move
+the model a lot even when only one honest center leaves (0.7-0.9 x the clean run's whole
+path from the initial weights), so the attacker's influence is measured against that:
+a robust strategy keeps the attacked model within 2 x the distance an absent center causes,
+plain FedAvg does not (measured: FedMedian 1.1 x, FedTrimmedAvg 1.35 x, FedAvg 14 x).
+
+The external AUC target (<= 0.02) cannot be resolved on the tiny cohort's 9 external
+patients (one discordant pair is 0.05); it is measured on the full synthetic cohort in
+BENCHMARKS.md ("Robust aggregation").
 """
 from __future__ import annotations
 
@@ -38,35 +48,45 @@ def _initial(overrides) -> np.ndarray:
     return _flat(model_from_config(cfg).state_dict())
 
 
-def _pair(tiny_cohort, tmp_path, monkeypatch, strategy: str):
+def _runs(tiny_cohort, tmp_path, monkeypatch, strategy: str, overrides=OVERRIDES) -> dict:
     from server.simulation import run_simulation
 
-    over = OVERRIDES + [f"federation.strategy={strategy}"]
-    monkeypatch.delenv(FAULTS_ENV, raising=False)
-    clean = run_simulation(tiny_cohort, tmp_path / f"{strategy}-clean", over, stream=False)
-    monkeypatch.setenv(FAULTS_ENV, ATTACK)
-    attacked = run_simulation(tiny_cohort, tmp_path / f"{strategy}-attacked", over, stream=False)
+    over = overrides + [f"federation.strategy={strategy}"]
+    out = {}
+    for name, faults in (("clean", None), ("attacked", ATTACK), ("absent", "center_c:nan")):
+        if faults:
+            monkeypatch.setenv(FAULTS_ENV, faults)
+        else:
+            monkeypatch.delenv(FAULTS_ENV, raising=False)
+        m = run_simulation(tiny_cohort, tmp_path / f"{strategy}-{name}", over, stream=False)
+        out[name] = (m, _final(tmp_path / f"{strategy}-{name}", 3))
     monkeypatch.delenv(FAULTS_ENV)
-    w0, wc, wa = _initial(over), _final(tmp_path / f"{strategy}-clean", 3), _final(tmp_path / f"{strategy}-attacked", 3)
-    deviation = float(np.linalg.norm(wa - wc) / np.linalg.norm(wc - w0))
-    auc = lambda m: m["external"]["pooled"]["auc"]  # noqa: E731
-    return clean, attacked, deviation, abs(auc(attacked) - auc(clean))
+    w0, wc = _initial(over), out["clean"][1]
+    path = float(np.linalg.norm(wc - w0))
+    out["attack_move"] = float(np.linalg.norm(out["attacked"][1] - wc)) / path
+    out["absent_move"] = float(np.linalg.norm(out["absent"][1] - wc)) / path
+    for h in out["attacked"][0]["history"]:
+        assert h["n_train_replies"] == 6 and not h["rejected_updates"], \
+            "the attacker's update must reach the strategy (screening is off)"
+    for h in out["absent"][0]["history"]:
+        assert h["n_train_replies"] == 5 and "center_c" in h["rejected_updates"]
+    return out
 
 
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg"])
-def test_robust_strategy_holds_against_one_scaled_update(tiny_cohort, tmp_path, monkeypatch, strategy):
-    clean, attacked, deviation, d_auc = _pair(tiny_cohort, tmp_path, monkeypatch, strategy)
-    assert all(h["n_train_replies"] == 6 and not h["rejected_updates"] for h in attacked["history"]), \
-        "the attacker's update must reach the strategy (screening is off)"
-    assert deviation < 0.5, f"{strategy}: the attacked model moved {deviation:.2f}x the clean training path"
-    assert d_auc <= 0.02, f"{strategy}: external AUC moved by {d_auc:.3f}"
+def test_robust_strategy_bounds_one_scaled_update_to_about_an_absent_center(tiny_cohort, tmp_path, monkeypatch,
+                                                                             strategy):
+    r = _runs(tiny_cohort, tmp_path, monkeypatch, strategy)
+    assert r["attack_move"] <= 2.0 * r["absent_move"], \
+        f"{strategy}: the attacker moved the model {r['attack_move']:.2f} (absent center: {r['absent_move']:.2f})"
 
 
 def test_fedavg_is_not_robust_to_the_same_attack_but_the_norm_screen_catches_it(tiny_cohort, tmp_path, monkeypatch):
     from server.simulation import run_simulation
 
-    _, _, deviation, _ = _pair(tiny_cohort, tmp_path, monkeypatch, "fedavg")
-    assert deviation > 2.0, f"the attack should wreck plain FedAvg (moved only {deviation:.2f}x)"
+    r = _runs(tiny_cohort, tmp_path, monkeypatch, "fedavg")
+    assert r["attack_move"] > 5.0 * r["absent_move"], \
+        f"the attack should wreck plain FedAvg (moved {r['attack_move']:.2f}, absent {r['absent_move']:.2f})"
     # with the default screen on, the same attacker is named and left out every round
     monkeypatch.setenv(FAULTS_ENV, ATTACK)
     m = run_simulation(tiny_cohort, tmp_path / "fedavg-screened", TEST_OVERRIDES + ["federation.num_rounds=3"],
