@@ -9,6 +9,7 @@ from the run's own history: server RSS after each round, time spent in the
 strategy's aggregation, the round's wall time.
 
     python benchmarks/bench_scale.py centers --n 6 60 300 --out benchmarks/results/scale_centers.json
+    python benchmarks/bench_scale.py plot benchmarks/results/scale_centers*.json
 
 ``long``: R rounds of the demo federation (``conf/demo``): server RSS per
 round (ServerApp process) and each center's ClientApp RSS per round (reported
@@ -97,6 +98,9 @@ def bench_centers(args) -> dict:
             h = m["history"]
             row.update({"rounds": len(h), "train_replies": [x["n_train_replies"] for x in h],
                         "server_rss_mb": [_mb(x["server_rss_mb"]) for x in h],
+                        # a simulation worker process serves many virtual centers: the largest RSS it reported
+                        "client_worker_rss_mb_max": [_mb(max(x.get("client_rss_mb", {}).values(), default=None))
+                                                     for x in h],
                         "aggregate_seconds": [round(x["aggregate_seconds"], 4) for x in h],
                         "round_seconds": [round(x["seconds"], 1) for x in h],
                         "bytes_received_per_round_mb": [round(x["bytes_received"] / 1e6, 2) for x in h],
@@ -159,6 +163,35 @@ def bench_long(args) -> dict:
     return res
 
 
+def plot_centers(paths: list[str], png: Path) -> dict:
+    """Server RSS and aggregation time per round against the number of centers, from ``centers`` results."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for p in paths for r in json.loads(Path(p).read_text())["rows"] if not r.get("error")),
+                  key=lambda r: r["centers"])
+    n = [r["centers"] for r in rows]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.8))
+    a1.plot(n, [max(r["server_rss_mb"]) for r in rows], "ko-", label="ServerApp")
+    if all(r.get("client_worker_rss_mb_max") for r in rows):
+        a1.plot(n, [max(r["client_worker_rss_mb_max"]) for r in rows], "gs--", label="ClientApp worker (largest)")
+    a1.legend(fontsize=8)
+    a1.set_ylabel("RSS, max over rounds (MiB)")
+    a2.plot(n, [max(r["aggregate_seconds"]) for r in rows], "bo-")
+    a2.set_ylabel("aggregation per round, max (s)")
+    a3.plot(n, [r["round_seconds"][-1] for r in rows], "ro-")
+    a3.set_ylabel("round wall time, last round (s)")
+    for a in (a1, a2, a3):
+        a.set_xlabel("virtual training centers")
+        a.grid(alpha=0.3)
+    fig.suptitle("Flower simulation, small model, 2 CPU cores")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    return {"kind": "centers-plot", "inputs": paths, "plot": str(png)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -173,7 +206,13 @@ def main() -> None:
     lg.add_argument("--work", default="/tmp/bench_long")
     lg.add_argument("--cohort", default=None, help="an existing demo cohort (e.g. demo/cohort after `newadj demo`)")
     lg.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "long_run.json"))
+    pl = sub.add_parser("plot", help="plot one or more `centers` result files")
+    pl.add_argument("results", nargs="+")
+    pl.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale_centers.png"))
     args = ap.parse_args()
+    if args.cmd == "plot":
+        print(json.dumps(plot_centers(args.results, Path(args.out))))
+        return
     res = bench_centers(args) if args.cmd == "centers" else bench_long(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import shlex
 import tomllib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from common.dataset import SiteDataset, site_dataset
 from common.preprocess.cache import preprocess_site
 from common.task import check_dataset_matches, input_dims
 
-_RUNTIMES: dict[tuple, "SiteRuntime"] = {}
+# a simulation worker serves many virtual centers: keep the most recently used ones only
+# (federation.client_site_cache); a deployment ClientApp serves its own center alone
+_RUNTIMES: "OrderedDict[tuple, SiteRuntime]" = OrderedDict()
 
 
 @dataclass
@@ -61,6 +64,7 @@ def site_runtime(run_config, node_config) -> SiteRuntime:
     key = (tuple(sorted((k, str(v)) for k, v in run_config.items())),
            tuple(sorted((k, str(v)) for k, v in node_config.items())))
     if key in _RUNTIMES:
+        _RUNTIMES.move_to_end(key)
         return _RUNTIMES[key]
     site_dir, role, center = _resolve_site(run_config, node_config)
     cfg = load_config(overrides_of(run_config))
@@ -80,6 +84,8 @@ def site_runtime(run_config, node_config) -> SiteRuntime:
         val = site_dataset(res.cache_dir, ["val"], cfg)
     rt = SiteRuntime(center, role, site_dir, cfg, dims, train, val, test)
     _RUNTIMES[key] = rt
+    while len(_RUNTIMES) > max(1, int(cfg.federation.client_site_cache)):
+        _RUNTIMES.popitem(last=False)
     return rt
 
 

@@ -105,3 +105,19 @@ def test_run_resume_reuses_the_submitted_overrides_and_refuses_new_ones(tmp_path
     assert resume_spec(run) == ["model=small", "federation.num_rounds=3"]
     assert main(["run", "--kit", str(tmp_path / "kit"), "--out", str(run), "--resume", "train.epochs=9"]) == 2
     assert "do not pass new ones" in capsys.readouterr().err
+
+
+def test_client_site_cache_keeps_the_most_recently_used_centers_only(tiny_cohort, monkeypatch):
+    from client import site_runtime as sr
+    from common.cohort import discover_sites
+
+    monkeypatch.setattr(sr, "_RUNTIMES", type(sr._RUNTIMES)())
+    rc = {"overrides": "model=small federation.client_site_cache=2"}
+    a, b, c = [{"data-dir": str(s.path)} for s in discover_sites(tiny_cohort)[:3]]
+    ra = sr.site_runtime(rc, a)
+    sr.site_runtime(rc, b)
+    assert sr.site_runtime(rc, a) is ra                      # a hit, and now the most recent
+    rcc = sr.site_runtime(rc, c)                             # evicts b, the least recently used
+    assert [rt.center_id for rt in sr._RUNTIMES.values()] == [ra.center_id, rcc.center_id]
+    assert sr.site_runtime(rc, b).center_id == "center_b"    # reloaded from the site cache on demand
+    assert len(sr._RUNTIMES) == 2
