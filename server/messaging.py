@@ -6,12 +6,17 @@
 * Replies are matched by ``reply_to_message_id``, not by ``src_node_id``: an error the
   SuperLink produces itself (for example "Node Unavailable" for a center that stopped
   sending heartbeats) does not come from the center's node id.
+* A "Message Unavailable" error from the SuperLink (the message or its reply expired with
+  its ttl) counts as no reply: whether the SuperLink's expiry or our own deadline comes
+  first is a race, and both mean the center did not answer within the round timeout.
 """
 from __future__ import annotations
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 
 NO_REPLY = "no reply before the round timeout"
+EXPIRED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
 def send_and_collect(grid, msgs: list[Message], timeout: float | None) -> dict[int, Message | None]:
@@ -24,5 +29,5 @@ def send_and_collect(grid, msgs: list[Message], timeout: float | None) -> dict[i
     out: dict[int, Message | None] = {m.metadata.dst_node_id: None for m in msgs}
     for r in replies:
         dst = dst_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
-        out[dst] = r
+        out[dst] = None if r.has_error() and r.error.code in EXPIRED else r
     return out

@@ -121,3 +121,39 @@ def test_client_site_cache_keeps_the_most_recently_used_centers_only(tiny_cohort
     assert [rt.center_id for rt in sr._RUNTIMES.values()] == [ra.center_id, rcc.center_id]
     assert sr.site_runtime(rc, b).center_id == "center_b"    # reloaded from the site cache on demand
     assert len(sr._RUNTIMES) == 2
+
+
+def test_expired_messages_count_as_no_reply_and_replies_are_matched_by_reply_to():
+    import time as _time
+
+    from flwr.app import Error, Message, Metadata, RecordDict
+    from flwr.common.constant import ErrorCode
+
+    from server.messaging import send_and_collect
+
+    def md(src: int, dst: int, mid: str, reply_to: str = "") -> Metadata:
+        return Metadata(run_id=7, message_id=mid, src_node_id=src, dst_node_id=dst, reply_to_message_id=reply_to,
+                        group_id="1", created_at=_time.time(), ttl=3600, message_type="train")
+
+    def request(dst: int) -> Message:
+        return Message(RecordDict(), metadata=md(0, dst, f"m{dst}"))
+
+    def superlink_error(code: int, req: Message) -> Message:
+        # made by the SuperLink itself: it does not carry the destination's node id
+        return Message(metadata=md(0, 0, f"e{req.metadata.message_id}", req.metadata.message_id),
+                       error=Error(code, "made by the SuperLink"))
+
+    class Grid:
+        def send_and_receive(self, msgs, timeout):
+            self.ttls = [m.metadata.ttl for m in msgs]
+            by = {m.metadata.dst_node_id: m for m in msgs}
+            ok = Message(RecordDict(), reply_to=by[1])
+            return [ok, superlink_error(ErrorCode.MESSAGE_UNAVAILABLE, by[2]),
+                    superlink_error(ErrorCode.NODE_UNAVAILABLE, by[3])]
+
+    grid = Grid()
+    out = send_and_collect(grid, [request(n) for n in (1, 2, 3, 4)], timeout=30.0)
+    assert grid.ttls == [30.0] * 4
+    assert out[1] is not None and not out[1].has_error()
+    assert out[2] is None and out[4] is None                       # expired at the SuperLink / never answered
+    assert out[3].has_error() and out[3].error.code == ErrorCode.NODE_UNAVAILABLE
