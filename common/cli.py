@@ -156,20 +156,30 @@ def _federate(start, run_dir: Path) -> int:
     return 0
 
 
+def _resumable(run_dir: Path, command: str, given: list[str]) -> dict | None:
+    """The run spec of RUN_DIR for ``--resume`` (None, after saying why, when it cannot be resumed as asked)."""
+    from server.simulation import RunFailed, read_run_spec
+
+    try:
+        saved = read_run_spec(run_dir, command)
+    except RunFailed as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        return None
+    if given and given != saved["overrides"]:
+        err_console.print("[red]--resume continues a run with its own overrides; do not pass new ones[/red]")
+        return None
+    return saved
+
+
 def cmd_simulate(args) -> int:
     from server.simulation import run_simulation
 
     if args.resume:
         run_dir = Path(args.resume)
-        spec = run_dir / "run.json"
-        if not spec.exists():
-            err_console.print(f"[red]{spec}: not a run directory of `newadj simulate` (no run.json)[/red]")
+        saved = _resumable(run_dir, "simulate", args.overrides)
+        if saved is None:
             return 2
-        saved = json.loads(spec.read_text())
         data, out, overrides = Path(saved["cohort"]), run_dir, saved["overrides"]
-        if args.overrides and args.overrides != overrides:
-            err_console.print("[red]--resume continues a run with its own overrides; do not pass new ones[/red]")
-            return 2
     elif not (args.data and args.out):
         err_console.print("[red]simulate needs --data and --out (or --resume RUN_DIR)[/red]")
         return 2
@@ -218,19 +228,14 @@ def cmd_server_start(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from server.simulation import RunFailed
-    from server.submit import resume_spec, submit_run
+    from server.submit import submit_run
 
     overrides = args.overrides
     if args.resume:
-        try:
-            overrides = resume_spec(Path(args.out))
-        except RunFailed as exc:
-            err_console.print(f"[red]{exc}[/red]")
+        saved = _resumable(Path(args.out), "run", args.overrides)
+        if saved is None:
             return 2
-        if args.overrides and args.overrides != overrides:
-            err_console.print("[red]--resume continues a run with its own overrides; do not pass new ones[/red]")
-            return 2
+        overrides = saved["overrides"]
     return _federate(lambda: submit_run(Path(args.kit), Path(args.out), overrides, console=console,
                                         stream=not args.quiet, resume=args.resume), Path(args.out))
 

@@ -55,7 +55,7 @@ def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[d
     received = 0
     per_center, hists, failures = {}, [], {}
     for nid, r in replies.items():
-        center = roles.get(nid, {}).get("center-id", str(nid))
+        center = _center(roles, nid)
         if r is None:
             failures[center] = NO_REPLY
             continue
@@ -158,8 +158,7 @@ def _plain_round(grid, roles, rnd, msgs, global_state: dict, fed, fp16: bool) ->
             "client_seconds": {c: float(ok[c].content["metrics"]["train-seconds"]) for c in sorted(ok)},
             "client_rss": {c: float(ok[c].content["metrics"]["rss-mb"]) for c in sorted(ok)
                            if "rss-mb" in ok[c].content["metrics"]},
-            "n_skipped": {c: int(ok[c].content["metrics"].get("n-skipped", 0)) for c in sorted(ok)
-                          if int(ok[c].content["metrics"].get("n-skipped", 0))}}
+            "n_skipped": {c: n for c in sorted(ok) if (n := int(ok[c].content["metrics"].get("n-skipped", 0)))}}
 
 
 def _secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed) -> dict:

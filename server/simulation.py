@@ -26,6 +26,17 @@ class RunFailed(RuntimeError):
     pass
 
 
+RUN_SPEC = "run.json"  # what a run was started with (its cohort or kit, its overrides): what --resume reuses
+
+
+def read_run_spec(run_dir: Path, command: str) -> dict:
+    """RUN_DIR's run spec, for ``newadj COMMAND --resume``."""
+    spec = Path(run_dir) / RUN_SPEC
+    if not spec.exists():
+        raise RunFailed(f"{spec}: not a run directory of `newadj {command}` (no {RUN_SPEC})")
+    return json.loads(spec.read_text())
+
+
 def start_simulation_superlink(flwr_home: Path, group: ProcessGroup, log_dir: Path) -> tuple[str, dict]:
     addrs, env = start_superlink(group, flwr_home, log_dir, simulation=True)
     write_flwr_config(flwr_home, "sim", addrs.control)
@@ -39,7 +50,7 @@ def run_simulation(cohort_dir: Path, run_dir: Path, overrides: list[str], consol
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(overrides)
     save_config(cfg, run_dir)
-    (run_dir / "run.json").write_text(json.dumps({"cohort": str(Path(cohort_dir).resolve()),
+    (run_dir / RUN_SPEC).write_text(json.dumps({"cohort": str(Path(cohort_dir).resolve()),
                                                   "overrides": list(overrides)}, indent=1))
     sites = discover_sites(cohort_dir)
     console.print(f"[bold]Preprocessing[/bold] {len(sites)} sites of {cohort_dir} (cached where current)")

@@ -17,18 +17,12 @@ from rich.console import Console
 from common.config import load_config, save_config
 from server.flwr_process import flwr_env, flwr_run
 from server.secure_deploy import CONNECTION, KitError, load_kit
-from server.simulation import RunFailed, run_budget, final_status
-
-
-RUN_SPEC = "run.json"  # what was submitted: the overrides a --resume must reuse
+from server.simulation import RUN_SPEC, RunFailed, final_status, read_run_spec, run_budget
 
 
 def resume_spec(run_dir: Path) -> list[str]:
     """The overrides a run was submitted with (``newadj run --resume RUN_DIR``)."""
-    spec = Path(run_dir) / RUN_SPEC
-    if not spec.exists():
-        raise RunFailed(f"{spec}: not a run directory of `newadj run` (no {RUN_SPEC})")
-    return list(json.loads(spec.read_text())["overrides"])
+    return list(read_run_spec(run_dir, "run")["overrides"])
 
 
 def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Console | None = None,

@@ -18,6 +18,18 @@ TEST_OVERRIDES = [
 ]
 
 
+def round_weights(run_dir: Path, rnd: int) -> dict:
+    """The global weights a run checkpointed after round ``rnd`` (SHA-256 checked)."""
+    from server.checkpoints import load_checkpoint
+
+    return load_checkpoint(Path(run_dir) / "checkpoints" / f"round_{rnd:03d}.pt")[0]
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference between two state dicts with the same keys."""
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
 @pytest.fixture(scope="session")
 def test_cfg():
     from common.config import load_config

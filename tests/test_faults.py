@@ -22,7 +22,6 @@ import time
 
 import psutil
 import pytest
-import torch
 
 from client.audit import AUDIT_FILE, read_audit
 from client.fault_injection import ENV as FAULTS_ENV
@@ -31,7 +30,7 @@ from server.messaging import NO_REPLY
 from server.flwr_process import (ProcessGroup, flwr_run, flwr_status, free_port, start_superlink, start_supernode,
                                  write_flwr_config)
 from server.simulation import run_simulation
-from tests.conftest import TEST_OVERRIDES
+from tests.conftest import TEST_OVERRIDES, max_abs_diff, round_weights
 from tests.test_policy_audit import _copy_cohort
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
@@ -195,9 +194,7 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_cohort, 
             break
         full = h["round"]
     assert full >= 2, f"no resumed round with every center to compare: {[h['failures'] for h in m['history']]}"
-    wa = torch.load(tmp_path / "ref" / "checkpoints" / f"round_{full:03d}.pt", weights_only=False)["state_dict"]
-    wb = torch.load(run_dir / "checkpoints" / f"round_{full:03d}.pt", weights_only=False)["state_dict"]
-    diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    diff = max_abs_diff(round_weights(tmp_path / "ref", full), round_weights(run_dir, full))
     assert diff <= 1e-6, f"round {full}: resumed deployment differs from the uninterrupted run by {diff}"
     if full == 3:
         assert m["selected_round"] == ref["selected_round"]

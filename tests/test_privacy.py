@@ -13,7 +13,7 @@ from client.audit import AUDIT_FILE, read_audit
 from common.config import load_config
 from server.secure_aggregation import check_secure_config
 from server.strategies import build_strategy, privacy_spent, restore_strategy_state, strategy_state
-from tests.conftest import TEST_OVERRIDES
+from tests.conftest import TEST_OVERRIDES, max_abs_diff, round_weights
 from tests.test_policy_audit import _bins, _copy_cohort, _sites, replay_audit
 
 ONE_ROUND = TEST_OVERRIDES + ["federation.num_rounds=1", "federation.secure_aggregation.max_weight=100"]
@@ -21,10 +21,6 @@ SECURE = ["federation.secure_aggregation.enabled=true"]
 # what a center's reply may hold during SecAgg+: the protocol record (keys, encrypted shares, masked
 # vectors) and the FitRes envelope whose parameters secaggplus_mod empties before sending
 SECAGG_RECORDS = {"secaggplus_configs", "fitres.parameters", "fitres.metrics", "fitres.num_examples", "fitres.status"}
-
-
-def _weights(run_dir, rnd=1):
-    return torch.load(run_dir / "checkpoints" / f"round_{rnd:03d}.pt", weights_only=False)["state_dict"]
 
 
 def _quantisation_bound(cfg, n_centers: int, n_examples: int) -> float:
@@ -50,8 +46,7 @@ def test_secagg_round_equals_plain_round_and_no_plain_update_leaves_a_site(tiny_
     assert not h["failures"] and h["n_train_replies"] == 6 and h["train_loss"] is not None
     n_train = sum(v["n_train"] for v in secure["centers"].values() if v["role"] == "train")
     bound = _quantisation_bound(load_config(ONE_ROUND + SECURE), 6, n_train)
-    wp, ws = _weights(tmp_path / "plain"), _weights(tmp_path / "secure")
-    diff = max(float((wp[k] - ws[k]).abs().max()) for k in wp)
+    diff = max_abs_diff(round_weights(tmp_path / "plain", 1), round_weights(tmp_path / "secure", 1))
     assert diff <= bound + 1e-6, f"SecAgg+ mean differs from the plain mean by {diff:.2e} > bound {bound:.2e}"
     assert h["train_loss"] == pytest.approx(plain["history"][0]["train_loss"], rel=1e-6)
     # the secure round really is different traffic: 4 protocol stages, masked vectors instead of weights

@@ -9,17 +9,12 @@ import time
 
 import psutil
 import pytest
-import torch
 
 from server.simulation import run_simulation
-from tests.conftest import TEST_OVERRIDES
+from tests.conftest import TEST_OVERRIDES, max_abs_diff, round_weights
 
 pytestmark = [pytest.mark.slow]
 OVERRIDES = TEST_OVERRIDES + ["federation.num_rounds=3"]
-
-
-def _weights(run_dir, rnd):
-    return torch.load(run_dir / "checkpoints" / f"round_{rnd:03d}.pt", weights_only=False)["state_dict"]
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_cohort, tmp_path):
@@ -48,8 +43,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_cohort, tmp_path):
     mb = json.loads((b / "metrics.json").read_text())
     assert [h["round"] for h in mb["history"]] == [1, 2, 3]
     assert mb["selected_round"] == a["selected_round"]
-    wa, wb = _weights(tmp_path / "a", 3), _weights(b, 3)
     # replies are aggregated in a fixed order and local training is seeded per (center, round)
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+    assert max_abs_diff(round_weights(tmp_path / "a", 3), round_weights(b, 3)) <= 1e-6
     ea, eb = a["external"]["centers"]["external"], mb["external"]["centers"]["external"]
     assert ea.get("auc") == pytest.approx(eb.get("auc"), abs=1e-6)

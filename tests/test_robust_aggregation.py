@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from client.fault_injection import ENV as FAULTS_ENV
 from common.config import load_config
 from common.engine import seed_everything
 from common.task import model_from_config
-from tests.conftest import TEST_OVERRIDES
+from tests.conftest import TEST_OVERRIDES, round_weights
 
 pytestmark = [pytest.mark.slow]
 
@@ -39,7 +38,7 @@ def _flat(sd: dict) -> np.ndarray:
 
 
 def _final(run_dir, rounds: int) -> np.ndarray:
-    return _flat(torch.load(run_dir / "checkpoints" / f"round_{rounds:03d}.pt", weights_only=False)["state_dict"])
+    return _flat(round_weights(run_dir, rounds))
 
 
 def _initial(overrides) -> np.ndarray:
