@@ -14,11 +14,12 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.fault_injection import fault_injection_mod
-from client.policy import policy_mod
+from client.disclosure import release_histogram
+from client.policy import evaluate_terms, load_policy, policy_mod
 from client.secure_aggregation import dp_clipping_mod, secure_aggregation_mod
 from client.site_runtime import round_seed, site_runtime
 from common.engine import prediction_loss, predict, train_model
-from common.metrics import c_index, evaluate_predictions, score_histogram
+from common.metrics import c_index, evaluate_predictions
 from common.task import model_from_config
 from common.wire import from_arrays, to_arrays
 
@@ -70,12 +71,20 @@ def _nan_to_num(d: dict) -> dict:
     return {k: (float("nan") if v is None else v) for k, v in d.items()}
 
 
+def _with_notices(metrics: dict, notices: list[str]) -> RecordDict:
+    content = {"metrics": MetricRecord(metrics)}
+    if notices:
+        content["info"] = ConfigRecord({"notice": "; ".join(notices)})
+    return RecordDict(content)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the received model on a split; reply with aggregates only.
+    """Score the received model on a split; reply with what the site's disclosure rules release.
 
-    config: ``split`` (val | test), ``threshold`` (from internal validation),
-    ``bins`` (score histogram bins), ``full-report`` (metrics with CIs).
+    config (requests; the site decides, client/disclosure.py): ``split`` (val | test),
+    ``threshold`` (from internal validation), ``bins`` (score histogram bins),
+    ``full-report`` (metrics with CIs).  Floors come from the site policy, never the run.
     """
     rt = site_runtime(context.run_config, context.node_config)
     cfg = rt.cfg
@@ -84,33 +93,51 @@ def evaluate(msg: Message, context: Context) -> Message:
     ds = rt.split(split)
     if ds is None:
         return _refuse(msg, f"center {rt.center_id} ({rt.role}) has no `{split}` split")
+    try:
+        terms = evaluate_terms(msg, context)
+    except PermissionError as exc:
+        return _refuse(msg, f"policy of {rt.center_id}: {exc}")
+    policy = load_policy(rt.site_dir)
+    k = int(policy.min_cell_count)
+    notices = list(terms.notices)
     model = model_from_config(cfg, dims=rt.dims)
     model.load_state_dict(from_arrays(msg.content["arrays"]))
     pred = predict(model, ds, int(cfg.train.eval_batch_size))
     y, p = pred["benefit"], pred["prob"]
     lab = ~np.isnan(y)
     n, n_pos = int(lab.sum()), int(np.nansum(y[lab]))
-    min_n = int(cfg.train.min_patients)
-    if n < min_n:
-        # fewer labelled patients than the minimum: no metric at all, not even the class balance
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "abstained": 1})}), reply_to=msg)
-    out: dict = {"num-examples": n, "n-pos": n_pos, "abstained": 0}
-    bins = int(conf.get("bins", cfg.federation.histogram_bins))
-    hist = score_histogram(y, p, bins)
-    loss = prediction_loss(pred, cfg.model.loss)
-    thr = float(conf.get("threshold", 0.5))
-    yl, pl = y[lab], p[lab]
-    out.update({"hist-neg": hist[0].tolist(), "hist-pos": hist[1].tolist(), "loss": loss,
-                "tp": int(((pl >= thr) & (yl == 1)).sum()), "fp": int(((pl >= thr) & (yl == 0)).sum()),
-                "tn": int(((pl < thr) & (yl == 0)).sum()), "fn": int(((pl < thr) & (yl == 1)).sum())})
-    ci = c_index(pred["dfs_time"], pred["dfs_event"], pred["risk"])
-    out["c-index"] = float(ci)
-    if bool(conf.get("full-report", False)):
-        rep = evaluate_predictions(y, p, thr, time=pred["dfs_time"], event=pred["dfs_event"], risk=pred["risk"],
-                                   n_boot=int(cfg.train.n_boot), seed=int(cfg.seed), min_patients=min_n)
+    out: dict = {"num-examples": n, "abstained": 1, "n-skipped": len(ds.skipped)}
+    if not terms.release:
+        return Message(_with_notices(out, notices), reply_to=msg)
+    # --- benefit endpoint: labelled patients, each label a releasable cell
+    floor = int(policy.min_patients["benefit"])
+    if n < floor or min(n_pos, n - n_pos) < k:
+        notices.append(f"benefit metrics withheld: {n} labelled patients" if n < floor else
+                       f"benefit metrics withheld: a label has fewer than min_cell_count {k} patients")
+    else:
+        cells = release_histogram(y, p, terms.bins, k)
+        thr_used, confusion = cells.confusion(terms.threshold)
+        if abs(thr_used - terms.threshold) > 1e-12:
+            notices.append(f"threshold {terms.threshold:g} moved to the nearest released cell edge {thr_used:g}")
+        out.update({"n-pos": n_pos, "abstained": 0, "hist-edges": cells.edges, "hist-neg": cells.neg,
+                    "hist-pos": cells.pos, "loss": prediction_loss(pred, cfg.model.loss),
+                    "threshold-used": thr_used, **confusion})
+    # --- DFS endpoint: patients with a DFS time, enough events
+    t, e = np.asarray(pred["dfs_time"], float), np.asarray(pred["dfs_event"], float)
+    has_dfs = np.isfinite(t) & np.isfinite(e)
+    n_dfs, n_events = int(has_dfs.sum()), int(e[has_dfs].sum()) if has_dfs.any() else 0
+    dfs_ok = n_dfs >= int(policy.min_patients["dfs"]) and n_events >= k
+    if dfs_ok:
+        out["c-index"] = float(c_index(pred["dfs_time"], pred["dfs_event"], pred["risk"]))
+    if terms.full_report and (out["abstained"] == 0 or dfs_ok):
+        rep = evaluate_predictions(y, p, out.get("threshold-used", terms.threshold), time=pred["dfs_time"],
+                                   event=pred["dfs_event"], risk=pred["risk"], n_boot=int(cfg.train.n_boot),
+                                   seed=int(cfg.seed), min_patients=floor)
         for key, val in rep.items():
-            if isinstance(val, dict) and "value" in val:
-                out.update(_nan_to_num({f"{key}": val.get("value"), f"{key}-lo": val.get("lo"),
-                                        f"{key}-hi": val.get("hi")}))
-    out["n-skipped"] = len(ds.skipped)
-    return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
+            if not (isinstance(val, dict) and "value" in val):
+                continue
+            if (key == "c_index" and not dfs_ok) or (key != "c_index" and out["abstained"]):
+                continue
+            out.update(_nan_to_num({f"{key}": val.get("value"), f"{key}-lo": val.get("lo"),
+                                    f"{key}-hi": val.get("hi")}))
+    return Message(_with_notices(out, notices), reply_to=msg)

@@ -1,16 +1,19 @@
-"""Site policy: what a center agrees to answer, enforced by a ClientApp mod.
+"""Site policy enforcement: what a center agrees to answer, as a ClientApp mod.
 
-Each site may keep a ``policy.toml`` in its site folder (owned by the site's
-IT; format and defaults in ``conf/policy/default.yaml``).  ``policy_mod`` runs
-around every handler of the ClientApp and
+The policy itself (``<site>/policy.toml``, defaults in ``conf/policy/default.yaml``) is
+read by ``common/site_policy.py``.  ``policy_mod`` runs around every handler of the
+ClientApp and
 
-* before the handler: refuses message types the site does not answer, a
-  ``local-epochs`` above ``max_local_epochs``, a ``server-round`` above
-  ``max_server_round`` and training / evaluating on a split with fewer than
-  ``min_cohort_size`` patients;
-* after the handler: refuses a reply holding a record other than the
-  whitelisted ones (``arrays``, ``metrics``, ``info``) or a metric / info key
-  outside the whitelist -- refused as a whole, never silently trimmed.
+* before the handler: refuses a run whose overrides set a key outside the site's
+  ``allowed_run_keys`` (the key is named), message types the site does not answer,
+  a ``local-epochs`` above ``max_local_epochs``, a ``server-round`` above
+  ``max_server_round``, training / evaluating on a split with fewer than
+  ``min_cohort_size`` patients, and an evaluate message asking for one threshold
+  more than ``max_thresholds`` (``client/disclosure.py`` keeps the run's ledger);
+* after the handler: refuses a reply holding a record other than the whitelisted
+  ones (``arrays``, ``metrics``, ``info``), a metric / info key outside the
+  whitelist, or an evaluate reply whose cells break the disclosure rules --
+  refused as a whole, never silently trimmed.
 
 A refusal is the reply ``Error(code=403, reason="policy of <center>: ...")``,
 which the ServerApp logs with the center's name.  The policy file is re-read
@@ -20,88 +23,21 @@ from __future__ import annotations
 
 import logging
 import tomllib
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
+
+from client import disclosure
+from common.site_policy import (DEFAULT_POLICY_YAML, MESSAGE_TYPES, POLICY_FILE, Policy, PolicyError,  # noqa: F401
+                                disallowed_overrides, load_policy)
 
 log = logging.getLogger(__name__)
 
 ERR_REFUSED = 403
-POLICY_FILE = "policy.toml"
-DEFAULT_POLICY_YAML = Path(__file__).resolve().parents[1] / "conf" / "policy" / "default.yaml"
-MESSAGE_TYPES = ("query", "train", "evaluate")
 _RECORD_KINDS = {"array": ArrayRecord, "metric": MetricRecord, "config": ConfigRecord}
-
-
-class PolicyError(ValueError):
-    """A policy file that cannot be used (the site then refuses every message)."""
-
-
-@dataclass(frozen=True)
-class Policy:
-    message_types: tuple[str, ...]
-    max_local_epochs: int
-    max_server_round: int
-    min_cohort_size: int
-    reply_records: dict = field(default_factory=dict)   # record name -> array | metric | config
-    metric_keys: frozenset = frozenset()
-    info_keys: frozenset = frozenset()
-    audit_dir: str | None = None
-    source: str = ""                                     # where it came from (for messages)
-
-
-def _defaults() -> dict:
-    return yaml.safe_load(DEFAULT_POLICY_YAML.read_text())
-
-
-def _build(raw: dict, source: str) -> Policy:
-    known = {f.name for f in fields(Policy)} - {"source"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise PolicyError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    try:
-        mtypes = tuple(str(t) for t in raw["message_types"])
-        bad = [t for t in mtypes if t not in MESSAGE_TYPES]
-        if bad:
-            raise PolicyError(f"{source}: message_types {bad} not among {list(MESSAGE_TYPES)}")
-        records = {str(k): str(v) for k, v in dict(raw["reply_records"]).items()}
-        bad = {k: v for k, v in records.items() if v not in _RECORD_KINDS}
-        if bad:
-            raise PolicyError(f"{source}: reply_records kinds {bad} not among {list(_RECORD_KINDS)}")
-        ints = {}
-        for k in ("max_local_epochs", "max_server_round", "min_cohort_size"):
-            v = raw[k]
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise PolicyError(f"{source}: {k} must be an integer, got {v!r}")
-            ints[k] = v
-        audit_dir = raw.get("audit_dir")
-        return Policy(message_types=mtypes, reply_records=records,
-                      metric_keys=frozenset(str(k) for k in raw["metric_keys"]),
-                      info_keys=frozenset(str(k) for k in raw["info_keys"]),
-                      audit_dir=None if audit_dir in (None, "") else str(audit_dir), source=source, **ints)
-    except (KeyError, TypeError) as exc:
-        raise PolicyError(f"{source}: invalid policy ({exc!r})") from exc
-
-
-def load_policy(site_dir: Path | None) -> Policy:
-    """The defaults of conf/policy/default.yaml, overridden by ``<site_dir>/policy.toml`` if present."""
-    raw = _defaults()
-    source = str(DEFAULT_POLICY_YAML)
-    path = Path(site_dir) / POLICY_FILE if site_dir is not None else None
-    if path is not None and path.exists():
-        try:
-            site = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise PolicyError(f"{path}: cannot read ({exc})") from exc
-        unknown = sorted(set(site) - set(raw))
-        if unknown:
-            raise PolicyError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(raw))})")
-        raw.update(site)
-        source = str(path)
-    return _build(raw, source)
+# terms the policy mod agreed for an evaluate message, by message id (read by the handler in the same process)
+_TERMS: dict[str, disclosure.Terms] = {}
 
 
 # --------------------------------------------------------------------------- decisions
@@ -233,23 +169,76 @@ def _default_epochs(context: Context) -> int:
     return int(site_runtime(context.run_config, context.node_config).cfg.federation.local_epochs)
 
 
+def run_overrides(run_config) -> list[str]:
+    from client.site_runtime import overrides_of
+
+    return overrides_of(run_config)
+
+
+def check_run(policy: Policy, run_config) -> str | None:
+    """Why this run is refused at this site (an override of a key the site does not accept), or None."""
+    try:
+        bad = disallowed_overrides(run_overrides(run_config), policy)
+    except ValueError as exc:   # unbalanced quotes in the overrides string
+        return f"run overrides unreadable ({exc})"
+    if bad:
+        return (f"run override(s) of {', '.join(bad)} not accepted: this site lets a run change only "
+                f"its allowed_run_keys")
+    return None
+
+
+def ledger_path(site_dir: Path, node_config) -> Path:
+    from client.audit import audit_path
+
+    return audit_path(site_dir, node_config).with_name(disclosure.LEDGER_FILE)
+
+
+def evaluate_terms(msg: Message, context: Context) -> disclosure.Terms:
+    """The disclosure terms the policy mod agreed for this evaluate message (computed here if it did not run)."""
+    terms = _TERMS.pop(msg.metadata.message_id, None)
+    if terms is not None:
+        return terms
+    site_dir, _ = site_identity(context.run_config, context.node_config)
+    terms, reason = disclosure.admit_evaluate(load_policy(site_dir), ledger_path(site_dir, context.node_config),
+                                              int(context.run_id), _config(msg))
+    if terms is None:
+        raise PermissionError(reason)
+    return terms
+
+
 def policy_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower mod: enforce the site policy on the request and on the reply."""
+    """Flower mod: enforce the site policy on the run, the request and the reply."""
     site_dir, center = site_identity(context.run_config, context.node_config)
     try:
         policy = load_policy(site_dir)
     except PolicyError as exc:
         return refuse(msg, center, f"policy file unusable, refusing everything: {exc}")
-    reason = check_request(policy, msg, default_epochs=lambda: _default_epochs(context))
+    reason = check_run(policy, context.run_config)
+    if reason is None:
+        reason = check_request(policy, msg, default_epochs=lambda: _default_epochs(context))
     if reason is None and (split := requested_split(msg)) is not None:
         if split not in ("train", "val", "test"):
             reason = f"unknown split `{split}`"
         else:
             reason = check_cohort(policy, split, _split_size(context, split))
+    terms = None
+    if reason is None and message_category(msg) == "evaluate":
+        try:
+            terms, reason = disclosure.admit_evaluate(policy, ledger_path(site_dir, context.node_config),
+                                                      int(context.run_id), _config(msg))
+        except OSError as exc:
+            reason = f"disclosure ledger not usable ({exc}); refusing to release unrecorded"
     if reason is not None:
         return refuse(msg, center, reason)
-    reply = call_next(msg, context)
+    if terms is not None:
+        _TERMS[msg.metadata.message_id] = terms
+    try:
+        reply = call_next(msg, context)
+    finally:
+        _TERMS.pop(msg.metadata.message_id, None)
     reason = check_reply(policy, reply)
+    if reason is None and terms is not None and not reply.has_error() and "metrics" in reply.content:
+        reason = disclosure.check_released(policy, dict(reply.content["metrics"]), terms.bins)
     if reason is not None:
         return refuse(msg, center, f"reply refused: {reason}")
     return reply

@@ -1,7 +1,9 @@
 """Which center this ClientApp is, and its data, resolved once per process.
 
 Deployment: the SuperNode's ``--node-config`` names ``data-dir`` (the site
-folder), and optionally ``role`` and ``center-id``.  Simulation: Flower gives
+folder), and optionally ``role`` and ``center-id``.  The configuration is the
+site's (``common.site_policy.site_config``): the run contributes only the keys
+the site's policy allows.  Simulation: Flower gives
 only ``partition-id``; it indexes the sorted site folders of the run config's
 ``cohort-dir``.
 """
@@ -14,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import load_config
+from common.site_policy import site_config
 from common.dataset import SiteDataset, site_dataset
 from common.preprocess.cache import preprocess_site
 from common.task import check_dataset_matches, input_dims
@@ -67,7 +69,8 @@ def site_runtime(run_config, node_config) -> SiteRuntime:
         _RUNTIMES.move_to_end(key)
         return _RUNTIMES[key]
     site_dir, role, center = _resolve_site(run_config, node_config)
-    cfg = load_config(overrides_of(run_config))
+    # defaults + the run's allowed overrides + the site's own [config] (a disallowed key raises, naming it)
+    cfg, _ = site_config(site_dir, overrides_of(run_config))
     toml = {}
     if (site_dir / "site.toml").exists():
         toml = tomllib.loads((site_dir / "site.toml").read_text())

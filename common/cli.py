@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)   # never break a message or a path across lines
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -212,13 +212,26 @@ def cmd_demo(args) -> int:
 def cmd_provision(args) -> int:
     from server.provision import cmd_provision as provision
 
-    return provision(args.federation_file, args.out, args.only, args.force)
+    return provision(args.federation_file, args.out, args.only, args.force, public_keys=args.public_keys)
 
 
 def cmd_site_start(args) -> int:
     from server.secure_deploy import site_start
 
-    return site_start(args.kit, args.data, runtime_port=args.runtime_port)
+    return site_start(args.kit, args.data, runtime_port=args.runtime_port, key=args.key)
+
+
+def cmd_site_keygen(args) -> int:
+    from client.keys import KeyError_, fingerprint, keygen, load_public_key
+
+    try:
+        priv, pub = keygen(Path(args.out), args.center, force=args.force)
+    except (KeyError_, OSError) as exc:
+        print(f"site keygen: {exc}", file=sys.stderr)
+        return 2
+    print(f"private key: {priv} (owner-only; it never leaves this site)")
+    print(f"public key:  {pub} ({fingerprint(load_public_key(pub))}) -> send this file to the coordinator")
+    return 0
 
 
 def cmd_server_start(args) -> int:
@@ -295,13 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", default=None, metavar="CENTER",
                    help="re-provision only this center (repeatable); the CA and other centers stay as they are")
     p.add_argument("--force", action="store_true", help="replace an existing CA (invalidates every kit)")
+    p.add_argument("--public-keys", default=None, metavar="DIR",
+                   help="folder of the public keys the sites sent, DIR/<center_id>.pub (or `public_key:` per center "
+                        "in the federation file)")
     p.set_defaults(func=cmd_provision)
 
-    p = sub.add_parser("site", help="site IT: start this center's SuperNode")
+    p = sub.add_parser("site", help="site IT: make this center's key, start its SuperNode")
     ss = p.add_subparsers(dest="site_command", required=True)
-    q = ss.add_parser("start", help="validate the site data, then run flower-supernode with TLS and the kit's key")
+    q = ss.add_parser("keygen", help="make this center's SuperNode key pair here; send only the .pub to the coordinator")
+    q.add_argument("--center", required=True, help="this center's id, as in the federation file")
+    q.add_argument("--out", required=True, help="folder for supernode.key (0600) and <center>.pub")
+    q.add_argument("--force", action="store_true", help="replace an existing key (re-keying this center)")
+    q.set_defaults(func=cmd_site_keygen)
+    q = ss.add_parser("start", help="validate the site data, then run flower-supernode with TLS and the site's key")
     q.add_argument("--kit", required=True)
     q.add_argument("--data", required=True)
+    q.add_argument("--key", default=None,
+                   help="this site's private key from `newadj site keygen` (default: KIT/supernode.key)")
     q.add_argument("--runtime-port", type=int, default=None,
                    help="local port of this SuperNode's Runtime API (default: the kit's runtime_port)")
     q.set_defaults(func=cmd_site_start)

@@ -22,13 +22,28 @@ def _fail(exc: Exception) -> int:
     return 2 if isinstance(exc, EvaluationError) else 1
 
 
+SHA_HELP = ("SHA-256 of the model package as the coordinator announced it by another channel (the run's final "
+            "log line `best model: ... sha256 ...`, or best_model.sha256 in the run's metrics.json); the package "
+            "is refused unless it matches. The .json beside a package is not trusted.")
+
+
+def _expected_sha(args) -> str | None:
+    """The --sha256 the user gave; None only with --no-verify (own files, e.g. the coordinator's run)."""
+    if args.sha256:
+        return args.sha256
+    if args.no_verify:
+        return None
+    raise SystemExit("error: give --sha256 HASH (the model's SHA-256 from the coordinator's final log or "
+                     "metrics.json); a package whose hash you did not get by another channel is not loaded")
+
+
 def cmd_evaluate(args) -> int:
     from common.evaluate import EvaluationError, evaluate_site
 
     splits = [s.strip() for s in args.split.split(",")] if args.split else None
     try:
         m = evaluate_site(Path(args.model), Path(args.site), Path(args.out), splits=splits, n_boot=args.n_boot,
-                          seed=args.seed)
+                          seed=args.seed, expected_sha256=_expected_sha(args))
     except EvaluationError as exc:
         return _fail(exc)
     auc = m["discrimination"]["auc"]
@@ -68,10 +83,11 @@ def cmd_screen(args) -> int:
     try:
         if args.all:
             out = screen_all(Path(args.model), Path(args.site), Path(args.out) if args.out else None,
-                             passes=args.passes, seed=args.seed)
+                             passes=args.passes, seed=args.seed, expected_sha256=_expected_sha(args))
             console.print(f"screening of every patient written to {out} (keep it at the site)")
         else:
-            r = screen_patient(Path(args.model), Path(args.site), args.patient, passes=args.passes, seed=args.seed)
+            r = screen_patient(Path(args.model), Path(args.site), args.patient, passes=args.passes, seed=args.seed,
+                               expected_sha256=_expected_sha(args))
             if args.json:
                 print(json.dumps(r, indent=1, default=str))
             else:
@@ -79,6 +95,12 @@ def cmd_screen(args) -> int:
     except EvaluationError as exc:
         return _fail(exc)
     return 0
+
+
+def _verify_args(p) -> None:
+    p.add_argument("--sha256", default=None, help=SHA_HELP)
+    p.add_argument("--no-verify", action="store_true",
+                   help="load without a hash (only for a package you made yourself); it is still never executed")
 
 
 def register(subparsers) -> None:
@@ -89,6 +111,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", default=None, help="comma list of splits to evaluate (default: every patient)")
     p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default: the model's train.n_boot)")
     p.add_argument("--seed", type=int, default=0)
+    _verify_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("report", help="one HTML page about a finished federation run")
@@ -106,4 +129,5 @@ def register(subparsers) -> None:
     p.add_argument("--passes", type=int, default=50, help="MC-dropout forward passes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _verify_args(p)
     p.set_defaults(func=cmd_screen)

@@ -63,13 +63,13 @@ class EvaluationError(Exception):
 
 # --------------------------------------------------------------------------- inputs
 
-def load_checkpoint(model_path: Path):
-    """(model, package) or :class:`EvaluationError` naming the file."""
+def load_checkpoint(model_path: Path, expected_sha256: str | None = None):
+    """(model, package) or :class:`EvaluationError` naming the file (``expected_sha256``: see model_io)."""
     from common.model_io import ModelPackageError, load_model_package
 
     model_path = Path(model_path)
     try:
-        return load_model_package(model_path)
+        return load_model_package(model_path, expected_sha256)
     except ModelPackageError as exc:
         raise EvaluationError(f"{exc}\n(checkpoint {model_path} cannot be used: it must be a model package "
                               f"written by `newadj simulate` or `newadj baseline`, unmodified)") from exc
@@ -90,9 +90,16 @@ def open_site(site_dir: Path, cfg, model_path: Path | None = None, splits=None):
     from common.site_data import SiteData, SiteDataError
     from common.task import check_dataset_matches, input_dims
 
+    from common.site_policy import PolicyError, site_config
+
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
         raise EvaluationError(f"{site_dir}: no such site folder")
+    try:
+        # the model's schema from the package, everything else (cache, preprocessing, encoders) from the site
+        cfg, _ignored = site_config(site_dir, package_config=cfg)
+    except PolicyError as exc:
+        raise EvaluationError(str(exc)) from exc
     try:
         res = preprocess_site(site_dir, cfg, progress=False)
     except SiteDataError as exc:
@@ -289,19 +296,21 @@ def model_card(pkg: dict, model_path: Path) -> dict:
 # --------------------------------------------------------------------------- entry point
 
 def evaluate_site(model_path: Path, site_dir: Path, out_dir: Path, *, splits=None, n_boot: int | None = None,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, expected_sha256: str | None = None) -> dict:
     """Evaluate the package at ``model_path`` on the site at ``site_dir``; write report.html and metrics.json."""
     from common.plots import km_figure, reliability_figure, roc_figure
 
     model_path, site_dir, out_dir = Path(model_path), Path(site_dir), Path(out_dir)
-    model, pkg = load_checkpoint(model_path)
+    model, pkg = load_checkpoint(model_path, expected_sha256)
     cfg = pkg["config"]
     ds, clinical_by_id, site = open_site(site_dir, cfg, model_path, splits)
     if len(ds) == 0:
         raise EvaluationError(f"{site_dir}: no patients to evaluate" + (f" in split(s) {splits}" if splits else ""))
     tc = cfg.train
     n_boot = int(tc.get("n_boot", 500) if n_boot is None else n_boot)
-    min_patients = int(tc.get("min_patients", 10))
+    from common.site_policy import load_policy
+
+    min_patients = int(load_policy(site_dir).min_patients["benefit"])   # the site's floor, not the package's
     threshold = float(pkg.get("threshold", 0.5))
     pred = predict(model, ds, int(tc.get("eval_batch_size", 64)))
     modalities = [item_modalities(it) for it in ds.items]

@@ -8,21 +8,21 @@ Everything is made with ``cryptography`` (no openssl):
   file's DNS names and IP addresses as subjectAltNames (``localhost`` and
   ``127.0.0.1`` are always added: Flower 1.41's SuperLink starts its own SuperExec,
   which dials the SuperLink's HTTPS port on loopback and checks the certificate);
-* one SuperNode authentication key pair per center, in the format Flower 1.41
-  reads: an EC key on a NIST curve (P-384), the private key in OpenSSH format
-  (``flower-supernode --auth-supernode-private-key`` uses ``load_ssh_private_key``)
-  and the public key as an OpenSSH public key line (``flwr supernode register``
-  uses ``load_ssh_public_key``);
-* ``KITS_DIR/<center_id>/``: ``ca.pem``, ``supernode.key`` (0600), ``supernode.pub``,
-  ``kit.toml``, ``start.sh`` (``newadj site start --kit . --data "$1"``);
+* no center private key, ever: each site makes its own SuperNode key pair
+  (``newadj site keygen``, ``client/keys.py``) and sends only the public key; the
+  federation file names it per center (``public_key: path``, relative to the file)
+  or ``--public-keys DIR`` holds ``DIR/<center_id>.pub``;
+* ``KITS_DIR/<center_id>/``: ``ca.pem``, ``supernode.pub`` (the key the site sent,
+  for its own check), ``kit.toml``, ``start.sh``
+  (``newadj site start --kit . --key KEY --data "$1"``);
 * ``KITS_DIR/coordinator/``: ``ca.pem``, ``server.pem``, ``server.key`` (0600),
   ``authorized_supernodes/<center_id>.pub`` (registered with the SuperLink by
   ``newadj server start``), ``kit.toml``, ``start.sh`` (``newadj server start --kit .``).
 
 Directories holding private keys are 0700, private keys 0600.  Re-provisioning is
-conservative: an existing CA is never replaced unless ``force=True``; existing
-center keys are kept; ``only=[center, ...]`` regenerates just those centers' key
-pairs and rewrites the coordinator's authorized keys, touching nothing else.
+conservative: an existing CA is never replaced unless ``force=True``;
+``only=[center, ...]`` takes just those centers' (new) public keys and rewrites
+their kits and authorized keys, touching nothing else.
 """
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ ROLES = ("train", "external")
 RESERVED = {COORDINATOR, CA_DIR}
 ALWAYS_DNS = ("localhost",)
 ALWAYS_IP = ("127.0.0.1",)
-AUTH_CURVE = ec.SECP384R1      # Flower accepts any NIST curve; its docs use P-384
 TLS_CURVE = ec.SECP384R1
 
 # kit file names (secure_deploy reads them through kit.toml, never hard-coded)
@@ -138,7 +137,9 @@ def load_federation(path: str | Path) -> dict[str, Any]:
         if role not in ROLES:
             problems.append(f"centers[{i}].role must be one of {ROLES}, got {role!r}")
         seen.add(cid)
-        centers.append({"center_id": cid, "display_name": str(c.get("display_name") or cid), "role": role})
+        pub = c.get("public_key")
+        centers.append({"center_id": cid, "display_name": str(c.get("display_name") or cid), "role": role,
+                        "public_key": str((path.parent / str(pub)).resolve()) if pub else None})
     if not centers:
         problems.append("`centers` lists no center")
     if problems:
@@ -253,13 +254,23 @@ def _pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _new_auth_keypair(comment: str) -> tuple[bytes, bytes]:
-    """(OpenSSH private key, OpenSSH public key line) of a fresh EC P-384 key."""
-    key = ec.generate_private_key(AUTH_CURVE())
-    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                             serialization.NoEncryption())
-    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return priv, pub + f" {comment}\n".encode()
+def _center_public_key(c: dict, public_keys: Path | None) -> bytes:
+    """The public key a site sent for center ``c`` (checked: an OpenSSH EC key)."""
+    from client.keys import KeyError_, load_public_key, public_key_file
+
+    cid = c["center_id"]
+    path = Path(c["public_key"]) if c.get("public_key") else (
+        public_key_file(public_keys, cid) if public_keys is not None else None)
+    if path is None or not path.is_file():
+        where = f" ({path} not found)" if path is not None else ""
+        raise ProvisionError(f"center {cid}: no public key{where}; the site makes its key pair with "
+                             f"`newadj site keygen --center {cid} --out KEYDIR` and sends KEYDIR/{cid}.pub; "
+                             "name it as `public_key:` in the federation file or pass --public-keys DIR")
+    try:
+        load_public_key(path)
+    except KeyError_ as exc:
+        raise ProvisionError(f"center {cid}: {exc}") from exc
+    return path.read_bytes()
 
 
 def server_cert_matches(cert: x509.Certificate, ca_cert: x509.Certificate, fed: dict, min_days: int = 30) -> bool:
@@ -301,7 +312,7 @@ def _center_kit_toml(fed: dict, c: dict) -> str:
         "",
         "[files]",
         f"root_certificates = {_toml_str(CA_CERT)}",
-        f"private_key = {_toml_str(NODE_KEY)}",
+        "# the public key this center sent; its private key stays at the site (`site start --key`)",
         f"public_key = {_toml_str(NODE_PUB)}",
         "",
     ])
@@ -346,7 +357,7 @@ if [ $# -lt 1 ]; then
     exit 2
 fi
 cd "$(dirname "$0")"
-exec newadj site start --kit . --data "$1"
+exec newadj site start --kit . --key "${NEWADJ_SITE_KEY:?set NEWADJ_SITE_KEY to this site's supernode.key}" --data "$1"
 """
 
 COORDINATOR_START = """#!/bin/sh
@@ -361,16 +372,17 @@ exec newadj server start --kit .
 
 
 def provision(federation_file: str | Path, out_dir: str | Path, only: list[str] | None = None,
-              force: bool = False) -> dict[str, Any]:
+              force: bool = False, public_keys: str | Path | None = None) -> dict[str, Any]:
     """Write (or update) the federation's CA, server certificate, key pairs and startup kits.
 
-    ``only``: regenerate the key pairs of just these centers (they must already be in
-    the federation file and a CA must already exist); the coordinator's authorized keys
-    are rewritten, the CA, the server certificate and every other center's keys are left
-    byte-identical.  Without ``only``, an existing CA and existing center keys are kept
-    (new centers get keys; a server certificate whose SANs no longer match the file is
-    re-issued by the existing CA); ``force=True`` starts from scratch (new CA, new
-    server certificate, new keys for every center).
+    Centers' public keys come from the sites (``public_key`` in the federation file, or
+    ``public_keys/<center_id>.pub``); no private key of a center is made or held here.
+    ``only``: take the (new) public keys of just these centers (they must already be in
+    the federation file and a CA must already exist); their kits and the coordinator's
+    authorized keys are rewritten, the CA, the server certificate and every other
+    center's files are left byte-identical.  Without ``only``, an existing CA is kept
+    (a server certificate whose SANs no longer match the file is re-issued by it);
+    ``force=True`` starts from a new CA and server certificate.
 
     Returns a summary: paths and what was created.
     """
@@ -432,33 +444,36 @@ def provision(federation_file: str | Path, out_dir: str | Path, only: list[str] 
         _write_if_changed(coord / CA_CERT, ca_pem)
     summary["server_cert"] = str(coord / SERVER_CERT)
 
-    # ---- centers
+    # ---- centers: the public keys the sites sent
+    public_keys = Path(public_keys) if public_keys else None
     auth = _ensure_dir(coord / AUTHORIZED_DIR, private=False)
     targets = fed["centers"] if only is None else [c for c in fed["centers"] if c["center_id"] in only]
     for c in targets:
         cid = c["center_id"]
-        kit = _ensure_dir(out / cid, private=True)
-        regen = force or only is not None or not (kit / NODE_KEY).exists() or not (kit / NODE_PUB).exists()
-        if regen:
-            priv, pub = _new_auth_keypair(f"{fed['federation']}:{cid}")
-            _write(kit / NODE_KEY, priv, 0o600)
-            _write(kit / NODE_PUB, pub, 0o644)
+        pub = _center_public_key(c, public_keys)
+        kit = _ensure_dir(out / cid, private=False)
+        if (kit / NODE_PUB).exists() and (kit / NODE_PUB).read_bytes() != pub:
+            summary["keys_generated"].append(cid)      # a new key for this center (re-keyed at the site)
+        elif not (kit / NODE_PUB).exists():
             summary["keys_generated"].append(cid)
-        else:
-            os.chmod(kit / NODE_KEY, 0o600)
+        _write_if_changed(kit / NODE_PUB, pub, 0o644)
+        _write_if_changed(auth / f"{cid}.pub", pub, 0o644)
+        if (kit / NODE_KEY).exists():
+            summary.setdefault("warnings", []).append(
+                f"{kit / NODE_KEY}: a center private key from an older version of provision; it is no longer "
+                "used (the site makes its own with `newadj site keygen`): delete it")
         if only is None:
             _write_if_changed(kit / CA_CERT, ca_pem)
         _write_if_changed(kit / KIT_TOML, _center_kit_toml(fed, c))
         _write_if_changed(kit / START_SH, CENTER_START, 0o755)
 
-    # coordinator's authorized keys: exactly the federation file's centers, copied from their kits
+    # coordinator's authorized keys: exactly the federation file's centers
     for c in fed["centers"]:
-        pub = out / c["center_id"] / NODE_PUB
+        pub = auth / f"{c['center_id']}.pub"
         if not pub.exists():
             raise ProvisionError(f"{pub} is missing; provision the whole federation (without `only`)")
-        _write_if_changed(auth / f"{c['center_id']}.pub", pub.read_bytes())
         summary["centers"][c["center_id"]] = {"kit": str(out / c["center_id"]), "role": c["role"],
-                                              "public_key": str(auth / f"{c['center_id']}.pub")}
+                                              "public_key": str(pub)}
     removed = sorted(p.stem for p in auth.glob("*.pub") if p.stem not in known)
     for stem in removed:
         (auth / f"{stem}.pub").unlink()
@@ -469,10 +484,10 @@ def provision(federation_file: str | Path, out_dir: str | Path, only: list[str] 
 
 
 def cmd_provision(federation_file: str | Path, out_dir: str | Path, only: list[str] | None = None,
-                  force: bool = False, echo=print) -> int:
+                  force: bool = False, echo=print, public_keys: str | Path | None = None) -> int:
     """CLI entry (`newadj provision`): returns an exit code, prints what was written."""
     try:
-        s = provision(federation_file, out_dir, only=only or None, force=force)
+        s = provision(federation_file, out_dir, only=only or None, force=force, public_keys=public_keys)
     except (FederationFileError, ProvisionError) as err:
         echo(f"provision: {err}")
         return 1
@@ -480,7 +495,9 @@ def cmd_provision(federation_file: str | Path, out_dir: str | Path, only: list[s
     echo(f"  CA: {s['ca_cert']} ({'new' if s['ca_created'] else 'kept'})"
          + ("  [REPLACED: every kit must be redistributed]" if s.get("ca_replaced") else ""))
     echo(f"  server certificate: {s['server_cert']} ({'issued' if s['server_cert_issued'] else 'kept'})")
-    echo(f"  new key pairs: {', '.join(s['keys_generated']) or 'none'}")
+    echo(f"  new or changed center public keys: {', '.join(s['keys_generated']) or 'none'}")
+    for w in s.get("warnings", []):
+        echo(f"  warning: {w}")
     for cid, c in s["centers"].items():
         echo(f"  {cid:<12} {c['role']:<8} {c['kit']}")
     if s["removed_from_authorized"]:

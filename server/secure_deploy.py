@@ -11,7 +11,9 @@ Flower 1.41 facts this module relies on (checked in the installed flwr source):
   rejected by 1.41).  A SuperNode whose key is not registered fails to activate.
 * ``flower-supernode --root-certificates CA.pem --auth-supernode-private-key KEY``:
   the key is an OpenSSH EC private key (NIST curve); the public key is derived from
-  it (``--auth-supernode-public-key`` is deprecated and not passed).
+  it (``--auth-supernode-public-key`` is deprecated and not passed).  The key is the
+  site's own (``newadj site keygen``); a center kit holds only its public key, and
+  ``site start`` refuses a key that is not the one the kit registers.
 * the ``flwr`` CLI reads ``root-certificates`` from ``FLWR_HOME/config.toml``.
 
 ``start_secure_superlink`` / ``start_secure_supernode`` start background processes in
@@ -102,7 +104,7 @@ def load_kit(kit_dir: str | Path, kind: str | None = None) -> Kit:
     kit = Kit(kit_dir, data)
     if kind and kit.kind != kind:
         raise KitError(f"{toml}: a {kit.kind or 'unknown'} kit, expected a {kind} kit")
-    keys = ("root_certificates", "private_key") if kit.kind == "center" else ("ca_cert", "server_cert", "server_key")
+    keys = ("root_certificates", "public_key") if kit.kind == "center" else ("ca_cert", "server_cert", "server_key")
     for key in keys:
         if not kit.file(key).is_file():
             raise KitError(f"{kit.file(key)}: missing from the kit")
@@ -130,15 +132,32 @@ def superlink_command(kit: Kit, host: str, port: int, database: str | Path) -> l
             "--disable-runtime-dependency-installation"]
 
 
+def site_key(kit: Kit, key: str | Path | None = None) -> Path:
+    """The site's private key for this kit: ``key``, else ``KIT/supernode.key``; checked against the kit's public key."""
+    from client.keys import KeyError_, fingerprint, load_private_key, load_public_key, same_key
+
+    path = Path(key) if key else kit.dir / "supernode.key"
+    try:
+        priv = load_private_key(path)
+        pub = load_public_key(kit.file("public_key"))
+    except KeyError_ as exc:
+        raise KitError(str(exc)) from exc
+    if not same_key(priv, pub):
+        raise KitError(f"{path}: not the key registered for {kit.center.get('center_id')} (its public key is "
+                       f"{fingerprint(priv.public_key())}, the kit's is {fingerprint(pub)}); use the key made "
+                       "with `newadj site keygen` for this center, or send its .pub for re-provisioning")
+    return path
+
+
 def supernode_command(kit: Kit, data_dir: str | Path, superlink: str | None = None,
-                      runtime_port: int | None = None) -> list[str]:
-    """``flower-supernode`` with TLS (the kit's CA) and the kit's authentication key."""
+                      runtime_port: int | None = None, key: str | Path | None = None) -> list[str]:
+    """``flower-supernode`` with TLS (the kit's CA) and the site's own authentication key."""
     c = kit.center
     node_config = {"data-dir": str(Path(data_dir).resolve()), "role": c["role"], "center-id": c["center_id"]}
     port = runtime_port or int(kit.data.get("supernode", {}).get("runtime_port", 9094))
     return [bin_path("flower-supernode"), "--superlink", superlink or kit.superlink_address,
             "--root-certificates", str(kit.file("root_certificates")),
-            "--auth-supernode-private-key", str(kit.file("private_key")),
+            "--auth-supernode-private-key", str(site_key(kit, key)),
             "--node-config", node_config_arg(node_config), "--port", str(port)]
 
 
@@ -268,14 +287,15 @@ def start_secure_superlink(group: ProcessGroup, coordinator_kit: str | Path, flw
 
 def start_secure_supernode(group: ProcessGroup, env: dict, center_kit: str | Path, data_dir: str | Path,
                            log_path: Path, superlink: str | None = None,
-                           runtime_port: int | None = None) -> subprocess.Popen:
+                           runtime_port: int | None = None, key: str | Path | None = None) -> subprocess.Popen:
     """A ``flower-supernode`` from a center kit (TLS with the kit's CA, its auth key, its center id and role).
 
     ``superlink`` overrides the kit's address; the local Runtime API gets ``runtime_port``
     (default: a free port, so several SuperNodes can share one host).
     """
     kit = load_kit(center_kit, "center")
-    return group.start(supernode_command(kit, data_dir, superlink, runtime_port or free_port()), env, Path(log_path))
+    return group.start(supernode_command(kit, data_dir, superlink, runtime_port or free_port(), key), env,
+                       Path(log_path))
 
 
 # --------------------------------------------------------------------------- foreground (CLI)
@@ -363,7 +383,8 @@ def server_start(kit_dir: str | Path, echo: Callable[[str], None] = print, datab
 
 
 def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] | None = None,
-               echo: Callable[[str], None] = print, runtime_port: int | None = None) -> int:
+               echo: Callable[[str], None] = print, runtime_port: int | None = None,
+               key: str | Path | None = None) -> int:
     """`newadj site start --kit DIR --data SITE`: validate the site folder, then run the SuperNode in the foreground.
 
     Refuses to start (exit code 1) when validation reports errors; they are printed.
@@ -373,6 +394,7 @@ def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] |
 
     try:
         kit = load_kit(kit_dir, "center")
+        site_key(kit, key)
     except KitError as err:
         echo(f"site start: {err}")
         return 2
@@ -380,7 +402,13 @@ def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] |
     if not data_dir.is_dir():
         echo(f"site start: {data_dir}: not a folder")
         return 2
-    cfg = load_config(list(overrides or []))
+    from common.site_policy import PolicyError, with_site_config
+
+    try:
+        cfg = with_site_config(load_config(list(overrides or [])), data_dir)
+    except PolicyError as err:
+        echo(f"site start: {err}")
+        return 2
     report = validate_site(data_dir, phases=tuple(cfg.data.phases), deep=True,
                            val_fraction=float(cfg.data.val_fraction),
                            genomic_features=list(cfg.data.genomic_features),
@@ -401,7 +429,7 @@ def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] |
     home.mkdir(exist_ok=True)
     env = flwr_env(home)
     echo(f"starting flower-supernode for {c['center_id']} ({c['role']}) -> {kit.superlink_address} (TLS, authenticated)")
-    return _run_foreground(supernode_command(kit, data_dir, runtime_port=runtime_port), env, cwd=kit.dir)
+    return _run_foreground(supernode_command(kit, data_dir, runtime_port=runtime_port, key=key), env, cwd=kit.dir)
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m server.secure_deploy server|site KIT [DATA]

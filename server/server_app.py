@@ -29,7 +29,7 @@ from common.hashing import json_safe
 from common.config import config_hash, load_config, save_config, to_plain
 from common.engine import seed_everything
 from common.model_io import save_model_package
-from common.metrics import auc_from_histograms, pool_histograms, youden_from_histograms
+from common.metrics import auc_from_cells, youden_from_cells
 from common.task import model_from_config
 from common.wire import content_bytes, from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
 from server.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -49,11 +49,36 @@ def _send(grid, node_ids, arrays: ArrayRecord, config: dict, timeout: float, mty
     return send_and_collect(grid, msgs, timeout), arrays.count_bytes() * len(msgs)
 
 
+REPLY_COUNTS = ("tp", "fp", "tn", "fn")
+_CELL_KEYS = ("hist-edges", "hist-neg", "hist-pos", "num-examples", "n-pos", "abstained", "loss", "c-index",
+              "threshold-used", *REPLY_COUNTS)
+
+
+def _center_entry(m: dict) -> tuple[dict, tuple | None]:
+    """One center's evaluate metrics as a history entry, and its released cells (None: benefit abstained)."""
+    entry = {"n": int(m["num-examples"]), "n_pos": int(m.get("n-pos", 0)), "abstained": bool(m.get("abstained"))}
+    if "c-index" in m:
+        entry["c_index"] = float(m["c-index"])
+    cells = None
+    if not entry["abstained"]:
+        cells = (list(m["hist-edges"]), list(m["hist-neg"]), list(m["hist-pos"]))
+        est, lo, hi = auc_from_cells([cells])
+        entry.update({"auc": est, "auc_lower": lo, "auc_upper": hi, "loss": float(m["loss"]),
+                      "threshold_used": float(m.get("threshold-used", float("nan"))), "cells": len(cells[1]),
+                      **{k: int(m[k]) for k in REPLY_COUNTS}})
+    # the full report's exact values (computed at the site); the histogram estimate stays as auc_histogram
+    report = {k.replace("-", "_"): float(v) for k, v in m.items() if k not in _CELL_KEYS and isinstance(v, (int, float))}
+    if "auc" in report and "auc" in entry:
+        entry["auc_histogram"] = entry["auc"]
+    entry.update(report)
+    return entry, cells
+
+
 def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[dict, int, int]:
-    """Per-center aggregate metrics and the pooled AUC from summed histograms."""
+    """Per-center aggregate metrics and the pooled AUC from the centers' released histogram cells."""
     replies, sent = _send(grid, node_ids, arrays, config, timeout)
     received = 0
-    per_center, hists, failures = {}, [], {}
+    per_center, cells, failures, notices = {}, [], {}, {}
     for nid, r in replies.items():
         center = _center(roles, nid)
         if r is None:
@@ -63,32 +88,24 @@ def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[d
             failures[center] = r.error.reason
             log.error("center %s failed evaluation: %s", center, r.error.reason)
             continue
-        m = dict(r.content["metrics"])
-        received += r.content["metrics"].count_bytes()
-        entry = {"n": int(m["num-examples"]), "n_pos": int(m.get("n-pos", 0)), "abstained": bool(m.get("abstained"))}
-        if not entry["abstained"]:
-            h = np.array([m["hist-neg"], m["hist-pos"]], dtype=np.int64)
-            hists.append(h)
-            est, lo, hi = auc_from_histograms(h)
-            entry.update({"auc": est, "auc_lower": lo, "auc_upper": hi, "loss": float(m["loss"]),
-                          "c_index": float(m.get("c-index", float("nan"))),
-                          **{k: int(m[k]) for k in ("tp", "fp", "tn", "fn")}})
-            entry.update({k.replace("-", "_"): float(v) for k, v in m.items()
-                          if k not in ("hist-neg", "hist-pos", "num-examples", "n-pos", "abstained", "loss",
-                                       "c-index", "tp", "fp", "tn", "fn") and isinstance(v, (int, float))})
-        per_center[center] = entry
+        received += content_bytes(r.content)
+        if "info" in r.content and r.content["info"].get("notice"):
+            notices[center] = str(r.content["info"]["notice"])
+            log.warning("center %s: %s", center, notices[center])
+        per_center[center], c = _center_entry(dict(r.content["metrics"]))
+        if c is not None:
+            cells.append(c)
     pooled = {}
-    if hists:
-        ph = pool_histograms(hists)
-        est, lo, hi = auc_from_histograms(ph)
+    if cells:
+        est, lo, hi = auc_from_cells(cells)
         scored = [e for e in per_center.values() if not e["abstained"]]
         n_tot = sum(e["n"] for e in scored)
         w_auc = [(e["auc"], e["n"]) for e in scored if not np.isnan(e["auc"])]
-        pooled = {"auc": est, "auc_lower": lo, "auc_upper": hi, "n": n_tot,
+        pooled = {"auc": est, "auc_lower": lo, "auc_upper": hi, "n": n_tot, "n_centers": len(scored),
                   "weighted_auc": sum(a * n for a, n in w_auc) / max(1, sum(n for _, n in w_auc)) if w_auc else float("nan"),
                   "loss": sum(e["loss"] * e["n"] for e in scored) / max(1, n_tot),
-                  "youden_threshold": youden_from_histograms(ph), "histogram": ph.tolist()}
-    return {"centers": per_center, "pooled": pooled, "failures": failures}, sent, received
+                  "youden_threshold": youden_from_cells(cells)}
+    return {"centers": per_center, "pooled": pooled, "failures": failures, "notices": notices}, sent, received
 
 
 def _selection_key(pooled: dict, metric: str) -> float:
@@ -266,14 +283,18 @@ def main(grid: Grid, context: Context) -> None:
             for r in good:      # client-level DP: every center weighs the same (Flower's accountant requires it)
                 r.content["metrics"][DP_WEIGHT] = 1.0
         t_agg = time.perf_counter()
+        dropped = None
         if rt["n_good"] >= int(fed.min_train_nodes) and good:
             new_arrays, train_metrics = strategy.aggregate_train(rnd, good)
             if new_arrays is not None:
                 arrays = new_arrays
+            else:
+                dropped = f"the {fed.strategy} strategy aggregated nothing from {len(good)} updates"
         else:
             train_metrics = None
-            log.error("round %d: %d usable training updates < min_train_nodes=%d; global model unchanged",
-                      rnd, rt["n_good"], fed.min_train_nodes)
+            dropped = f"{rt['n_good']} usable training updates < min_train_nodes={fed.min_train_nodes}"
+        if dropped:
+            log.error("round %d dropped: %s; global model unchanged", rnd, dropped)
         t_train, t_agg = time.perf_counter() - t0, time.perf_counter() - t_agg
         val, s2, r2 = _evaluate_centers(grid, train_ids, roles, to_arrays(from_arrays(arrays), fp16),
                                         {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5},
@@ -281,13 +302,13 @@ def main(grid: Grid, context: Context) -> None:
         sent, received = sent + s2, received + r2
         rec = {"round": rnd, "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
                "client_train_seconds": rt["client_seconds"],
-               "val": {k: v for k, v in val["pooled"].items() if k != "histogram"},
+               "val": dict(val["pooled"]), "val_notices": val["notices"],
                "val_centers": {c: {k: e.get(k) for k in ("auc", "n", "loss", "abstained")}
                                for c, e in val["centers"].items()},
                "failures": _merge_failures(train_fail, val["failures"]),
                "rejected_updates": rt.get("rejected", {}), "update_norms": rt.get("norms", {}),
                "n_skipped_train": rt.get("n_skipped", {}),
-               "bytes_sent": sent, "bytes_received": received, "n_train_replies": rt["n_good"],
+               "bytes_sent": sent, "bytes_received": received, "n_train_replies": rt["n_good"], "dropped": dropped,
                "aggregate_seconds": t_agg, "server_rss_mb": psutil.Process().memory_info().rss / 2**20,
                "client_rss_mb": rt.get("client_rss", {})}
         if (spent := privacy_spent(strategy)) is not None:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedMedian,
                                      FedProx, FedTrimmedAvg, FedYogi)
-from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
+                                               SamplingMethod)
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 STRATEGY_STATE = ("m_t", "v_t")  # FedOpt moments, saved in checkpoints for an exact resume
@@ -25,10 +26,41 @@ def build_strategy(fed, n_train_centers: int | None = None):
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION,
             max_epsilon=None if dp.max_epsilon in (None, "") else float(dp.max_epsilon)))
-        return DifferentialPrivacyClientSideFixedClipping(
+        return CenterLevelDP(
             inner, noise_multiplier=float(dp.noise_multiplier), clipping_norm=float(dp.clipping_norm),
             num_sampled_clients=int(n_train_centers), accountant=accountant)
     return _base_strategy(fed)
+
+
+class CenterLevelDP(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping DP over the centers that are there this round.
+
+    Flower's wrapper fixes ``num_sampled_clients`` once and raises in ``configure_train``
+    when fewer nodes are connected, and drops the round (returns None) when one reply is
+    missing or was rejected by the server's update screening.  Here the round's sample is
+    the training centers the strategy addressed, and its release is the mean of the
+    updates that passed screening: the noise is scaled to that count (std =
+    noise_multiplier x clipping_norm / m) and the accountant records a release of m
+    centers.  Nothing is released (and nothing accounted) in a round with no usable update.
+    """
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.current_arrays = arrays
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if messages:
+            self.num_sampled_clients = len(messages)
+        return self._prepare_accounting(server_round, messages)
+
+    def aggregate_train(self, server_round, replies):
+        good = [r for r in replies if not r.has_error()]
+        event = self._pending_events.get(server_round)
+        if good and event is not None and len(good) != event.sample_size:
+            self._pending_events[server_round] = GaussianPrivacyEvent(
+                noise_multiplier=event.noise_multiplier, sample_size=min(len(good), event.population_size),
+                population_size=event.population_size)
+        if good:
+            self.num_sampled_clients = len(good)
+        return super().aggregate_train(server_round, good)
 
 
 def is_dp(strategy) -> bool:

@@ -6,16 +6,32 @@ from pathlib import Path
 
 import pytest
 
-# Small and fast everywhere in tests; the same overrides reach server and clients.
+# Small and fast everywhere in tests; the same overrides reach server and clients (only keys a site's
+# default policy lets a run change: floors and site settings come from each site's policy.toml below).
 TEST_OVERRIDES = [
     "model=small",
     "train.epochs=4",
     "train.n_boot=50",
-    "train.min_patients=3",
     "federation.num_rounds=2",
     "federation.local_epochs=1",
     "federation.histogram_bins=20",
 ]
+# offline work on the whole cohort (baselines, packages built in tests): its own floor
+LOCAL_OVERRIDES = TEST_OVERRIDES + ["train.min_patients=3"]
+
+# every tiny test site's own policy: floors low enough for 8-12 patients, cells merged below 2, and
+# one torch thread per client (the site's own setting; runs are bit-reproducible with it)
+TINY_SITE_POLICY = """# test site: floors for a tiny cohort (the site's decision, not the run's)
+min_patients = { benefit = 3, dfs = 3 }
+min_cell_count = 2
+
+[config]
+train.num_threads = 1
+"""
+
+
+def write_site_policy(site: Path, text: str = TINY_SITE_POLICY) -> None:
+    (Path(site) / "policy.toml").write_text(text)
 
 
 def round_weights(run_dir: Path, rnd: int) -> dict:
@@ -34,7 +50,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
 def test_cfg():
     from common.config import load_config
 
-    return load_config(TEST_OVERRIDES)
+    return load_config(LOCAL_OVERRIDES)
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +62,8 @@ def tiny_cohort(tmp_path_factory, test_cfg) -> Path:
 
     out = tmp_path_factory.mktemp("cohort")
     generate_cohort(out, seed=3, scale=0.06, cfg=to_plain(test_cfg.synth), progress=False)
+    for site in discover_sites(out):
+        write_site_policy(site.path)
     ensure_caches(discover_sites(out), test_cfg, progress=False)
     return out
 

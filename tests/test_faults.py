@@ -39,7 +39,7 @@ ROUND_TIMEOUT = 60
 SLOW_SECONDS = 90   # > ROUND_TIMEOUT
 OVERRIDES = TEST_OVERRIDES + ["federation.num_rounds=3", f"federation.round_timeout={ROUND_TIMEOUT}",
                               "federation.query_timeout=60"]
-RESUME_OVERRIDES = TEST_OVERRIDES + ["federation.num_rounds=3", "train.num_threads=1", "federation.round_timeout=300"]
+RESUME_OVERRIDES = TEST_OVERRIDES + ["federation.num_rounds=3", "federation.round_timeout=300"]
 # one torch thread in both runs: a simulation worker and a SuperNode otherwise differ in threads (and last digits)
 
 

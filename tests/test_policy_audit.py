@@ -10,6 +10,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
@@ -89,7 +90,11 @@ def test_defaults_apply_without_policy_file(tmp_path):
     assert {"num-examples", "train-loss", "train-seconds", "samples-per-s", "hist-neg", "hist-pos", "loss",
             "tp", "fp", "tn", "fn", "c-index", "n-pos", "abstained", "n-skipped", "auc", "auc-lo",
             "c_index-hi"} <= pol.metric_keys
-    assert pol.info_keys == {"role", "center-id", "n-train", "n-val", "n-test"}
+    assert pol.info_keys == {"role", "center-id", "n-train", "n-val", "n-test", "notice"}
+    # the disclosure floors are the site's, with the documented defaults
+    assert pol.min_patients == {"benefit": 10, "dfs": 10} and pol.min_cell_count == 5
+    assert pol.max_histogram_bins == 20 and pol.max_thresholds == 3 and pol.release_round_metrics is True
+    assert "data.cache_dir" not in pol.allowed_run_keys and "train.min_patients" not in pol.allowed_run_keys
 
 
 def test_site_policy_file_overrides_defaults_and_rejects_unknown_keys(tmp_path):
@@ -132,8 +137,13 @@ def test_mod_refuses_with_403_naming_the_center_and_never_runs_the_handler(tmp_p
     assert handler.calls == 0
     # within the policy: the handler's reply goes out unchanged
     ok = _run(policy_mod, _msg("evaluate", {"split": "val"}), _ctx(site),
-              _Handler({"metrics": MetricRecord({"num-examples": 4, "hist-neg": [1, 2], "hist-pos": [0, 1]})}))
+              _Handler({"metrics": MetricRecord({"num-examples": 4, "abstained": 1})}))
     assert not ok.has_error() and dict(ok.content["metrics"])["num-examples"] == 4
+    # a reply with a cell of one patient is refused whole by the policy mod (second line behind the handler)
+    small = _run(policy_mod, _msg("evaluate", {"split": "val"}), _ctx(site), _Handler({"metrics": MetricRecord(
+        {"num-examples": 14, "n-pos": 7, "abstained": 0, "hist-edges": [0.0, 0.5, 1.0], "hist-neg": [1, 6],
+         "hist-pos": [7, 0]})}))
+    assert small.has_error() and "with [1] patients (< min_cell_count 5)" in small.error.reason
 
 
 def test_message_type_refused(tmp_path):
@@ -310,6 +320,60 @@ def _strings(obj):
         yield str(obj)
 
 
+def _model_of(line: dict) -> str | None:
+    """Identity of the model a logged request carried (the SHA-256 of each of its arrays)."""
+    arrays = (line.get("records", {}).get("arrays") or {}).get("arrays")
+    return None if not arrays else hashlib.sha256(json.dumps(
+        {k: a["sha256"] for k, a in sorted(arrays.items())}).encode()).hexdigest()
+
+
+def check_disclosure(site: Path, outs: list[dict], ins: dict[str, dict]) -> None:
+    """Every released cell of every evaluate reply of a run holds 0 or >= the site's min_cell_count patients.
+
+    Also: histograms have at most max_histogram_bins cells with edges on the run's one grid; confusion
+    counts are sums of released cells at `threshold-used` (an edge), so they add nothing; the label
+    counts respect the floors; every reply about the same model releases the same cells (so no
+    combination of replies is finer than one of them); at most max_thresholds distinct thresholds.
+    """
+    from client.disclosure import grid_edges
+    from common.site_policy import load_policy
+
+    pol = load_policy(site)
+    k = pol.min_cell_count
+    grids, by_model, thresholds = set(), {}, set()
+    for out in outs:
+        vals = (out["records"].get("metrics") or {}).get("values") or {}
+        where = f"{site.name}: reply to {out['message_type']} {out['reply_to']}"
+        if out["message_type"] != "evaluate" or out.get("decision") != "accepted":
+            continue
+        req = ((ins[out["reply_to"]].get("records") or {}).get("config") or {}).get("values") or {}
+        thresholds.add(float(req.get("threshold", 0.5)))
+        if "hist-neg" not in vals:
+            assert not any(key in vals for key in ("tp", "fp", "tn", "fn", "n-pos", "loss", "auc")), \
+                f"{where}: benefit metrics without released cells"
+            continue
+        neg, pos, edges = vals["hist-neg"], vals["hist-pos"], vals["hist-edges"]
+        assert len(neg) == len(pos) == len(edges) - 1 <= pol.max_histogram_bins, f"{where}: {len(neg)} cells"
+        cells = [int(c) for c in neg + pos]
+        assert all(c == 0 or c >= k for c in cells), f"{where}: cells {cells} below min_cell_count {k}"
+        n, n_pos = int(vals["num-examples"]), int(vals["n-pos"])
+        assert n >= pol.min_patients["benefit"] and min(n_pos, n - n_pos) >= k, f"{where}: floors broken"
+        assert sum(neg) == n - n_pos and sum(pos) == n_pos
+        grid = [b for b in range(1, pol.max_histogram_bins + 1)
+                if all(np.isclose(grid_edges(b), e).any() for e in edges)]
+        assert grid, f"{where}: edges {edges} are on no grid of at most {pol.max_histogram_bins} bins"
+        grids.add(max(grid))
+        j = edges.index(vals["threshold-used"])
+        assert (vals["tp"], vals["fn"], vals["fp"], vals["tn"]) == (sum(pos[j:]), sum(pos[:j]), sum(neg[j:]),
+                                                                  sum(neg[:j])), f"{where}: confusion off the cells"
+        model = _model_of(ins[out["reply_to"]])
+        cut = (req.get("split"), tuple(edges), tuple(neg), tuple(pos))
+        assert by_model.setdefault((model, req.get("split")), cut) == cut, \
+            f"{where}: another partition of the same model's scores was released before"
+    assert len(thresholds) <= pol.max_thresholds, f"{site.name}: {len(thresholds)} distinct thresholds answered"
+    assert len(grids) <= 1, f"{site.name}: histograms on several grids in one run: {grids}"
+
+
 def replay_audit(site: Path, bins: int, run_id: int, allowed: set[str] = ALLOWED_REPLY_RECORDS) -> list[dict]:
     """Every line of one site's audit log; fails on any reply that holds patient-level data."""
     lines = read_audit(site / AUDIT_FILE)
@@ -332,7 +396,7 @@ def replay_audit(site: Path, bins: int, run_id: int, allowed: set[str] = ALLOWED
         text = list(_strings(out["records"])) + [str(out.get("reason", ""))]
         leaked = {p for p in pids for s in text if p in s}
         assert not leaked, f"{where} holds patient ids {sorted(leaked)[:5]}"
-        # 3) no per-patient vectors: a list as long as a split is only allowed as a histogram of `bins`
+        # 3) no per-patient vectors: a list as long as a split is only allowed as a histogram of at most `bins`
         for name, rec in out["records"].items():
             assert name != "metrics" or rec["kind"] == "metric"
             if name == SECAGG_RECORD:
@@ -344,11 +408,13 @@ def replay_audit(site: Path, bins: int, run_id: int, allowed: set[str] = ALLOWED
             for key, val in (rec.get("values") or {}).items():
                 if not isinstance(val, list):
                     continue
-                if key in HIST_KEYS:
-                    assert len(val) == bins, f"{where}: histogram {key} has {len(val)} bins, not {bins}"
+                if key in HIST_KEYS + ("hist-edges",):
+                    assert len(val) <= bins + (key == "hist-edges"), f"{where}: histogram {key} has {len(val)} bins, not {bins}"
                     continue
                 assert len(val) not in patient_counts, \
                     f"{where}: list metric {key!r} has {len(val)} values = patients of a split {sizes}"
+    # 4) the site's disclosure rules, over every reply of the run together
+    check_disclosure(site, outs, ins)
     return lines
 
 
@@ -423,14 +489,22 @@ def test_replay_catches_patient_level_replies(tmp_path):
         append_line(site / AUDIT_FILE, {"direction": "out", "run_id": 1, "reply_to": "m", "message_type": "evaluate",
                                         "records": records, "decision": "accepted"})
 
-    ok = {"metrics": {"kind": "metric", "values": {"num-examples": 2, "hist-neg": [1, 0, 0, 0], "hist-pos": [0, 0, 0, 1]}}}
+    ok = {"metrics": {"kind": "metric", "values": {"num-examples": 2, "abstained": 1}}}
     forge(ok)
     replay_audit(site, 4, 1)
     for bad, needle in [
         ({"metrics": {"kind": "metric", "values": {"worst": "QQ0002"}}}, "patient ids"),
         ({"info": {"kind": "config", "values": {"QQ0001": 1}}}, "patient ids"),
         ({"metrics": {"kind": "metric", "values": {"probs": [0.2, 0.7]}}}, "patients of a split"),
-        ({"metrics": {"kind": "metric", "values": {"hist-pos": [0, 1]}}}, "not 4"),
+        ({"metrics": {"kind": "metric", "values": {"hist-pos": [0, 1, 0, 0, 1]}}}, "not 4"),
+        # what today's federation would release: one patient alone in a score cell (site floor: 5)
+        ({"metrics": {"kind": "metric", "values": {
+            "num-examples": 16, "n-pos": 10, "abstained": 0, "hist-edges": [0.0, 0.5, 1.0], "hist-neg": [1, 5],
+            "hist-pos": [5, 5], "threshold-used": 0.5, "tp": 5, "fn": 5, "fp": 5, "tn": 1}}}, "below min_cell_count"),
+        # confusion counts at a threshold inside a released cell: finer than the cells
+        ({"metrics": {"kind": "metric", "values": {
+            "num-examples": 20, "n-pos": 10, "abstained": 0, "hist-edges": [0.0, 0.5, 1.0], "hist-neg": [5, 5],
+            "hist-pos": [5, 5], "threshold-used": 0.5, "tp": 7, "fn": 3, "fp": 5, "tn": 5}}}, "confusion off the cells"),
         ({"scores": {"kind": "metric", "values": {}}}, "holds records"),
     ]:
         forge(bad)

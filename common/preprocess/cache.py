@@ -43,7 +43,9 @@ MANIFEST = "manifest.json"
 
 
 def resolve_cache_dir(site_dir: Path, cfg) -> Path:
-    p = Path(str(cfg.data.cache_dir))
+    from common.site_policy import with_site_config
+
+    p = Path(str(with_site_config(cfg, site_dir).data.cache_dir))
     return p if p.is_absolute() else Path(site_dir) / p
 
 
@@ -152,9 +154,12 @@ def preprocess_site(site_dir: Path, cfg, workers: int | None = None, cache_dir: 
     from common.preprocess.encoders import build_encoder
     from common.site_data import SiteData
 
+    from common.site_policy import with_site_config
+
     t_start = time.perf_counter()
     console = console or Console(stderr=True)
     site_dir = Path(site_dir)
+    cfg = with_site_config(cfg, site_dir)   # the site's own settings (cache location, encoders...) always win
     phases = list(cfg.data.phases)
     site = SiteData.open(site_dir, phases=phases, val_fraction=float(cfg.data.val_fraction), strict=True)
     cache = Path(cache_dir) if cache_dir else resolve_cache_dir(site_dir, cfg)

@@ -1,0 +1,222 @@
+"""The site policy: the one reader of ``<site>/policy.toml``, the file the site's IT owns.
+
+Defaults live in ``conf/policy/default.yaml``; a site's ``policy.toml`` overrides
+any of them (unknown keys are an error: a typo must not silently weaken a rule).
+The policy says
+
+* what the site answers (message types, epochs, rounds, smallest split);
+* what an evaluate reply may release (``min_patients`` per endpoint,
+  ``min_cell_count``, ``max_histogram_bins``, ``release_round_metrics``,
+  ``max_thresholds``; applied by ``client/disclosure.py``);
+* which run overrides a coordinator may send (``allowed_run_keys``), and the
+  site's own settings (``[config]``: cache location, preprocessing, encoders,
+  threads...), which always win over anything a run or a model package says.
+
+:func:`site_config` is how every site-side command (the ClientApp, ``newadj
+preprocess``, ``evaluate``, ``screen``) builds its configuration: the project's
+defaults, then only the allowed keys of the run (or of a model package's stored
+config), then the site's own ``[config]``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+from omegaconf import OmegaConf
+
+from common.config import CONF_DIR, load_config, to_plain
+
+POLICY_FILE = "policy.toml"
+DEFAULT_POLICY_YAML = CONF_DIR / "policy" / "default.yaml"
+MESSAGE_TYPES = ("query", "train", "evaluate")
+RECORD_KINDS = ("array", "metric", "config")
+ENDPOINTS = ("benefit", "dfs")
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used (the site then refuses every message)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    message_types: tuple[str, ...]
+    max_local_epochs: int
+    max_server_round: int
+    min_cohort_size: int
+    min_patients: dict = field(default_factory=dict)      # endpoint -> fewest patients behind a released metric
+    min_cell_count: int = 5
+    max_histogram_bins: int = 20
+    release_round_metrics: bool = True
+    max_thresholds: int = 3
+    allowed_run_keys: tuple[str, ...] = ()
+    config: dict = field(default_factory=dict)            # the site's own settings (Hydra keys, nested)
+    reply_records: dict = field(default_factory=dict)     # record name -> array | metric | config
+    metric_keys: frozenset = frozenset()
+    info_keys: frozenset = frozenset()
+    audit_dir: str | None = None
+    source: str = ""                                      # where it came from (for messages)
+
+
+def _defaults() -> dict:
+    return yaml.safe_load(DEFAULT_POLICY_YAML.read_text())
+
+
+def _int(raw: dict, key: str, source: str, minimum: int) -> int:
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise PolicyError(f"{source}: {key} must be an integer, got {v!r}")
+    if v < minimum:
+        raise PolicyError(f"{source}: {key} must be at least {minimum}, got {v}")
+    return v
+
+
+def _build(raw: dict, source: str) -> Policy:
+    known = {f.name for f in fields(Policy)} - {"source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise PolicyError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    try:
+        mtypes = tuple(str(t) for t in raw["message_types"])
+        bad = [t for t in mtypes if t not in MESSAGE_TYPES]
+        if bad:
+            raise PolicyError(f"{source}: message_types {bad} not among {list(MESSAGE_TYPES)}")
+        records = {str(k): str(v) for k, v in dict(raw["reply_records"]).items()}
+        bad = {k: v for k, v in records.items() if v not in RECORD_KINDS}
+        if bad:
+            raise PolicyError(f"{source}: reply_records kinds {bad} not among {list(RECORD_KINDS)}")
+        ints = {k: _int(raw, k, source, 0 if k in ("max_local_epochs", "max_server_round") else 1)
+                for k in ("max_local_epochs", "max_server_round", "min_cohort_size", "min_cell_count",
+                          "max_histogram_bins", "max_thresholds")}
+        floors = raw["min_patients"]
+        if not isinstance(floors, dict) or set(floors) - set(ENDPOINTS):
+            raise PolicyError(f"{source}: min_patients must be a table with keys {list(ENDPOINTS)}, got {floors!r}")
+        floors = {e: _int(floors, e, f"{source}: min_patients", 1) for e in ENDPOINTS}
+        if not isinstance(raw["release_round_metrics"], bool):
+            raise PolicyError(f"{source}: release_round_metrics must be true or false, "
+                              f"got {raw['release_round_metrics']!r}")
+        patterns = raw["allowed_run_keys"]
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise PolicyError(f"{source}: allowed_run_keys must be a list of key patterns")
+        config = raw.get("config") or {}
+        if not isinstance(config, dict):
+            raise PolicyError(f"{source}: [config] must be a table of config keys")
+        audit_dir = raw.get("audit_dir")
+        return Policy(message_types=mtypes, reply_records=records, min_patients=floors,
+                      release_round_metrics=raw["release_round_metrics"], allowed_run_keys=tuple(patterns),
+                      config=config, metric_keys=frozenset(str(k) for k in raw["metric_keys"]),
+                      info_keys=frozenset(str(k) for k in raw["info_keys"]),
+                      audit_dir=None if audit_dir in (None, "") else str(audit_dir), source=source, **ints)
+    except (KeyError, TypeError) as exc:
+        raise PolicyError(f"{source}: invalid policy ({exc!r})") from exc
+
+
+def load_policy(site_dir: Path | None) -> Policy:
+    """The defaults of conf/policy/default.yaml, overridden by ``<site_dir>/policy.toml`` if present."""
+    raw = _defaults()
+    source = str(DEFAULT_POLICY_YAML)
+    path = Path(site_dir) / POLICY_FILE if site_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            site = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise PolicyError(f"{path}: cannot read ({exc})") from exc
+        unknown = sorted(set(site) - set(raw))
+        if unknown:
+            raise PolicyError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(raw))})")
+        if isinstance(site.get("min_patients"), dict):   # a site may set one endpoint's floor only
+            site["min_patients"] = {**raw["min_patients"], **site["min_patients"]}
+        raw.update(site)
+        source = str(path)
+    return _build(raw, source)
+
+
+# --------------------------------------------------------------------------- what a run may change
+
+
+def override_key(override: str) -> str:
+    """The config key (or group) a Hydra override sets: ``+a.b=1`` -> ``a.b``, ``~x`` -> ``x``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(override).key_or_group
+
+
+def key_allowed(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def disallowed_overrides(overrides: Iterable[str], policy: Policy) -> list[str]:
+    """The run overrides this site does not accept (key named; malformed ones quoted whole)."""
+    bad = []
+    for o in overrides:
+        try:
+            key = override_key(o)
+        except Exception:  # noqa: BLE001 - Hydra's grammar errors come in several types
+            bad.append(f"{o!r} (malformed)")
+            continue
+        if not key_allowed(key, policy.allowed_run_keys):
+            bad.append(key)
+    return bad
+
+
+def _leaves(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_leaves(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def site_config(site_dir: Path | None, run_overrides: Iterable[str] = (), package_config=None,
+                policy: Policy | None = None):
+    """(config, ignored keys): defaults + the allowed part of the run or package + the site's own [config].
+
+    ``run_overrides`` with a key the site does not accept raise :class:`PolicyError` naming
+    it (the ClientApp refuses such a run).  A model package's stored ``package_config``
+    contributes only its allowed keys; the keys it sets differently from the site are
+    returned as ``ignored`` (the site's value is used).
+    """
+    policy = policy or load_policy(site_dir)
+    overrides = list(run_overrides)
+    bad = disallowed_overrides(overrides, policy)
+    if bad:
+        raise PolicyError(f"run override(s) not accepted by this site: {', '.join(bad)} "
+                          f"(the site's policy.toml `allowed_run_keys` lists what a run may change)")
+    cfg = load_config(overrides)
+    ignored: list[str] = []
+    if package_config is not None:
+        pkg = _leaves(to_plain(package_config))
+        mine = _leaves(to_plain(cfg))
+        take = {}
+        for key, val in pkg.items():
+            # the package's architecture is always its own (its weights fit nothing else)
+            if key.startswith("model.") or key_allowed(key, policy.allowed_run_keys):
+                take[key] = val
+            elif key in mine and mine[key] != val:
+                ignored.append(key)
+        OmegaConf.set_struct(cfg, False)
+        for key, val in take.items():
+            OmegaConf.update(cfg, key, val, merge=False, force_add=True)
+    if policy.config:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(policy.config))
+        except Exception as exc:  # noqa: BLE001 - OmegaConf's key/validation errors
+            raise PolicyError(f"{policy.source}: [config] does not fit the project's config ({exc})") from exc
+    return cfg, sorted(ignored)
+
+
+def with_site_config(cfg, site_dir: Path):
+    """``cfg`` with the site's own [config] applied (what preprocessing always uses)."""
+    policy = load_policy(site_dir)
+    if not policy.config:
+        return cfg
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.create(policy.config))
+    except Exception as exc:  # noqa: BLE001
+        raise PolicyError(f"{policy.source}: [config] does not fit the project's config ({exc})") from exc
