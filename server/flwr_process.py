@@ -171,9 +171,9 @@ RUN_ID_RE = re.compile(r"run[ _-]?id[^0-9]*(\d+)", re.IGNORECASE)
 
 
 def flwr_run(superlink: str, env: dict, run_config: dict, log_path: Path, federation_config: dict | None = None,
-             echo=None, timeout: float | None = None) -> int | None:
-    """``flwr run . SUPERLINK --stream``; returns the run id seen in its output (None if none)."""
-    args = [bin_path("flwr"), "run", str(PROJECT_ROOT), superlink, "--run-config", run_config_arg(run_config), "--stream"]
+             echo=None, timeout: float | None = None, app_dir: Path | None = None) -> int | None:
+    """``flwr run APP SUPERLINK --stream`` (APP: this project); returns the run id seen in its output (None if none)."""
+    args = [bin_path("flwr"), "run", str(app_dir or PROJECT_ROOT), superlink, "--run-config", run_config_arg(run_config), "--stream"]
     if federation_config:
         args += ["--federation-config", run_config_arg(federation_config)]
     run_id = None

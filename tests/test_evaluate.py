@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TEST_OVERRIDES
+from tests.conftest import LOCAL_OVERRIDES, TEST_OVERRIDES
 
 CARD = {"training_centers": {"center_a": {"role": "train", "n_train": 7, "n_val": 2},
                              "center_b": {"role": "train", "n_train": 6, "n_val": 2}},
@@ -146,7 +146,7 @@ def test_checkpoint_from_other_config_is_refused(tiny_cohort, tmp_path, capsys):
     # weights of the small model inside a package that claims the full New-adj-Net config
     other = make_package(tmp_path / "other.pt", cfg=load_config(["train.n_boot=20"]),
                          state_from=load_config(TEST_OVERRIDES))
-    rc = cli(["evaluate", "--model", str(other), "--site", str(tiny_cohort / "external"), "--out", str(tmp_path / "r")])
+    rc = cli(["evaluate", "--no-verify", "--model", str(other), "--site", str(tiny_cohort / "external"), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2
     assert str(other) in err and "do not fit" in err
@@ -154,7 +154,7 @@ def test_checkpoint_from_other_config_is_refused(tiny_cohort, tmp_path, capsys):
 
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file")
-    rc = cli(["evaluate", "--model", str(junk), "--site", str(tiny_cohort / "external"), "--out", str(tmp_path / "r")])
+    rc = cli(["evaluate", "--no-verify", "--model", str(junk), "--site", str(tiny_cohort / "external"), "--out", str(tmp_path / "r")])
     assert rc == 2 and str(junk) in capsys.readouterr().err
 
 
@@ -254,9 +254,10 @@ def test_report_on_real_federation_and_baseline(tiny_cohort, tmp_path, flwr_home
 
     run = tmp_path / "run"
     run_simulation(tiny_cohort, run, TEST_OVERRIDES, stream=False)
-    run_baseline(tiny_cohort, tmp_path / "base", load_config(TEST_OVERRIDES), arms=("local",))
+    run_baseline(tiny_cohort, tmp_path / "base", load_config(LOCAL_OVERRIDES), arms=("local",))
     assert cli(["report", str(run), "--baseline", str(tmp_path / "base")]) == 0  # cohort from run.json
     matrix = json.loads((run / "cross_site.json").read_text())
     assert len(matrix["models"]) == 7 and len(matrix["sites"]) == 7
-    assert cli(["evaluate", "--model", str(run / "best_model.pt"), "--site", str(tiny_cohort / "external"),
-                "--out", str(tmp_path / "ev")]) == 0
+    sha = json.loads((run / "metrics.json").read_text())["best_model"]["sha256"]   # as the coordinator announced it
+    assert cli(["evaluate", "--sha256", sha, "--model", str(run / "best_model.pt"), "--site",
+                str(tiny_cohort / "external"), "--out", str(tmp_path / "ev")]) == 0

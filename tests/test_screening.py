@@ -64,13 +64,13 @@ def test_patient_interval_contains_point_estimate(tiny_cohort, pkg):
 
 
 def test_unknown_patient(tiny_cohort, pkg, capsys):
-    rc = cli(["screen", "--model", str(pkg), "--site", str(tiny_cohort / "external"), "--patient", "ZZ9999"])
+    rc = cli(["screen", "--no-verify", "--model", str(pkg), "--site", str(tiny_cohort / "external"), "--patient", "ZZ9999"])
     assert rc == 2
     assert "patient 'ZZ9999' not found" in capsys.readouterr().err
 
 
 def test_screen_patient_cli_prints_checks(tiny_cohort, pkg, capsys):
-    rc = cli(["screen", "--model", str(pkg), "--site", str(tiny_cohort / "external"), "--patient", "EX0002",
+    rc = cli(["screen", "--no-verify", "--model", str(pkg), "--site", str(tiny_cohort / "external"), "--patient", "EX0002",
               "--passes", "10"])
     out = capsys.readouterr().out
     assert rc == 0
@@ -80,7 +80,7 @@ def test_screen_patient_cli_prints_checks(tiny_cohort, pkg, capsys):
 def test_screen_all_csv_stays_at_site(tiny_cohort, pkg, tmp_path):
     site = tmp_path / "external"
     shutil.copytree(tiny_cohort / "external", site)
-    assert cli(["screen", "--model", str(pkg), "--site", str(site), "--all", "--passes", "10"]) == 0
+    assert cli(["screen", "--no-verify", "--model", str(pkg), "--site", str(site), "--all", "--passes", "10"]) == 0
     out = site / ".newadj-screening.csv"
     assert out.exists()
     rows = list(csv.DictReader(out.open()))
@@ -93,6 +93,6 @@ def test_screen_all_csv_stays_at_site(tiny_cohort, pkg, tmp_path):
         assert float(r["prob_lo"]) <= float(r["prob_hi"])
         assert r["eligibility"] in ("eligible", "not eligible", "incomplete")
     # explicit --out
-    assert cli(["screen", "--model", str(pkg), "--site", str(site), "--all", "--passes", "5",
+    assert cli(["screen", "--no-verify", "--model", str(pkg), "--site", str(site), "--all", "--passes", "5",
                 "--out", str(tmp_path / "s.csv")]) == 0
     assert len(list(csv.DictReader((tmp_path / "s.csv").open()))) == len(ids)

@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.flwr_process import PROJECT_ROOT, ProcessGroup, flwr_run, flwr_status, free_port, start_supernode
+from client.keys import keygen
 from server.provision import (
     AUTHORIZED_DIR,
     CA_DIR,
     COORDINATOR,
     ProvisionError,
-    _new_auth_keypair,
     provision,
 )
 from server.secure_deploy import (
@@ -59,13 +59,30 @@ def _loopback_federation(tmp: Path, centers: list[tuple[str, str]], port: int | 
     return path, port
 
 
+def _site_keys(tmp: Path, centers, force: bool = False) -> Path:
+    """Each site makes its own key pair (`newadj site keygen`); the coordinator receives only the .pub files."""
+    received = tmp / "received-public-keys"
+    received.mkdir(exist_ok=True)
+    for c in centers:
+        _priv, pub = keygen(tmp / "site-keys" / c, c, force=force)
+        shutil.copy(pub, received / pub.name)
+    return received
+
+
+def _key(tmp: Path, center: str) -> Path:
+    return tmp / "site-keys" / center / "supernode.key"
+
+
+def _provision(fed: Path, kits: Path, tmp: Path, **kw) -> dict:
+    centers = [c["center_id"] for c in yaml.safe_load(Path(fed).read_text())["centers"]]
+    return provision(fed, kits, public_keys=_site_keys(tmp, centers), **kw)
+
+
 def _rogue_kit(legit_kit: Path, dest: Path) -> Path:
-    """A copy of a legitimate kit (same CA, same address) whose key pair was never registered."""
+    """A copy of a legitimate kit (same CA, same address) with a key pair that was never registered."""
     shutil.copytree(legit_kit, dest)
-    priv, pub = _new_auth_keypair("rogue")
-    (dest / "supernode.key").write_bytes(priv)
-    os.chmod(dest / "supernode.key", 0o600)
-    (dest / "supernode.pub").write_bytes(pub)
+    keygen(dest, "rogue")
+    shutil.copy(dest / "rogue.pub", dest / "supernode.pub")   # the rogue edits the kit to pass the local check
     return dest
 
 
@@ -85,11 +102,15 @@ def _wait(pred, timeout: float, step: float = 1.0):
 # --------------------------------------------------------------------------- provisioning
 
 
-def test_provision_writes_kits_with_private_keys_and_valid_server_cert(tmp_path):
+def test_provision_takes_the_sites_public_keys_and_holds_no_center_private_key(tmp_path):
     kits = tmp_path / "kits"
-    s = provision(DEMO, kits)
     fed = yaml.safe_load(DEMO.read_text())
     centers = [c["center_id"] for c in fed["centers"]]
+    # no public key from a site: refused, naming the center and what the site must do
+    with pytest.raises(ProvisionError, match="center center_a: no public key.*newadj site keygen"):
+        provision(DEMO, kits)
+    received = _site_keys(tmp_path, centers)
+    s = provision(DEMO, kits, public_keys=received)
     assert s["ca_created"] and s["server_cert_issued"] and sorted(s["keys_generated"]) == sorted(centers)
 
     # CA: self-signed, CA:true, may sign certificates
@@ -116,60 +137,90 @@ def test_provision_writes_kits_with_private_keys_and_valid_server_cert(tmp_path)
     ckit = tomllib.loads((coord / "kit.toml").read_text())
     assert [c["center_id"] for c in ckit["centers"]] == centers
 
-    # one kit per center: CA, OpenSSH EC key pair (what flower-supernode / flwr supernode register read)
+    # the site's key: made at the site, owner-only; the coordinator holds no center private key anywhere
     for c in fed["centers"]:
-        kit = kits / c["center_id"]
-        assert _mode(kit) == 0o700 and _mode(kit / "supernode.key") == 0o600
-        assert (kit / "ca.pem").read_bytes() == (kits / CA_DIR / "ca.pem").read_bytes()
-        priv = serialization.load_ssh_private_key((kit / "supernode.key").read_bytes(), None)
+        cid = c["center_id"]
+        site_key = _key(tmp_path, cid)
+        assert _mode(site_key) == 0o600 and _mode(site_key.parent) == 0o700
+        priv = serialization.load_ssh_private_key(site_key.read_bytes(), None)
+        kit = kits / cid
         pub = serialization.load_ssh_public_key((kit / "supernode.pub").read_bytes())
         assert isinstance(priv, ec.EllipticCurvePrivateKey) and isinstance(pub, ec.EllipticCurvePublicKey)
         assert priv.public_key().public_numbers() == pub.public_numbers()
-        assert (coord / AUTHORIZED_DIR / f"{c['center_id']}.pub").read_bytes() == (kit / "supernode.pub").read_bytes()
+        assert (kit / "supernode.pub").read_bytes() == (received / f"{cid}.pub").read_bytes()
+        assert (coord / AUTHORIZED_DIR / f"{cid}.pub").read_bytes() == (kit / "supernode.pub").read_bytes()
+        assert (kit / "ca.pem").read_bytes() == (kits / CA_DIR / "ca.pem").read_bytes()
         meta = tomllib.loads((kit / "kit.toml").read_text())
-        assert meta["center"] == {"center_id": c["center_id"], "display_name": c["display_name"], "role": c["role"]}
+        assert "private_key" not in meta["files"]
+        assert meta["center"] == {"center_id": cid, "display_name": c["display_name"], "role": c["role"]}
         assert meta["superlink"]["address"] == f"{fed['superlink']['address']}:{fed['superlink']['port']}"
-        assert 'newadj site start --kit . --data "$1"' in (kit / "start.sh").read_text()
+        assert 'newadj site start --kit . --key' in (kit / "start.sh").read_text()
+    for f in kits.rglob("*"):
+        if f.is_file() and f.name not in ("ca.key", "server.key"):
+            assert b"PRIVATE KEY" not in f.read_bytes(), f"{f} holds a private key"
     assert sorted(p.stem for p in (coord / AUTHORIZED_DIR).glob("*.pub")) == sorted(centers)
 
 
-def test_reprovision_one_center_leaves_everything_else_byte_identical(tmp_path):
+def test_rekeying_one_center_leaves_everything_else_byte_identical(tmp_path):
     kits = tmp_path / "kits"
-    provision(DEMO, kits)
+    _provision(DEMO, kits, tmp_path)
     before = _snapshot(kits)
-    s = provision(DEMO, kits, only=["center_b"])
+    old_key_b = _key(tmp_path, "center_b").read_bytes()
+    received = _site_keys(tmp_path, ["center_b"], force=True)       # center_b re-keys at its site
+    assert _key(tmp_path, "center_b").read_bytes() != old_key_b
+    s = provision(DEMO, kits, only=["center_b"], public_keys=received)
     after = _snapshot(kits)
     changed = {k for k in before if before[k] != after.get(k)}
-    assert changed == {"center_b/supernode.key", "center_b/supernode.pub",
-                       f"{COORDINATOR}/{AUTHORIZED_DIR}/center_b.pub"}, changed
+    assert changed == {"center_b/supernode.pub", f"{COORDINATOR}/{AUTHORIZED_DIR}/center_b.pub"}, changed
     assert s["keys_generated"] == ["center_b"] and not s["ca_created"] and not s["server_cert_issued"]
-    assert after[f"{COORDINATOR}/{AUTHORIZED_DIR}/center_b.pub"] == after["center_b/supernode.pub"]
-    assert _mode(kits / "center_b" / "supernode.key") == 0o600
+    assert after[f"{COORDINATOR}/{AUTHORIZED_DIR}/center_b.pub"] == (received / "center_b.pub").read_bytes()
 
-    # a full re-run keeps the CA, the server certificate and every key
-    s = provision(DEMO, kits)
+    # a full re-run with the same public keys keeps the CA, the server certificate and every kit
+    s = provision(DEMO, kits, public_keys=received)
     assert not s["ca_created"] and not s["server_cert_issued"] and not s["keys_generated"]
     assert _snapshot(kits) == after
 
     # unknown center, or `only` before any CA: refused
     with pytest.raises(ProvisionError):
-        provision(DEMO, kits, only=["nowhere"])
+        provision(DEMO, kits, only=["nowhere"], public_keys=received)
     with pytest.raises(ProvisionError):
-        provision(DEMO, tmp_path / "empty", only=["center_a"])
+        provision(DEMO, tmp_path / "empty", only=["center_a"], public_keys=received)
 
-    # force: a new CA (and so a new server certificate and new keys)
-    s = provision(DEMO, kits, force=True)
+    # force: a new CA (and so a new server certificate)
+    s = provision(DEMO, kits, force=True, public_keys=received)
     assert s["ca_created"] and s.get("ca_replaced") and s["server_cert_issued"]
     assert (kits / CA_DIR / "ca.pem").read_bytes() != after[f"{CA_DIR}/ca.pem"]
 
 
+def test_site_keygen_and_site_start_check_the_sites_key(tmp_path, capsys):
+    from common.cli import main
+
+    assert main(["site", "keygen", "--center", "center_a", "--out", str(tmp_path / "k")]) == 0
+    assert "center_a.pub" in capsys.readouterr().out and _mode(tmp_path / "k" / "supernode.key") == 0o600
+    assert main(["site", "keygen", "--center", "center_a", "--out", str(tmp_path / "k")]) == 2   # no overwrite
+    assert "already exists" in capsys.readouterr().err
+    fed, _ = _loopback_federation(tmp_path, [("center_a", "train")])
+    (tmp_path / "pubs").mkdir()
+    shutil.copy(tmp_path / "k" / "center_a.pub", tmp_path / "pubs" / "center_a.pub")
+    assert main(["provision", str(fed), "--out", str(tmp_path / "kits"), "--public-keys", str(tmp_path / "pubs")]) == 0
+    kit = tmp_path / "kits" / "center_a"
+    # another key than the registered one, or a key others can read: refused before anything starts
+    keygen(tmp_path / "other", "center_a")
+    assert site_start(kit, tmp_path, key=tmp_path / "other" / "supernode.key") == 2
+    assert "not the key registered for center_a" in capsys.readouterr().out
+    os.chmod(tmp_path / "k" / "supernode.key", 0o644)
+    assert site_start(kit, tmp_path, key=tmp_path / "k" / "supernode.key") == 2
+    assert "let others read the private key" in capsys.readouterr().out
+    os.chmod(tmp_path / "k" / "supernode.key", 0o600)
+
+
 def test_site_start_refuses_invalid_site(tmp_path, capsys):
     fed, _ = _loopback_federation(tmp_path, [("center_a", "train")])
-    provision(fed, tmp_path / "kits")
+    _provision(fed, tmp_path / "kits", tmp_path)
     bad = tmp_path / "not_a_site"
     bad.mkdir()
     (bad / "clinical.csv").write_text("nonsense\n1\n")
-    assert site_start(tmp_path / "kits" / "center_a", bad) == 1
+    assert site_start(tmp_path / "kits" / "center_a", bad, key=_key(tmp_path, "center_a")) == 1
     assert "not started" in capsys.readouterr().out
 
 
@@ -179,7 +230,7 @@ def test_site_start_refuses_invalid_site(tmp_path, capsys):
 def test_unregistered_key_and_plaintext_supernode_are_refused(tmp_path):
     fed, _ = _loopback_federation(tmp_path, [("center_a", "train"), ("center_b", "train")])
     kits = tmp_path / "kits"
-    provision(fed, kits)
+    _provision(fed, kits, tmp_path)
     rogue = _rogue_kit(kits / "center_a", tmp_path / "rogue")
     logs = tmp_path / "logs"
     group = ProcessGroup()
@@ -187,7 +238,8 @@ def test_unregistered_key_and_plaintext_supernode_are_refused(tmp_path):
         addrs, env = start_secure_superlink(group, kits / COORDINATOR, tmp_path / "flwr-home", logs)
         registered = json.loads((tmp_path / "flwr-home" / REGISTRATIONS).read_text())
         assert set(registered) == {"center_a", "center_b"}
-        good = start_secure_supernode(group, env, kits / "center_a", tmp_path, logs / "supernode-a.log")
+        good = start_secure_supernode(group, env, kits / "center_a", tmp_path, logs / "supernode-a.log",
+                                      key=_key(tmp_path, "center_a"))
         bad = start_secure_supernode(group, env, rogue, tmp_path, logs / "supernode-rogue.log")
         plain = start_supernode(group, env, addrs.fleet, {"data-dir": str(tmp_path), "role": "train",
                                                           "center-id": "plain"}, logs / "supernode-plain.log")
@@ -215,7 +267,7 @@ def test_server_start_foreground_registers_and_rotates_keys(tmp_path):
     """`newadj server start`: registers the kit's keys; after re-provisioning a center, a restart swaps its key."""
     fed, port = _loopback_federation(tmp_path, [("center_a", "train"), ("center_b", "external")])
     kits = tmp_path / "kits"
-    provision(fed, kits)
+    _provision(fed, kits, tmp_path)
     state = kits / COORDINATOR / "state"
 
     def run_server() -> dict:
@@ -249,7 +301,7 @@ def test_server_start_foreground_registers_and_rotates_keys(tmp_path):
     assert set(ids1) == {"center_a", "center_b"} and set(first["nodes"]) == set(ids1.values())
     assert _mode(state) == 0o700
 
-    provision(fed, kits, only=["center_b"])
+    provision(fed, kits, only=["center_b"], public_keys=_site_keys(tmp_path, ["center_b"], force=True))
     second = run_server()
     ids2 = {c: str(r["node_id"]) for c, r in second["registered"].items()}
     assert ids2["center_a"] == ids1["center_a"] and ids2["center_b"] != ids1["center_b"]
@@ -268,15 +320,15 @@ def test_tls_authenticated_secagg_deployment_runs_to_completion(tiny_cohort, tmp
     assert len(sites) == 7
     fed, _ = _loopback_federation(tmp_path, [(s.name, s.role) for s in sites])
     kits = tmp_path / "kits"
-    provision(fed, kits)
+    _provision(fed, kits, tmp_path)
     rogue = _rogue_kit(kits / sites[0].name, tmp_path / "rogue")
     run_dir, logs, home = tmp_path / "run", tmp_path / "logs", tmp_path / "flwr-home"
     group = ProcessGroup()
     status, nodes_seen = {}, []
     try:
         addrs, env = start_secure_superlink(group, kits / COORDINATOR, home, logs)
-        nodes = [start_secure_supernode(group, env, kits / s.name, s.path, logs / f"supernode-{s.name}.log")
-                 for s in sites]
+        nodes = [start_secure_supernode(group, env, kits / s.name, s.path, logs / f"supernode-{s.name}.log",
+                                        key=_key(tmp_path, s.name)) for s in sites]
         bad = start_secure_supernode(group, env, rogue, sites[0].path, logs / "supernode-rogue.log")
         # production settings: TLS, SuperNode authentication and SecAgg+ (each SecAgg+ stage is a
         # message, so this also shows the protocol state survives Flower's per-message ClientApp processes)
