@@ -24,7 +24,7 @@ from common.config import load_config
 from common.task import model_from_config
 
 app = ServerApp()
-SWEEP = (0.05, 0.15, 0.25, 0.35, 0.45)
+SWEEP = (0.05, 0.15, 0.25, 0.35)
 
 
 def _ask(grid: Grid, nodes: list[int], mtype: str, config: dict, arrays: ArrayRecord | None = None) -> dict:

@@ -48,6 +48,7 @@ def _hostile_app(tmp: Path) -> Path:
     toml = (PROJECT_ROOT / "pyproject.toml").read_text()
     toml = toml.replace('serverapp = "server.server_app:app"', 'serverapp = "hostile.server_app:app"')
     toml = toml.replace('fab-include = [', 'fab-include = ["hostile/**/*.py", ')
+    toml = toml.replace("[tool.flwr.app.config]\n", '[tool.flwr.app.config]\nattack = ""\n')
     (app / "pyproject.toml").write_text(toml)
     return app
 
@@ -126,7 +127,7 @@ def test_hostile_server_is_refused_or_clamped_and_learns_nothing_finer_than_a_ce
     # 0.5 (already asked), 0.05 and 0.15: three distinct thresholds; the rest of the sweep is refused
     for t in (0.05, 0.15):
         assert all("error" not in r for r in steps[f"threshold={t}"].values())
-    for t in (0.25, 0.35, 0.45):
+    for t in (0.25, 0.35):
         for r in steps[f"threshold={t}"].values():
             assert "max_thresholds is 3" in r["error"]
     assert all("error" not in r for r in steps["full-report"].values())
@@ -135,7 +136,7 @@ def test_hostile_server_is_refused_or_clamped_and_learns_nothing_finer_than_a_ce
     for site in sites:
         outs, ins = _outs(site, rid_disc)
         refused = [o for o in outs if o["decision"] == "refused"]
-        assert len(refused) == 3 and all("max_thresholds" in o["reason"] for o in refused)
+        assert len(refused) == 2 and all("max_thresholds" in o["reason"] for o in refused)
         check_disclosure(site, outs, ins)
         ledger = json.loads((site / LEDGER_FILE).read_text())[str(rid_disc)]
         assert ledger["bins"] == 10 and ledger["thresholds"] == [0.5, 0.05, 0.15]
