@@ -128,6 +128,10 @@ def _print_federation(metrics: dict, run_dir: Path) -> None:
     if metrics.get("stopped_early"):
         console.print(f"[yellow]stopped early:[/yellow] {metrics['stopped_early']}")
     console.print(f"[bold]run directory:[/bold] {run_dir}")
+    bm = metrics.get("best_model") or {}
+    if bm.get("sha256"):
+        # the evaluator checks the package against this hash, received from here, not from a file beside it
+        console.print(f"best model: {run_dir / bm.get('file', 'best_model.pt')} sha256 {bm['sha256']}", soft_wrap=True)
 
 
 def privacy_line(privacy: dict) -> str:

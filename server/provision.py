@@ -404,6 +404,11 @@ def provision(federation_file: str | Path, out_dir: str | Path, only: list[str] 
         if not (ca_dir / CA_CERT).exists():
             raise ProvisionError(f"{ca_dir / CA_CERT}: no CA yet; provision the whole federation first")
 
+    # every public key the sites sent is checked before anything is written (a refusal leaves no half-made kits)
+    public_keys = Path(public_keys) if public_keys else None
+    targets = fed["centers"] if only is None else [c for c in fed["centers"] if c["center_id"] in only]
+    pubs = {c["center_id"]: _center_public_key(c, public_keys) for c in targets}
+
     _ensure_dir(out, private=True)
     _ensure_dir(ca_dir, private=True)
 
@@ -445,12 +450,10 @@ def provision(federation_file: str | Path, out_dir: str | Path, only: list[str] 
     summary["server_cert"] = str(coord / SERVER_CERT)
 
     # ---- centers: the public keys the sites sent
-    public_keys = Path(public_keys) if public_keys else None
     auth = _ensure_dir(coord / AUTHORIZED_DIR, private=False)
-    targets = fed["centers"] if only is None else [c for c in fed["centers"] if c["center_id"] in only]
     for c in targets:
         cid = c["center_id"]
-        pub = _center_public_key(c, public_keys)
+        pub = pubs[cid]
         kit = _ensure_dir(out / cid, private=False)
         if (kit / NODE_PUB).exists() and (kit / NODE_PUB).read_bytes() != pub:
             summary["keys_generated"].append(cid)      # a new key for this center (re-keyed at the site)

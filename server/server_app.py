@@ -228,8 +228,9 @@ def main(grid: Grid, context: Context) -> None:
     centers = _centers(roles)
     log.info("roles: %s", {i["center-id"]: i["role"] for i in roles.values()})
     if len(train_ids) < int(fed.min_train_nodes):
+        why = "; ".join(sorted(set(role_errors.values()))) or "no refusal reported"
         raise RuntimeError(f"only {len(train_ids)} training centers answered; federation.min_train_nodes="
-                           f"{fed.min_train_nodes}")
+                           f"{fed.min_train_nodes} ({why})")
 
     # --- model and (maybe) resume -------------------------------------------------
     strategy = build_strategy(fed, n_train_centers=len(train_ids))
@@ -384,4 +385,5 @@ def main(grid: Grid, context: Context) -> None:
         "config": to_plain(cfg),
     }
     (run_dir / "metrics.json").write_text(json.dumps(json_safe(summary), indent=1))
-    log.info("finished: selected round %d; metrics in %s", best["round"], run_dir / "metrics.json")
+    log.info("finished: selected round %d; metrics in %s; best model %s sha256 %s", best["round"],
+             run_dir / "metrics.json", run_dir / "best_model.pt", package["sha256"])

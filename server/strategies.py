@@ -1,6 +1,7 @@
 """Flower's own strategies, chosen and parameterised by ``conf/federation``."""
 from __future__ import annotations
 
+from flwr.clientapp.mod.centraldp_mods import KEY_CLIPPING_NORM
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedMedian,
                                      FedProx, FedTrimmedAvg, FedYogi)
 from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
@@ -46,6 +47,7 @@ class CenterLevelDP(DifferentialPrivacyClientSideFixedClipping):
 
     def configure_train(self, server_round, arrays, config, grid):
         self.current_arrays = arrays
+        config[KEY_CLIPPING_NORM] = self.clipping_norm      # the centers clip to it (fixedclipping_mod)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         if messages:
             self.num_sampled_clients = len(messages)
