@@ -220,6 +220,10 @@ def check_released(policy, metrics: dict, bins: int | None) -> str | None:
             small = [int(c) for c in list(neg) + list(pos) if 0 < int(c) < k]
             if small:
                 problems.append(f"histogram cells with {sorted(set(small))} patients (< min_cell_count {k})")
+    if "n-pos" in metrics and "num-examples" in metrics:
+        n, n_pos = int(metrics["num-examples"]), int(metrics["n-pos"])
+        if min(n_pos, n - n_pos) < k:
+            problems.append(f"label counts {n_pos} / {n - n_pos} below min_cell_count {k}")
     small = {c: int(metrics[c]) for c in CELL_KEYS if c in metrics and 0 < int(metrics[c]) < k}
     if small:
         problems.append(f"confusion cells {small} below min_cell_count {k}")

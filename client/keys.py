@@ -31,7 +31,11 @@ def public_key_file(out_dir: Path, center_id: str) -> Path:
     return Path(out_dir) / f"{center_id}.pub"
 
 
-def _write_private(path: Path, data: bytes, mode: int) -> None:
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
+    """Write ``path`` atomically with ``mode`` set before any byte lands (a private file is never readable by others)."""
+    if isinstance(data, str):
+        data = data.encode()
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)              # before any byte lands
@@ -41,6 +45,7 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    os.chmod(path, mode)
 
 
 def keygen(out_dir: Path, center_id: str, force: bool = False) -> tuple[Path, Path]:
@@ -56,8 +61,8 @@ def keygen(out_dir: Path, center_id: str, force: bool = False) -> tuple[Path, Pa
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                              serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write_private(priv_path, priv, 0o600)
-    _write_private(pub_path, pub + f" {center_id}\n".encode(), 0o644)
+    atomic_write(priv_path, priv, 0o600)
+    atomic_write(pub_path, pub + f" {center_id}\n".encode(), 0o644)
     return priv_path, pub_path
 
 

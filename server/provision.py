@@ -30,7 +30,6 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -163,18 +162,9 @@ def _ensure_dir(path: Path, private: bool) -> Path:
 
 def _write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Atomic write with ``mode`` set before any byte lands (private files are never world-readable)."""
-    if isinstance(data, str):
-        data = data.encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    os.chmod(path, mode)
+    from client.keys import atomic_write
+
+    atomic_write(path, data, mode)
 
 
 def _write_if_changed(path: Path, data: bytes | str, mode: int = 0o644) -> None:

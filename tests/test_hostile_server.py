@@ -21,7 +21,7 @@ from server.flwr_process import PROJECT_ROOT, ProcessGroup, flwr_run, flwr_statu
     write_flwr_config
 from tests.test_policy_audit import check_disclosure
 
-pytestmark = [pytest.mark.deployment]
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]   # about 4-5 min on 2 cores
 
 # the sites' own rules for this test (stricter than the tiny cohort's: most cells must be merged)
 HOSTILE_SITE_POLICY = """min_patients = { benefit = 4, dfs = 4 }

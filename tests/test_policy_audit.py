@@ -352,10 +352,12 @@ def check_disclosure(site: Path, outs: list[dict], ins: dict[str, dict]) -> None
             assert not any(key in vals for key in ("tp", "fp", "tn", "fn", "n-pos", "loss", "auc")), \
                 f"{where}: benefit metrics without released cells"
             continue
-        neg, pos, edges = vals["hist-neg"], vals["hist-pos"], vals["hist-edges"]
-        assert len(neg) == len(pos) == len(edges) - 1 <= pol.max_histogram_bins, f"{where}: {len(neg)} cells"
+        neg, pos = vals["hist-neg"], vals["hist-pos"]
+        edges = vals.get("hist-edges") or [float(e) for e in np.linspace(0.0, 1.0, len(neg) + 1)]
         cells = [int(c) for c in neg + pos]
         assert all(c == 0 or c >= k for c in cells), f"{where}: cells {cells} below min_cell_count {k}"
+        assert len(neg) == len(pos) == len(edges) - 1 <= pol.max_histogram_bins, f"{where}: {len(neg)} cells"
+        assert "threshold-used" in vals, f"{where}: confusion counts at a threshold that is no released cell edge"
         n, n_pos = int(vals["num-examples"]), int(vals["n-pos"])
         assert n >= pol.min_patients["benefit"] and min(n_pos, n - n_pos) >= k, f"{where}: floors broken"
         assert sum(neg) == n - n_pos and sum(pos) == n_pos
