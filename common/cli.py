@@ -208,9 +208,9 @@ def cmd_demo(args) -> int:
         console.print(f"[bold]No cohort given: writing a synthetic one to {cohort}[/bold]")
         generate_cohort(cohort, seed=int(d.seed), scale=float(d.scale), cfg=to_plain(cfg.synth), workers=int(d.workers))
     run_dir = base / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    overrides = list(d.overrides) + list(args.overrides) + [f"preprocess.workers={int(d.workers)}"]
-    return _federate(lambda: run_simulation(cohort, run_dir, overrides, console=console, stream=not args.quiet),
-                     run_dir)
+    overrides = list(d.overrides) + list(args.overrides)   # what the run asks of the sites (allowed keys only)
+    return _federate(lambda: run_simulation(cohort, run_dir, overrides, console=console, stream=not args.quiet,
+                                            workers=int(d.workers)), run_dir)
 
 
 def cmd_provision(args) -> int:

@@ -36,11 +36,12 @@ def discover_sites(cohort_dir: Path) -> list[SiteRef]:
     return sites
 
 
-def ensure_caches(sites: list[SiteRef], cfg, console=None, progress: bool = True) -> dict[str, Path]:
+def ensure_caches(sites: list[SiteRef], cfg, console=None, progress: bool = True,
+                  workers: int | None = None) -> dict[str, Path]:
     """Preprocess every site (a no-op where its cache is current); returns site name -> cache dir."""
     out = {}
     for s in sites:
-        res = preprocess_site(s.path, cfg, console=console, progress=progress)
+        res = preprocess_site(s.path, cfg, workers=workers, console=console, progress=progress)
         if not (res.cache_dir / MANIFEST).exists():
             raise RuntimeError(f"{s.path}: preprocessing wrote no manifest")
         out[s.name] = res.cache_dir

@@ -109,8 +109,11 @@ def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[d
 
 
 def _selection_key(pooled: dict, metric: str) -> float:
+    """The round's validation score; -inf when the centers released nothing to rank it by."""
     if not pooled:
         return -np.inf
+    if metric in ("pooled_auc", "weighted_auc") and pooled.get("auc_upper", 1.0) - pooled.get("auc_lower", 0.0) >= 1.0:
+        return -np.inf   # every released cell mixes both labels over the same scores: the AUC is anywhere in [0, 1]
     v = {"pooled_auc": pooled.get("auc"), "weighted_auc": pooled.get("weighted_auc"),
          "val_loss": -pooled.get("loss", np.inf)}[metric]
     return -np.inf if v is None or np.isnan(v) else float(v)
@@ -228,7 +231,11 @@ def main(grid: Grid, context: Context) -> None:
     centers = _centers(roles)
     log.info("roles: %s", {i["center-id"]: i["role"] for i in roles.values()})
     if len(train_ids) < int(fed.min_train_nodes):
-        why = "; ".join(sorted(set(role_errors.values()))) or "no refusal reported"
+        by_reason: dict[str, list[str]] = {}
+        for nid, reason in role_errors.items():   # "policy of X: why" from many centers: one line per why
+            center, _, why = reason.partition(": ") if reason.startswith("policy of ") else (str(nid), "", reason)
+            by_reason.setdefault(why or reason, []).append(center.removeprefix("policy of "))
+        why = "; ".join(f"{', '.join(sorted(c))}: {r}" for r, c in sorted(by_reason.items())) or "no refusal reported"
         raise RuntimeError(f"only {len(train_ids)} training centers answered; federation.min_train_nodes="
                            f"{fed.min_train_nodes} ({why})")
 
@@ -325,7 +332,8 @@ def main(grid: Grid, context: Context) -> None:
         rec["seconds"] = time.perf_counter() - t0
         rec["train_phase_seconds"] = t_train
         key = _selection_key(val["pooled"], str(fed.select_metric))
-        if best is None or key > best["key"]:
+        # no center released validation metrics yet (all abstained under their floors): the latest model
+        if best is None or key > best["key"] or (key == -np.inf and best["key"] == -np.inf):
             best = {"round": rnd, "key": key, "threshold": val["pooled"].get("youden_threshold", 0.5),
                     "val": rec["val"]}
         rec["best_round"] = best["round"]
@@ -344,6 +352,10 @@ def main(grid: Grid, context: Context) -> None:
     # --- the selected model on the external center -----------------------------------
     if best is None:
         raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
+    if best["key"] == -np.inf:
+        log.warning("no training center released validation metrics that rank the rounds (each abstained under "
+                    "its site's floors, or released one cell); the last round's model is used, not one selected "
+                    "on validation")
     best_state, best_meta, _ = load_checkpoint(run_dir / "checkpoints" / f"round_{best['round']:03d}.pt")
     best_arrays = ArrayRecord(best_state)
     admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered)

@@ -44,7 +44,9 @@ def start_simulation_superlink(flwr_home: Path, group: ProcessGroup, log_dir: Pa
 
 
 def run_simulation(cohort_dir: Path, run_dir: Path, overrides: list[str], console: Console | None = None,
-                   stream: bool = True, resume: bool = False) -> dict:
+                   stream: bool = True, resume: bool = False, workers: int | None = None) -> dict:
+    """The federation on ``cohort_dir`` as a Flower simulation; ``overrides`` reach the server and every
+    site (which accepts only its allowed keys); ``workers``: preprocessing processes before the run."""
     console = console or Console()
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,7 @@ def run_simulation(cohort_dir: Path, run_dir: Path, overrides: list[str], consol
                                                   "overrides": list(overrides)}, indent=1))
     sites = discover_sites(cohort_dir)
     console.print(f"[bold]Preprocessing[/bold] {len(sites)} sites of {cohort_dir} (cached where current)")
-    ensure_caches(sites, cfg, progress=True)
+    ensure_caches(sites, cfg, progress=True, workers=workers)
     if not resume and (run_dir / "metrics.json").exists():
         (run_dir / "metrics.json").unlink()
 
