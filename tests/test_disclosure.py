@@ -188,7 +188,9 @@ def test_policy_mod_refuses_a_run_with_site_owned_overrides_before_any_work(tmp_
 # --------------------------------------------------------------------------- DP over the centers present
 
 
-def test_dp_aggregates_the_screened_centers_and_accounts_for_what_it_released():
+def test_dp_aggregates_the_screened_centers_and_accounts_for_what_it_released(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
     from common.config import load_config
     from server.strategies import build_strategy, privacy_spent
 
@@ -202,18 +204,32 @@ def test_dp_aggregates_the_screened_centers_and_accounts_for_what_it_released():
         return Message(RecordDict({"arrays": ArrayRecord({"w": torch.full((4,), v)}),
                                    "metrics": MetricRecord({"num-examples": 10, "dp-weight": 1.0})}), metadata=md)
 
-    # round 1: the strategy addressed 3 centers, one reply was rejected by screening: 2 are aggregated
+    # a center is offline: Flower's wrapper raised in configure_train; here the round samples the 2 present
+    class TwoNodes:
+        def get_node_ids(self):
+            return [11, 12]
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):   # as a ServerApp process has them
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    msgs = list(strat.configure_train(1, ArrayRecord({"w": torch.zeros(4)}), ConfigRecord({}), TwoNodes()))
+    assert [m.metadata.dst_node_id for m in msgs] == [11, 12] and strat.num_sampled_clients == 2
+    from flwr.clientapp.mod.centraldp_mods import KEY_CLIPPING_NORM
+    assert msgs[0].content["config"][KEY_CLIPPING_NORM] == float(fed.differential_privacy.clipping_norm)
+    # round 1: of the 2 addressed, one reply was rejected by screening: 1 is aggregated, and accounted as 1
+    assert strat.aggregate_train(1, [reply(0.1)])[0] is not None
+    assert strat.accountant.state_dict()["compositions"][0]["event"]["sample_size"] == 1
+    # round 2: the strategy addressed 3 centers, one reply was rejected by screening: 2 are aggregated
     strat.num_sampled_clients = 3
-    strat._prepare_accounting(1, [object(), object(), object()])
-    arrays, _ = strat.aggregate_train(1, [reply(0.1), reply(0.2)])
+    strat._prepare_accounting(2, [object(), object(), object()])
+    arrays, _ = strat.aggregate_train(2, [reply(0.1), reply(0.2)])
     assert arrays is not None and strat.num_sampled_clients == 2
     spent = privacy_spent(strat)
-    assert spent["releases"] == 1 and spent["epsilon"] > 0
+    assert spent["releases"] == 2 and spent["epsilon"] > 0
     comp = strat.accountant.state_dict()["compositions"]
-    assert comp[0]["event"]["sample_size"] == 2
+    assert [c["event"]["sample_size"] for c in comp] == [1, 2]
     # a round with no usable reply releases (and accounts) nothing
-    strat._prepare_accounting(2, [object(), object()])
-    assert strat.aggregate_train(2, [])[0] is None and privacy_spent(strat)["releases"] == 1
+    strat._prepare_accounting(3, [object(), object()])
+    assert strat.aggregate_train(3, [])[0] is None and privacy_spent(strat)["releases"] == 2
 
 
 # --------------------------------------------------------------------------- nothing received is executed
