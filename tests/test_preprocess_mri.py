@@ -206,3 +206,15 @@ def test_bad_file_is_named(tmp_path, cfg):
     paths["portal"] = tmp_path / "nope.nii.gz"
     with pytest.raises(FileNotFoundError, match="nope.nii.gz"):
         preprocess_mri(paths, m, cfg, PHASES)
+
+
+def test_building_the_loader_logs_nothing_about_gpu_decoders(caplog):
+    """MONAI 1.6 logs 'nvImageCodec is not available' from every LoadImage; our loader keeps it quiet."""
+    import logging
+
+    from common.preprocess.mri import _loader
+
+    with caplog.at_level(logging.INFO):
+        _loader(["arterial"])
+        _loader(["portal", "delayed"])
+    assert not [r for r in caplog.records if "nvImageCodec" in r.getMessage()]

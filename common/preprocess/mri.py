@@ -21,6 +21,7 @@ array of shape ``(n_phases, *roi_size)``:
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -214,6 +215,12 @@ class RoiCropd(MapTransform):
 
 
 # --- pipeline --------------------------------------------------------------------------
+
+# MONAI 1.6 logs "nvImageCodec is not available" (a logging call, not a warning) from every
+# LoadImage it builds: a GPU decoder a CPU site never has.  Its own logger is quieted here, at
+# the source; real errors of that module still show.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
 
 def _loader(keys: Sequence[str]) -> LoadImaged:
     # LoadImage also registers MONAI's default readers as fall-backs; some of them
