@@ -136,6 +136,8 @@ def render_external(metrics: dict) -> Table:
             continue
         ci = lambda k: (f"{e[k]:.3f} ({e.get(k + '_lo', float('nan')):.2f}-{e.get(k + '_hi', float('nan')):.2f})"  # noqa: E731
                         if e.get(k) is not None else "-")
-        t.add_row(name, str(e.get("n")), ci("auc"), ci("accuracy"), ci("sensitivity"), ci("specificity"),
+        used = e.get("threshold_used")   # the site scores at its released cell edge nearest the threshold
+        label = name if used is None or abs(used - float(metrics.get("threshold") or 0.5)) < 1e-9 else f"{name} @{used:g}"
+        t.add_row(label, str(e.get("n")), ci("auc"), ci("accuracy"), ci("sensitivity"), ci("specificity"),
                   ci("c_index"))
     return t
