@@ -203,20 +203,15 @@ def site_config(site_dir: Path | None, run_overrides: Iterable[str] = (), packag
         OmegaConf.set_struct(cfg, False)
         for key, val in take.items():
             OmegaConf.update(cfg, key, val, merge=False, force_add=True)
-    if policy.config:
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(policy.config))
-        except Exception as exc:  # noqa: BLE001 - OmegaConf's key/validation errors
-            raise PolicyError(f"{policy.source}: [config] does not fit the project's config ({exc})") from exc
-    return cfg, sorted(ignored)
+    return with_site_config(cfg, site_dir, policy), sorted(ignored)
 
 
-def with_site_config(cfg, site_dir: Path):
+def with_site_config(cfg, site_dir: Path | None, policy: Policy | None = None):
     """``cfg`` with the site's own [config] applied (what preprocessing always uses)."""
-    policy = load_policy(site_dir)
+    policy = policy or load_policy(site_dir)
     if not policy.config:
         return cfg
     try:
         return OmegaConf.merge(cfg, OmegaConf.create(policy.config))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - OmegaConf's key/validation errors
         raise PolicyError(f"{policy.source}: [config] does not fit the project's config ({exc})") from exc
