@@ -14,12 +14,11 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.fault_injection import fault_injection_mod
-from client.disclosure import release_histogram
+from client.disclosure import release_metrics
 from client.policy import evaluate_terms, load_policy, policy_mod
 from client.secure_aggregation import dp_clipping_mod, secure_aggregation_mod
 from client.site_runtime import round_seed, site_runtime
-from common.engine import prediction_loss, predict, train_model
-from common.metrics import c_index, evaluate_predictions
+from common.engine import predict, train_model
 from common.task import model_from_config
 from common.wire import from_arrays, to_arrays
 
@@ -39,10 +38,30 @@ def _refuse(msg: Message, reason: str) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    rt = site_runtime(context.run_config, context.node_config)
-    info = {"role": rt.role, "center-id": rt.center_id,
-            "n-train": len(rt.train or []), "n-val": len(rt.val or []), "n-test": len(rt.test)}
+    """Who this center is; with ``schema`` in the config, which columns and modalities it has (counts only)."""
+    conf = msg.content["config"] if "config" in msg.content else {}
+    if conf.get("schema", False):   # before any run: the site's data is not loaded, only its tables listed
+        from client.schema import site_schema
+        from client.site_runtime import site_settings
+
+        site_dir, center, role, cfg = site_settings(context.run_config, context.node_config)
+        info = site_schema(site_dir, center, role, cfg, load_policy(site_dir))
+    else:
+        rt = site_runtime(context.run_config, context.node_config)
+        policy = load_policy(rt.site_dir)
+        info = {"role": rt.role, "center-id": rt.center_id,
+                "n-train": len(rt.train or []), "n-val": len(rt.val or []), "n-test": len(rt.test),
+                **endpoint_counts(rt, policy)}
     return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+
+
+def endpoint_counts(rt, policy) -> dict:
+    """Patients with a benefit label / with DFS (the server's endpoint detection); 0 below the site's floor."""
+    ds = rt.test   # every patient of the site
+    n_b = sum(1 for it in ds.items if np.isfinite(it["benefit"]))
+    n_d = sum(1 for it in ds.items if np.isfinite(it["dfs_time"]) and np.isfinite(it["dfs_event"]))
+    return {"n-benefit": n_b if n_b >= int(policy.min_patients["benefit"]) else 0,
+            "n-dfs": n_d if n_d >= int(policy.min_patients["dfs"]) else 0}
 
 
 @app.train()
@@ -67,10 +86,6 @@ def train(msg: Message, context: Context) -> Message:
                                "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def _nan_to_num(d: dict) -> dict:
-    return {k: (float("nan") if v is None else v) for k, v in d.items()}
-
-
 def _with_notices(metrics: dict, notices: list[str]) -> RecordDict:
     content = {"metrics": MetricRecord(metrics)}
     if notices:
@@ -82,9 +97,11 @@ def _with_notices(metrics: dict, notices: list[str]) -> RecordDict:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received model on a split; reply with what the site's disclosure rules release.
 
-    config (requests; the site decides, client/disclosure.py): ``split`` (val | test),
+    config (requests; the site decides, client/disclosure.py): ``split`` (val | test | train),
     ``threshold`` (from internal validation), ``bins`` (score histogram bins),
-    ``full-report`` (metrics with CIs).  Floors come from the site policy, never the run.
+    ``full-report`` (metrics with CIs), ``baseline-hazard`` (the hazard cells of the model
+    on this split), ``bh-times`` / ``bh-cumhaz`` / ``risk-cuts`` (the model's baseline hazard and
+    risk-group cut points, for the full report's calibration of predicted DFS).  Floors come from the site policy, never the run.
     """
     rt = site_runtime(context.run_config, context.node_config)
     cfg = rt.cfg
@@ -98,46 +115,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     except PermissionError as exc:
         return _refuse(msg, f"policy of {rt.center_id}: {exc}")
     policy = load_policy(rt.site_dir)
-    k = int(policy.min_cell_count)
     notices = list(terms.notices)
     model = model_from_config(cfg, dims=rt.dims)
     model.load_state_dict(from_arrays(msg.content["arrays"]))
     pred = predict(model, ds, int(cfg.train.eval_batch_size))
-    y, p = pred["benefit"], pred["prob"]
-    lab = ~np.isnan(y)
-    n, n_pos = int(lab.sum()), int(np.nansum(y[lab]))
-    out: dict = {"num-examples": n, "abstained": 1, "n-skipped": len(ds.skipped)}
-    if not terms.release:
-        return Message(_with_notices(out, notices), reply_to=msg)
-    # --- benefit endpoint: labelled patients, each label a releasable cell
-    floor = int(policy.min_patients["benefit"])
-    if n < floor or min(n_pos, n - n_pos) < k:
-        notices.append(f"benefit metrics withheld: {n} labelled patients" if n < floor else
-                       f"benefit metrics withheld: a label has fewer than min_cell_count {k} patients")
-    else:
-        cells = release_histogram(y, p, terms.bins, k)
-        thr_used, confusion = cells.confusion(terms.threshold)
-        if abs(thr_used - terms.threshold) > 1e-12:
-            notices.append(f"threshold {terms.threshold:g} moved to the nearest released cell edge {thr_used:g}")
-        out.update({"n-pos": n_pos, "abstained": 0, "hist-edges": cells.edges, "hist-neg": cells.neg,
-                    "hist-pos": cells.pos, "loss": prediction_loss(pred, cfg.model.loss),
-                    "threshold-used": thr_used, **confusion})
-    # --- DFS endpoint: patients with a DFS time, enough events
-    t, e = np.asarray(pred["dfs_time"], float), np.asarray(pred["dfs_event"], float)
-    has_dfs = np.isfinite(t) & np.isfinite(e)
-    n_dfs, n_events = int(has_dfs.sum()), int(e[has_dfs].sum()) if has_dfs.any() else 0
-    dfs_ok = n_dfs >= int(policy.min_patients["dfs"]) and n_events >= k
-    if dfs_ok:
-        out["c-index"] = float(c_index(pred["dfs_time"], pred["dfs_event"], pred["risk"]))
-    if terms.full_report and (out["abstained"] == 0 or dfs_ok):
-        rep = evaluate_predictions(y, p, out.get("threshold-used", terms.threshold), time=pred["dfs_time"],
-                                   event=pred["dfs_event"], risk=pred["risk"], n_boot=int(cfg.train.n_boot),
-                                   seed=int(cfg.seed), min_patients=floor)
-        for key, val in rep.items():
-            if not (isinstance(val, dict) and "value" in val):
-                continue
-            if (key == "c_index" and not dfs_ok) or (key != "c_index" and out["abstained"]):
-                continue
-            out.update(_nan_to_num({f"{key}": val.get("value"), f"{key}-lo": val.get("lo"),
-                                    f"{key}-hi": val.get("hi")}))
+    out = release_metrics(pred, terms, policy, cfg, notices,
+                          hazard=bool(conf.get("baseline-hazard", False)),
+                          baseline=(list(conf.get("bh-times", [])), list(conf.get("bh-cumhaz", [])),
+                                    list(conf.get("risk-cuts", [])) or None))
+    out["n-skipped"] = len(ds.skipped)
     return Message(_with_notices(out, notices), reply_to=msg)

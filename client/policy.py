@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 
 from client import disclosure
 from common.site_policy import (DEFAULT_POLICY_YAML, MESSAGE_TYPES, POLICY_FILE, Policy, PolicyError,  # noqa: F401
-                                disallowed_overrides, load_policy)
+                                disallowed_overrides, key_listed, load_policy)
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,11 @@ def check_reply(policy: Policy, reply: Message) -> str | None:
             problems.append(f"record `{name}` must be a {kind} record, got {type(rec).__name__}")
             continue
         if isinstance(rec, MetricRecord):
-            extra = sorted(set(rec.keys()) - policy.metric_keys)
+            extra = sorted(k for k in rec.keys() if not key_listed(k, policy.metric_keys))
             if extra:
                 problems.append(f"metric key(s) {', '.join(extra)} in `{name}` are not in the metric_keys whitelist")
         elif isinstance(rec, ConfigRecord):
-            extra = sorted(set(rec.keys()) - policy.info_keys)
+            extra = sorted(k for k in rec.keys() if not key_listed(k, policy.info_keys))
             if extra:
                 problems.append(f"key(s) {', '.join(extra)} in `{name}` are not in the info_keys whitelist")
     return "; ".join(problems) or None

@@ -10,12 +10,12 @@ only ``partition-id``; it indexes the sorted site folders of the run config's
 from __future__ import annotations
 
 import hashlib
-import shlex
 import tomllib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.config import split_overrides
 from common.site_policy import site_config
 from common.dataset import SiteDataset, site_dataset
 from common.preprocess.cache import preprocess_site
@@ -42,7 +42,7 @@ class SiteRuntime:
 
 
 def overrides_of(run_config) -> list[str]:
-    return shlex.split(str(run_config.get("overrides", "") or ""))
+    return split_overrides(run_config.get("overrides"))
 
 
 def _resolve_site(run_config, node_config) -> tuple[Path, str | None, str | None]:
@@ -62,12 +62,8 @@ def _resolve_site(run_config, node_config) -> tuple[Path, str | None, str | None
     return sites[pid].path, None, None
 
 
-def site_runtime(run_config, node_config) -> SiteRuntime:
-    key = (tuple(sorted((k, str(v)) for k, v in run_config.items())),
-           tuple(sorted((k, str(v)) for k, v in node_config.items())))
-    if key in _RUNTIMES:
-        _RUNTIMES.move_to_end(key)
-        return _RUNTIMES[key]
+def site_settings(run_config, node_config) -> tuple[Path, str, str, object]:
+    """(site folder, center id, role, config) of this ClientApp, without loading any data."""
     site_dir, role, center = _resolve_site(run_config, node_config)
     # defaults + the run's allowed overrides + the site's own [config] (a disallowed key raises, naming it)
     cfg, _ = site_config(site_dir, overrides_of(run_config))
@@ -76,6 +72,16 @@ def site_runtime(run_config, node_config) -> SiteRuntime:
         toml = tomllib.loads((site_dir / "site.toml").read_text())
     role = str(role or toml.get("role", "train"))
     center = str(center or toml.get("center_id", site_dir.name))
+    return site_dir, center, role, cfg
+
+
+def site_runtime(run_config, node_config) -> SiteRuntime:
+    key = (tuple(sorted((k, str(v)) for k, v in run_config.items())),
+           tuple(sorted((k, str(v)) for k, v in node_config.items())))
+    if key in _RUNTIMES:
+        _RUNTIMES.move_to_end(key)
+        return _RUNTIMES[key]
+    site_dir, center, role, cfg = site_settings(run_config, node_config)
     # idempotent: reuses the cache that `newadj preprocess` built
     res = preprocess_site(site_dir, cfg, progress=False)
     dims = input_dims(cfg)

@@ -20,7 +20,8 @@ from rich.table import Table
 from common.cohort import discover_sites, ensure_caches
 from common.config import config_hash, save_config
 from common.dataset import ConcatSites, site_dataset
-from common.engine import evaluate_model, train_model
+from common.engine import baseline_hazard, evaluate_model, train_model
+from common.hashing import json_safe
 from common.model import build_model
 from common.model_io import save_model_package
 
@@ -35,31 +36,58 @@ def model_for(cfg, ds, modalities=None):
                        n_clinical=ds.n_clinical)
 
 
+def present_modalities(ds) -> list[str]:
+    """The modalities at least one patient of ``ds`` has (a branch no patient feeds learns nothing)."""
+    have = {"mri": lambda it: it["mri"] is not None, "pathology": lambda it: it["path"] is not None,
+            "genomics": lambda it: bool(np.asarray(it["genomics_mask"]).any())}
+    return [m for m in MODALITIES if any(have[m](it) for it in ds.items)]
+
+
 def run_arm(name, cfg, train_ds, val_ds, test_ds, modalities=None, seed=0, model_path: Path | None = None) -> dict:
     model = model_for(cfg, train_ds, modalities)
     res = train_model(model, train_ds, val_ds, cfg.train, cfg.model.loss, seed=seed)
-    ext = evaluate_model(model, test_ds, res.threshold, cfg.train, seed=seed)
+    hazard = baseline_hazard(model, train_ds, cfg.train)
+    ext = evaluate_model(model, test_ds, res.threshold, cfg.train, seed=seed, hazard=hazard)
     if model_path is not None:
         arm_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         if modalities is not None:
             arm_cfg.model.modalities = list(modalities)
         save_model_package(model_path, res.state_dict, arm_cfg, res.threshold,
-                           {"arm": name, "n_train": res.n_train, "n_val": res.n_val, "best_epoch": res.best_epoch})
+                           {"arm": name, "n_train": res.n_train, "n_val": res.n_val, "best_epoch": res.best_epoch,
+                            "endpoints": endpoints_of(train_ds), "baseline_hazard": hazard})
     return {"arm": name, "modalities": list(modalities or cfg.model.modalities), "external": ext,
             "val": res.val, "threshold": res.threshold, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
             "n_train": res.n_train, "n_val": res.n_val, "seconds": res.seconds,
             "train_samples_per_s": res.samples_per_s}
 
 
+def endpoints_of(ds) -> list[str]:
+    """The endpoints ``ds`` has labels for: benefit and / or dfs."""
+    out = []
+    if any(np.isfinite(it["benefit"]) for it in ds.items):
+        out.append("benefit")
+    if any(np.isfinite(it["dfs_time"]) and np.isfinite(it["dfs_event"]) for it in ds.items):
+        out.append("dfs")
+    return out
+
+
 def oracle_auc(cohort_dir: Path, external: str) -> float | None:
+    """AUC of the generator's true benefit probability on the external center, when ``_truth.csv`` holds it
+    (a synthetic cohort's extra information; any other cohort simply has none)."""
     truth = Path(cohort_dir) / "_truth.csv"
     if not truth.exists():
         return None
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
-    df = pd.read_csv(truth)
+    try:
+        df = pd.read_csv(truth)
+    except (OSError, ValueError):
+        return None
+    if not {"benefit", "true_prob"} <= set(df.columns):
+        return None
     df = df[df["site"] == external] if "site" in df else df
+    df = df[np.isfinite(pd.to_numeric(df["benefit"], errors="coerce"))]
     if df["benefit"].nunique() < 2:
         return None
     return float(roc_auc_score(df["benefit"], df["true_prob"]))
@@ -67,6 +95,8 @@ def oracle_auc(cohort_dir: Path, external: str) -> float | None:
 
 def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", "unimodal"),
                  console: Console | None = None) -> dict:
+    """Train and score every arm; ``out_dir/metrics.json`` is rewritten after each arm (valid JSON throughout,
+    ``complete`` false until the last arm), so an interrupted table keeps what was done."""
     console = console or Console()
     out_dir = Path(out_dir)
     save_config(cfg, out_dir)
@@ -81,38 +111,61 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
     va = {s.name: site_dataset(caches[s.name], ["val"], cfg) for s in train_sites}
     test = site_dataset(caches[ext[0].name], None, cfg)
     seed = int(cfg.seed)
-    results: dict[str, dict] = {}
+    pooled_tr, pooled_va = ConcatSites(list(tr.values())), ConcatSites(list(va.values()))
+    present = present_modalities(ConcatSites([pooled_tr, pooled_va]))
+    wanted = [m for m in cfg.model.modalities if m in present]
+    skipped: dict[str, str] = {}
+    for m in cfg.model.modalities:
+        if m not in present:
+            skipped[f"unimodal:{m}"] = f"no training site has {m} data"
+    if skipped:
+        console.print(f"[yellow]modalities no training site has:[/yellow] "
+                      f"{', '.join(m for m in cfg.model.modalities if m not in present)} (their branches are left out)")
+    if not wanted and not int(len(cfg.data.clinical_features)):
+        raise SystemExit(f"{cohort_dir}: no training site has any of the model's modalities "
+                         f"({', '.join(cfg.model.modalities)}) and no clinical feature is configured")
     plan = []
     if "pooled" in arms:
-        plan.append(("pooled", ConcatSites(list(tr.values())), ConcatSites(list(va.values())), None))
+        plan.append(("pooled", pooled_tr, pooled_va, wanted))
     if "unimodal" in arms:
         for m in MODALITIES:
-            plan.append((f"unimodal:{m}", ConcatSites(list(tr.values())), ConcatSites(list(va.values())), [m]))
+            if m in present and len(wanted) > 1:
+                plan.append((f"unimodal:{m}", pooled_tr, pooled_va, [m]))
     if "local" in arms:
         for s in train_sites:
-            plan.append((f"local:{s.name}", tr[s.name], va[s.name], None))
+            plan.append((f"local:{s.name}", tr[s.name], va[s.name], wanted))
+    summary = {
+        "cohort": str(cohort_dir), "external_site": ext[0].name, "n_external": len(test),
+        "oracle_external_auc": oracle_auc(cohort_dir, ext[0].name), "endpoints": endpoints_of(pooled_tr),
+        "modalities": wanted, "skipped_arms": skipped, "config_hash": config_hash(cfg), "complete": False,
+        "arms": {},
+    }
     t0 = time.perf_counter()
     for name, trd, vad, mods in plan:
         console.print(f"[bold]{name}[/bold]: {len(trd)} train / {len(vad)} val patients")
-        results[name] = run_arm(name, cfg, trd, vad, test, mods, seed,
-                                model_path=out_dir / "models" / f"{name.replace(':', '_')}.pt")
-        a = results[name]["external"].get("auc") or {}
-        console.print(f"  external AUC {a.get('value')}  ({results[name]['seconds']:.0f}s, "
-                      f"{results[name]['train_samples_per_s']:.0f} samples/s)")
-    summary = {
-        "cohort": str(cohort_dir), "external_site": ext[0].name, "n_external": len(test),
-        "oracle_external_auc": oracle_auc(cohort_dir, ext[0].name),
-        "config_hash": config_hash(cfg), "seconds": time.perf_counter() - t0, "arms": results,
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+        r = run_arm(name, cfg, trd, vad, test, mods, seed, model_path=out_dir / "models" / f"{name.replace(':', '_')}.pt")
+        summary["arms"][name] = r
+        summary["seconds"] = time.perf_counter() - t0
+        _write(out_dir, summary)
+        a, c = (r["external"].get("auc") or {}), (r["external"].get("c_index") or {})
+        console.print(f"  external AUC {_num(a.get('value'))}, C-index {_num(c.get('value'))}  "
+                      f"({r['seconds']:.0f}s, {r['train_samples_per_s']:.0f} samples/s)")
+    summary["complete"] = True
+    _write(out_dir, summary)
     console.print(render_table(summary))
     return summary
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(type(o))
+def _write(out_dir: Path, summary: dict) -> None:
+    """metrics.json, strict JSON (NaN -> null), replaced atomically."""
+    path = Path(out_dir) / "metrics.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
+    tmp.replace(path)
+
+
+def _num(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
 
 def _fmt(m: dict | None, key: str) -> str:
@@ -122,7 +175,7 @@ def _fmt(m: dict | None, key: str) -> str:
             return "n/a"
         lo, hi = v.get("lo"), v.get("hi")
         return f"{v['value']:.3f}" + (f" ({lo:.2f}-{hi:.2f})" if lo is not None and hi is not None else "")
-    return "n/a" if v is None else f"{v:.3f}"
+    return _num(v)
 
 
 def render_table(summary: dict) -> Table:
@@ -131,11 +184,14 @@ def render_table(summary: dict) -> Table:
     if oracle:
         title += f" -- oracle AUC {oracle:.3f}"
     t = Table(title=title)
-    for c in ("arm", "modalities", "n train", "val AUC", "ext AUC (95% CI)", "accuracy", "C-index", "epochs", "s"):
+    for c in ("arm", "modalities", "n train", "val AUC", "val C", "ext AUC (95% CI)", "accuracy", "C-index", "epochs",
+              "s"):
         t.add_column(c)
     for name, r in summary["arms"].items():
         e = r["external"]
-        va = r["val"].get("val_auc")
-        t.add_row(name, ",".join(r["modalities"]), str(r["n_train"]), "n/a" if va is None else f"{va:.3f}",
-                  _fmt(e, "auc"), _fmt(e, "accuracy"), _fmt(e, "c_index"), str(r["best_epoch"]), f"{r['seconds']:.0f}")
+        t.add_row(name, ",".join(r["modalities"]), str(r["n_train"]), _num(r["val"].get("val_auc")),
+                  _num(r["val"].get("val_c_index")), _fmt(e, "auc"), _fmt(e, "accuracy"), _fmt(e, "c_index"),
+                  str(r["best_epoch"]), f"{r['seconds']:.0f}")
+    for name, why in (summary.get("skipped_arms") or {}).items():
+        t.add_row(name, "-", "-", "-", "-", f"skipped: {why}", "", "", "", "")
     return t

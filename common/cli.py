@@ -109,7 +109,10 @@ def cmd_baseline(args) -> int:
     from common.baseline import run_baseline
     from common.config import load_config
 
-    cfg = load_config(args.overrides)
+    overrides = _with_features(args)
+    if overrides is None:
+        return 2
+    cfg = load_config(overrides)
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     run_baseline(Path(args.data), Path(args.out), cfg, arms=arms, console=console)
     console.print(f"metrics: {Path(args.out) / 'metrics.json'}")
@@ -117,10 +120,16 @@ def cmd_baseline(args) -> int:
 
 
 def _print_federation(metrics: dict, run_dir: Path) -> None:
-    from server.simulation import render_external, render_rounds
+    from server.simulation import render_external, render_round_centers, render_rounds
 
     console.print(render_rounds(metrics))
-    console.print(render_external(metrics))
+    if (per_center := render_round_centers(metrics)) is not None:
+        console.print(per_center)
+    for t in render_external(metrics):
+        console.print(t)
+    sel = metrics.get("selection") or {}
+    if sel.get("warning"):
+        console.print(f"[yellow]selection:[/yellow] {sel['warning']}")
     comm = metrics.get("communication", {})
     console.print(f"model {comm.get('model_bytes_fp32', 0) / 1e6:.2f} MB (fp32); sent {comm.get('bytes_sent', 0) / 1e6:.1f} MB, "
                   f"received {comm.get('bytes_received', 0) / 1e6:.1f} MB in all; wall {metrics.get('wall_seconds', 0):.0f}s")
@@ -188,7 +197,9 @@ def cmd_simulate(args) -> int:
         err_console.print("[red]simulate needs --data and --out (or --resume RUN_DIR)[/red]")
         return 2
     else:
-        data, out, overrides = Path(args.data), Path(args.out), args.overrides
+        data, out, overrides = Path(args.data), Path(args.out), _with_features(args)
+        if overrides is None:
+            return 2
     return _federate(lambda: run_simulation(data, out, overrides, console=console, stream=not args.quiet,
                                             resume=bool(args.resume)), out)
 
@@ -247,14 +258,70 @@ def cmd_server_start(args) -> int:
 def cmd_run(args) -> int:
     from server.submit import submit_run
 
-    overrides = args.overrides
+    overrides = _with_features(args)
+    if overrides is None:
+        return 2
     if args.resume:
-        saved = _resumable(Path(args.out), "run", args.overrides)
+        saved = _resumable(Path(args.out), "run", overrides)
         if saved is None:
             return 2
         overrides = saved["overrides"]
     return _federate(lambda: submit_run(Path(args.kit), Path(args.out), overrides, console=console,
                                         stream=not args.quiet, resume=args.resume), Path(args.out))
+
+
+def _with_features(args) -> list[str] | None:
+    """The command's overrides, plus those of ``--features FILE`` (None, after saying why, if unreadable)."""
+    from common.config import feature_overrides
+
+    if not getattr(args, "features", None):
+        return list(args.overrides)
+    try:
+        return list(args.overrides) + feature_overrides(args.features)
+    except ValueError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        return None
+
+
+def cmd_schema(args) -> int:
+    """Ask every center for its columns (names and counts), propose the federation's feature file."""
+    from server.schema import FEATURES_YAML
+    from server.simulation import RunFailed, run_simulation
+
+    if bool(args.data) == bool(args.kit):
+        err_console.print("[red]schema needs exactly one of --data COHORT (simulation) or --kit KIT (deployment)[/red]")
+        return 2
+    out = Path(args.out)
+    try:
+        if args.data:
+            result = run_simulation(Path(args.data), out, args.overrides, console=console, stream=not args.quiet,
+                                    mode="schema")
+        else:
+            from server.submit import submit_run
+
+            result = submit_run(Path(args.kit), out, args.overrides, console=console, stream=not args.quiet,
+                                mode="schema")
+    except RunFailed as exc:
+        err_console.print(f"[red]schema step failed:[/red] {exc}")
+        return 1
+    prop = result["proposal"]
+    table = Table(title=f"Proposed schema ({len(result['answers'])} centers answered; rule: >= "
+                        f"{prop['rule']['min_centers']} training centers and >= "
+                        f"{prop['rule']['min_patient_fraction']:.0%} of {prop['rule']['training_patients']} "
+                        f"training patients)", box=None, title_justify="left")
+    for c, j in (("kind", "left"), ("feature", "left"), ("centers", "right"), ("patients", "right"), ("kept", "left")):
+        table.add_column(c, justify=j)
+    for kind, key, kept in (("modality", "modalities", prop["modalities"]),
+                            ("genomic", "genomic", prop["genomic_features"]),
+                            ("clinical", "clinical", prop["clinical_features"])):
+        for name, cov in prop["coverage"][key].items():
+            table.add_row(kind, name, str(cov["centers"]), str(cov["patients"]), "yes" if name in kept else "no")
+    console.print(table)
+    for who, why in (result.get("failures") or {}).items():
+        err_console.print(f"[yellow]{who} did not answer:[/yellow] {why}")
+    console.print(f"feature file: {out.resolve() / FEATURES_YAML} (review it, then pass --features to simulate, run "
+                  f"or baseline)", soft_wrap=True)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,10 +355,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="cohort folder (one site folder per center)")
     p.add_argument("--out", required=True, help="run directory (metrics.json, config.yaml)")
     p.add_argument("--arms", default="pooled,unimodal,local", help="comma list of pooled, unimodal, local")
+    p.add_argument("--features", default=None, metavar="FILE", help="feature file from `newadj schema`")
     _add_overrides(p)
     p.set_defaults(func=cmd_baseline)
 
+    p = sub.add_parser("schema", help="ask every center which columns it has (names and counts) and propose the "
+                                      "federation's feature file")
+    p.add_argument("--data", default=None, help="cohort folder (simulation)")
+    p.add_argument("--kit", default=None, help="the coordinator's kit (deployment, after `newadj server start`)")
+    p.add_argument("--out", required=True, help="folder for schema.json and features.yaml")
+    p.add_argument("--quiet", action="store_true", help="do not stream Flower's logs")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_schema)
+
     p = sub.add_parser("simulate", help="run the federation as a Flower simulation on a cohort folder")
+    p.add_argument("--features", default=None, metavar="FILE", help="feature file from `newadj schema`")
     p.add_argument("--data", help="cohort folder (one site folder per center)")
     p.add_argument("--out", help="run directory")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
@@ -345,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="coordinating center: submit the federation to the running SuperLink and follow it")
     p.add_argument("--kit", required=True, help="the coordinator's kit (after `newadj server start --kit KIT`)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, history, metrics.json)")
+    p.add_argument("--features", default=None, metavar="FILE", help="feature file from `newadj schema`")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (after the server died)")

@@ -46,16 +46,18 @@ def cmd_evaluate(args) -> int:
                           seed=args.seed, expected_sha256=_expected_sha(args))
     except EvaluationError as exc:
         return _fail(exc)
-    auc = m["discrimination"]["auc"]
-    acc = m["discrimination"]["accuracy"]
-
     def show(e):
-        if e.get("value") is None:
-            return f"not computable: {e.get('not_computable')}"
+        if not isinstance(e, dict) or e.get("value") is None:
+            return None
         return f"{e['value']:.3f} ({e['lo']:.3f}-{e['hi']:.3f})"
 
-    console.print(f"{m['site']['center_id']}: {m['n_patients']} patients; AUC {show(auc)}; accuracy {show(acc)}; "
-                  f"C-index {show(m['survival']['c_index'])}", highlight=False)
+    s = m["survival"]
+    parts = [("AUC", m["discrimination"]["auc"]), ("accuracy", m["discrimination"]["accuracy"]),
+             ("C-index", s["c_index"]), *((f"DFS AUC at {h} mo", v) for h, v in (s.get("td_auc") or {}).items()
+                                          if isinstance(v, dict)), ("integrated Brier", s.get("ibs"))]
+    shown = [f"{name} {show(e)}" for name, e in parts if show(e)]
+    console.print(f"{m['site']['center_id']}: {m['n_patients']} patients (model trained for "
+                  f"{', '.join(m['endpoints'])}); " + ("; ".join(shown) or "no metric computable"), highlight=False)
     console.print(f"report: {Path(args.out) / 'report.html'}\nmetrics: {Path(args.out) / 'metrics.json'}")
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,6 +26,40 @@ def load_config(overrides: Iterable[str] = (), config_name: str = "config") -> D
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides))
     return cfg
+
+
+def join_overrides(overrides: Iterable[str]) -> str:
+    """The run config's ``overrides`` string: each Hydra override shell-quoted, so that lists, spaces and
+    quotes inside one survive the trip to the ServerApp and every ClientApp (:func:`split_overrides`)."""
+    return " ".join(shlex.quote(str(o)) for o in overrides)
+
+
+def split_overrides(text: str | None) -> list[str]:
+    """The overrides a run config's ``overrides`` string holds (inverse of :func:`join_overrides`)."""
+    return shlex.split(str(text or ""))
+
+
+def feature_overrides(path: str | Path) -> list[str]:
+    """Hydra overrides that put a federation feature file (``newadj schema``) into a run's config."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the feature file ({exc})") from exc
+    out = []
+    for key, target in (("genomic_features", "data.genomic_features"), ("clinical_features", "data.clinical_features"),
+                        ("modalities", "model.modalities")):
+        if key not in doc:
+            continue
+        vals = doc[key] or []
+        if not isinstance(vals, list) or not all(isinstance(v, str) for v in vals):
+            raise ValueError(f"{path}: `{key}` must be a list of names")
+        out.append(f"{target}=[" + ",".join(json.dumps(v) for v in vals) + "]")
+    if not out:
+        raise ValueError(f"{path}: no genomic_features, clinical_features or modalities list in it")
+    return out
 
 
 def to_plain(node: Any) -> Any:

@@ -53,6 +53,9 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+VAL_KEYS = ("val_auc", "val_c_index", "val_loss")
+
+
 @dataclass
 class TrainResult:
     state_dict: dict
@@ -99,8 +102,10 @@ def prediction_loss(pred: dict, loss_cfg) -> float:
         return float(multitask_loss(outs, batch, loss_cfg)[0])
 
 
-def _val_score(pred: dict, loss_cfg) -> tuple[float, float]:
-    """(AUC, loss) of predictions on a validation set; NaN where undefined."""
+def _val_score(pred: dict, loss_cfg) -> dict:
+    """Validation AUC (benefit), Harrell's C (DFS) and loss of a set of predictions; NaN where undefined."""
+    from common.metrics import c_index
+
     y, p = pred["benefit"], pred["prob"]
     lab = ~np.isnan(y)
     auc = float("nan")
@@ -108,7 +113,22 @@ def _val_score(pred: dict, loss_cfg) -> tuple[float, float]:
         from sklearn.metrics import roc_auc_score
 
         auc = float(roc_auc_score(y[lab], p[lab]))
-    return auc, prediction_loss(pred, loss_cfg)
+    return {"val_auc": auc, "val_c_index": float(c_index(pred["dfs_time"], pred["dfs_event"], pred["risk"])),
+            "val_loss": prediction_loss(pred, loss_cfg)}
+
+
+def _selection(rec: dict, metric: str, train_loss: float) -> tuple:
+    """An epoch's selection key (higher is better): the metric asked for, else the next that is defined."""
+    order = {"auto": ("val_auc", "val_c_index"), "auc": ("val_auc",), "c_index": ("val_c_index",),
+             "loss": ()}.get(metric)
+    if order is None:
+        raise ValueError(f"train.select_metric={metric!r}: choose auto, auc, c_index or loss")
+    for k in order:
+        if not math.isnan(rec.get(k, float("nan"))):
+            return (rec[k], -rec.get("val_loss", 0.0))
+    if not math.isnan(rec.get("val_loss", float("nan"))):
+        return (-rec["val_loss"], 0.0)
+    return (-train_loss, 0.0)
 
 
 def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *, seed: int = 0,
@@ -140,7 +160,7 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
                                   and not torch.cuda.is_bf16_supported()) if device.type == "cuda" else None
     start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
 
-    metric = tc.get("select_metric", "auc")
+    metric = str(tc.get("select_metric", "auto"))
     best_key, best_state, best_epoch, best_val = None, None, 0, {}
     history, stale, t0, n_seen = [], 0, time.perf_counter(), 0
     train_loss = float("nan")
@@ -171,22 +191,15 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
         n_seen += count
         train_loss = total / max(count, 1)
         rec = {"epoch": epoch, "train_loss": train_loss}
-        if val_ds is not None and len(val_ds):
-            pred = predict(model, val_ds, int(tc["eval_batch_size"]), device, amp)
-            rec["val_auc"], rec["val_loss"] = _val_score(pred, loss_cfg)
+        if val_ds is not None and len(val_ds) and (select_best or early_stopping):
+            rec.update(_val_score(predict(model, val_ds, int(tc["eval_batch_size"]), device, amp), loss_cfg))
         history.append(rec)
         if on_epoch:
             on_epoch(rec)
-        # selection key: higher is better
-        if metric == "auc" and not math.isnan(rec.get("val_auc", float("nan"))):
-            key = (rec["val_auc"], -rec.get("val_loss", 0.0))
-        elif not math.isnan(rec.get("val_loss", float("nan"))):
-            key = (-rec["val_loss"], 0.0)
-        else:
-            key = (-train_loss, 0.0)
+        key = _selection(rec, metric, train_loss)
         if best_key is None or key > best_key:
             best_key, best_epoch, stale = key, epoch, 0
-            best_val = {k: rec[k] for k in ("val_auc", "val_loss") if k in rec}
+            best_val = {k: rec[k] for k in VAL_KEYS if k in rec}
             if select_best:
                 best_state = copy.deepcopy(model.state_dict())
         else:
@@ -198,11 +211,11 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
         model.load_state_dict(best_state)
     else:
         best_epoch = len(history)
-        best_val = {k: history[-1][k] for k in ("val_auc", "val_loss") if history and k in history[-1]}
+        best_val = {k: history[-1][k] for k in VAL_KEYS if history and k in history[-1]}
 
     threshold = 0.5
     n_val = len(val_ds) if val_ds is not None else 0
-    if n_val:
+    if n_val and select_best:    # federated clients: the server selects and thresholds on pooled validation
         pred = predict(model, val_ds, int(tc["eval_batch_size"]), device, amp)
         y, p = pred["benefit"], pred["prob"]
         lab = ~np.isnan(y)
@@ -216,12 +229,39 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
                        samples_per_s=n_seen / seconds if seconds > 0 else 0.0, seconds=seconds)
 
 
-def evaluate_model(model: torch.nn.Module, dataset, threshold: float, train_cfg, seed: int = 0) -> dict:
-    """Full metrics (with CIs) of ``model`` on ``dataset`` at a threshold fixed beforehand."""
+def baseline_hazard(model: torch.nn.Module, dataset, train_cfg) -> dict | None:
+    """The model's piecewise-constant baseline hazard on ``dataset`` (one site or pooled data, in one place)
+    -- the same estimator the federation pools from the centers' cells (common.metrics)."""
+    from common.metrics import baseline_hazard_from_cells, hazard_cells
+
+    tc = to_plain(train_cfg)
+    pred = predict(model, dataset, int(tc["eval_batch_size"]))
+    ok = np.isfinite(pred["dfs_time"]) & np.isfinite(pred["dfs_event"])
+    if not (pred["dfs_event"][ok] != 0).any():
+        return None
+    step, top = float(tc["hazard_step_months"]), float(tc["hazard_max_months"])
+    edges = np.arange(0.0, top + step / 2, step)
+    h = hazard_cells(pred["dfs_time"], pred["dfs_event"], pred["risk"], edges)
+    times, cumhaz = baseline_hazard_from_cells([(edges, h["events"], h["exposure"])])
+    cuts = [float(c) for c in np.quantile(pred["risk"][ok], [1 / 3, 2 / 3])]
+    return {"times": times, "cumhaz": cumhaz, "n_centers": 1,
+            "risk_groups": {"cuts": cuts, "basis": "tertiles of the training patients' predicted risk"}}
+
+
+def evaluate_model(model: torch.nn.Module, dataset, threshold: float, train_cfg, seed: int = 0,
+                   hazard: dict | None = None) -> dict:
+    """Full metrics (with CIs) of ``model`` on ``dataset`` at a threshold fixed beforehand; ``dfs`` holds the
+    DFS report (C-index, time-dependent AUC, and with ``hazard`` the IBS and calibration of predicted DFS)."""
+    from common.metrics import dfs_report
+
     tc = to_plain(train_cfg)
     device = pick_device(tc.get("device", "auto"))
     model.to(device)
     pred = predict(model, dataset, int(tc["eval_batch_size"]), device, tc.get("amp", "auto"))
-    return evaluate_predictions(pred["benefit"], pred["prob"], threshold, time=pred["dfs_time"],
-                                event=pred["dfs_event"], risk=pred["risk"], n_boot=int(tc["n_boot"]),
-                                seed=seed, min_patients=int(tc["min_patients"]))
+    out = evaluate_predictions(pred["benefit"], pred["prob"], threshold, time=pred["dfs_time"],
+                               event=pred["dfs_event"], risk=pred["risk"], n_boot=int(tc["n_boot"]),
+                               seed=seed, min_patients=int(tc["min_patients"]))
+    out["dfs"] = dfs_report(pred["dfs_time"], pred["dfs_event"], pred["risk"], tc["dfs_horizons"],
+                            (hazard or {}).get("times"), (hazard or {}).get("cumhaz"), n_boot=int(tc["n_boot"]),
+                            seed=seed, min_patients=int(tc["min_patients"]))
+    return out

@@ -159,35 +159,90 @@ def _auc_entry(y: np.ndarray, p: np.ndarray, min_patients: int) -> dict:
     return {**out, "auc": {"value": auc, "lo": lo, "hi": hi, "method": "delong"}}
 
 
-def survival_analysis(time: np.ndarray, event: np.ndarray, group: np.ndarray, min_patients: int) -> dict:
-    """Log-rank test and Cox hazard ratio (predicted benefit vs no benefit); aggregates only."""
+def risk_groups(risk: np.ndarray, hazard: dict | None) -> tuple[np.ndarray, list[str], str]:
+    """Tertile group (0 low, 1 middle, 2 high) of each patient's predicted risk.
+
+    The cut points come with the model (tertiles of its training patients' risk, pooled
+    from the training centers' released risk cells) so that a patient's group does not
+    depend on who else is at the site; a package without them falls back to this site's
+    own tertiles of predicted risk (label-free), and says so.
+    """
+    cuts = ((hazard or {}).get("risk_groups") or {}).get("cuts")
+    basis = ((hazard or {}).get("risk_groups") or {}).get("basis", "")
+    if not cuts or not all(np.isfinite(c) for c in cuts):
+        ok = np.isfinite(risk)
+        cuts = list(np.quantile(risk[ok], [1 / 3, 2 / 3])) if ok.any() else [0.0, 0.0]
+        basis = "tertiles of this site's predicted risk (the model carries no cut points)"
+    return np.searchsorted(np.asarray(cuts, float), risk, side="right"), RISK_GROUP_NAMES, basis
+
+
+def predicted_groups(pred: dict, threshold: float, endpoints, hazard: dict | None) -> tuple[np.ndarray, list[str], str]:
+    """The Kaplan-Meier groups of a model: predicted benefit at its threshold when it has a trained benefit
+    head, else tertiles of predicted DFS risk (:func:`risk_groups`)."""
+    if "benefit" in endpoints:
+        return ((np.asarray(pred["prob"], float) >= threshold).astype(int), BENEFIT_GROUP_NAMES,
+                f"predicted benefit at the checkpoint's threshold {threshold:.3f}")
+    return risk_groups(np.asarray(pred["risk"], float), hazard)
+
+
+def package_endpoints(pkg: dict) -> list[str]:
+    """The endpoints a model package was trained for (packages from before DFS-only models: both)."""
+    return list((pkg.get("card") or {}).get("endpoints") or ("benefit", "dfs"))
+
+
+RISK_GROUP_NAMES = ["low predicted risk", "middle predicted risk", "high predicted risk"]
+BENEFIT_GROUP_NAMES = ["predicted no benefit", "predicted benefit"]
+AT_RISK_MONTHS = (0, 12, 24, 36, 48, 60)
+
+
+def survival_analysis(time: np.ndarray, event: np.ndarray, group: np.ndarray, min_patients: int,
+                      names: list[str] | None = None) -> dict:
+    """Kaplan-Meier groups: log-rank test, Cox hazard ratio of each group against the first, number at risk.
+
+    ``group`` holds 0..k-1 (``names[g]`` labels group g); aggregates only.
+    """
+    names = names or BENEFIT_GROUP_NAMES
     keep = np.isfinite(time) & np.isfinite(event)
     t, e, g = time[keep], event[keep].astype(int), group[keep].astype(int)
     n = int(t.size)
-    out: dict[str, Any] = {"n": n, "n_events": int(e.sum()),
-                           "groups": {"predicted_benefit": {"n": int((g == 1).sum()), "events": int(e[g == 1].sum())},
-                                      "predicted_no_benefit": {"n": int((g == 0).sum()), "events": int(e[g == 0].sum())}}}
+    out: dict[str, Any] = {"n": n, "n_events": int(e.sum()), "group_names": list(names),
+                           "groups": {names[k]: {"n": int((g == k).sum()), "events": int(e[g == k].sum()),
+                                                 "at_risk": {str(m): int(((g == k) & (t >= m)).sum())
+                                                             for m in AT_RISK_MONTHS}}
+                                      for k in range(len(names))}}
     reason = None
+    present = [k for k in range(len(names)) if (g == k).any()]
     if n == 0:
         reason = "no patient with DFS time and event"
     elif n < min_patients:
         reason = f"only {n} patients with DFS data (< min_patients={min_patients})"
     elif not e.any():
         reason = "no DFS events observed"
-    elif (g == 1).all() or (g == 0).all():
-        reason = "all patients fall in one predicted group at the checkpoint threshold"
+    elif len(present) < 2:
+        reason = "all patients fall in one predicted group"
     if reason:
         out.update({"km": _nc(reason), "logrank": _nc(reason), "hazard_ratio": _nc(reason)})
         return out
     out["km"] = {"value": True}
     try:
-        from lifelines.statistics import logrank_test
+        from lifelines.statistics import multivariate_logrank_test
 
-        lr = logrank_test(t[g == 1], t[g == 0], event_observed_A=e[g == 1], event_observed_B=e[g == 0])
+        lr = multivariate_logrank_test(t, g, e)
         out["logrank"] = {"p_value": float(lr.p_value), "statistic": float(lr.test_statistic),
-                          "value": float(lr.p_value)}
+                          "value": float(lr.p_value), "groups": len(present)}
     except Exception as exc:  # pragma: no cover - lifelines edge cases
         out["logrank"] = _nc(f"log-rank test failed: {exc}")
+    ref = present[0]
+    out["hazard_ratio"] = {}
+    for k in present[1:]:
+        out["hazard_ratio"][names[k]] = _cox_hr(t, e, (g == k).astype(int), np.isin(g, [ref, k]),
+                                                f"Cox PH, {names[k]} vs {names[ref]}")
+    if len(names) == 2:          # one comparison: the entry itself
+        out["hazard_ratio"] = next(iter(out["hazard_ratio"].values()), _nc("one group only"))
+    return out
+
+
+def _cox_hr(t, e, x, rows, method: str) -> dict:
     try:
         import warnings
 
@@ -197,17 +252,14 @@ def survival_analysis(time: np.ndarray, event: np.ndarray, group: np.ndarray, mi
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cph = CoxPHFitter()
-            cph.fit(pd.DataFrame({"T": t, "E": e, "predicted_benefit": g}), duration_col="T", event_col="E")
-        s = cph.summary.loc["predicted_benefit"]
+            cph.fit(pd.DataFrame({"T": t[rows], "E": e[rows], "x": x[rows]}), duration_col="T", event_col="E")
+        s = cph.summary.loc["x"]
         hr, lo, hi = float(s["exp(coef)"]), float(s["exp(coef) lower 95%"]), float(s["exp(coef) upper 95%"])
         if not all(math.isfinite(v) for v in (hr, lo, hi)) or hi > 1e6 or lo < 1e-6:
-            out["hazard_ratio"] = _nc("Cox model did not converge (e.g. no events in one group)")
-        else:
-            out["hazard_ratio"] = {"value": hr, "lo": lo, "hi": hi, "p_value": float(s["p"]),
-                                   "method": "Cox PH on the predicted-benefit indicator"}
+            return _nc("Cox model did not converge (e.g. no events in one group)")
+        return {"value": hr, "lo": lo, "hi": hi, "p_value": float(s["p"]), "method": method}
     except Exception as exc:
-        out["hazard_ratio"] = _nc(f"Cox model failed: {type(exc).__name__}: {exc}")
-    return out
+        return _nc(f"Cox model failed: {type(exc).__name__}: {exc}")
 
 
 def subgroup_analysis(y: np.ndarray, p: np.ndarray, modalities: list[list[str]], clinical: list[dict],
@@ -231,29 +283,43 @@ def subgroup_analysis(y: np.ndarray, p: np.ndarray, modalities: list[list[str]],
 
 
 def compute_metrics(pred: dict, threshold: float, modalities: list[list[str]], clinical: list[dict], *,
-                    n_boot: int = 500, seed: int = 0, min_patients: int = 10, ece_bins: int = 10) -> dict:
-    """Every aggregate of the report from per-patient predictions (which never leave this function)."""
+                    n_boot: int = 500, seed: int = 0, min_patients: int = 10, min_patients_dfs: int | None = None,
+                    ece_bins: int = 10, endpoints=("benefit", "dfs"), hazard: dict | None = None,
+                    horizons=(12, 24, 36)) -> dict:
+    """Every aggregate of the report from per-patient predictions (which never leave this function).
+
+    ``endpoints``: the heads the model was trained for; a head it was not trained for is
+    reported as not computable.  Patients are grouped for Kaplan-Meier by predicted
+    benefit at the threshold (benefit models) or by predicted-risk tertile (DFS models).
+    """
+    from common.metrics import dfs_report
+
+    min_dfs = min_patients if min_patients_dfs is None else int(min_patients_dfs)
     y = np.asarray(pred["benefit"], float)
     p = np.asarray(pred["prob"], float)
     t = np.asarray(pred["dfs_time"], float)
     e = np.asarray(pred["dfs_event"], float)
     r = np.asarray(pred["risk"], float)
-    rep = evaluate_predictions(y, p, threshold, time=t, event=e, risk=r, n_boot=n_boot, seed=seed,
-                               min_patients=min_patients, ece_bins=ece_bins)
+    benefit_head = "benefit" in endpoints
+    rep = evaluate_predictions(y, p, threshold, n_boot=n_boot, seed=seed, min_patients=min_patients,
+                               ece_bins=ece_bins)
     n_lab = int(np.isfinite(y).sum())
     n_surv = int((np.isfinite(t) & np.isfinite(e)).sum())
-    no_labels = "no patient at this site has a benefit label" if n_lab == 0 else None
-    no_dfs = "no patient at this site has DFS time and event" if n_surv == 0 else None
+    no_labels = ("the model has no trained benefit head (it was trained for DFS only)" if not benefit_head else
+                 "no patient at this site has a benefit label" if n_lab == 0 else None)
+    no_dfs = ("the model has no trained DFS head" if "dfs" not in endpoints else
+              "no patient at this site has DFS time and event" if n_surv == 0 else None)
     out: dict[str, Any] = {
         "n_patients": int(y.size), "n_labelled": n_lab, "n_pos": int(np.nansum(y)) if n_lab else 0,
-        "n_with_dfs": n_surv, "threshold": float(threshold), "threshold_source": "checkpoint (internal validation)",
-        "predicted_benefit": int((p >= threshold).sum()),
+        "n_with_dfs": n_surv, "endpoints": list(endpoints), "threshold": float(threshold),
+        "threshold_source": "checkpoint (internal validation)",
+        "predicted_benefit": int((p >= threshold).sum()) if benefit_head else None,
     }
     out["discrimination"] = {"auc": _convert(rep.get("auc"), no_labels),
                              **{k: _convert(rep.get(k), no_labels) for k in CLS_KEYS}}
     lab = np.isfinite(y) & np.isfinite(p)
     cal = {k: _convert(rep.get(k), no_labels) for k in CAL_KEYS}
-    if lab.sum() >= min_patients:
+    if benefit_head and lab.sum() >= min_patients:
         rc = reliability_curve(y[lab], p[lab], n_bins=ece_bins)
         cal["reliability"] = {k: [None if not np.isfinite(v) else float(v) for v in np.asarray(rc[k], float)]
                               for k in ("prob_pred", "prob_true", "bin_edges")}
@@ -261,9 +327,20 @@ def compute_metrics(pred: dict, threshold: float, modalities: list[list[str]], c
     else:
         cal["reliability"] = _nc(no_labels or f"only {int(lab.sum())} labelled patients (< min_patients={min_patients})")
     out["calibration"] = cal
-    group = (p >= threshold).astype(int)
-    surv = survival_analysis(t, e, group, min_patients)
-    surv["c_index"] = _convert(rep.get("c_index"), no_dfs)
+    group, names, basis = predicted_groups(pred, threshold, endpoints, hazard)
+    surv = survival_analysis(t, e, group, min_dfs, names)
+    surv["grouping"] = basis
+    if no_dfs:
+        surv.update({k: _nc(no_dfs) for k in ("c_index", "td_auc", "ibs", "dfs_calibration")})
+    else:
+        cuts = ((hazard or {}).get("risk_groups") or {}).get("cuts")
+        dr = dfs_report(t, e, r, horizons, (hazard or {}).get("times"), (hazard or {}).get("cumhaz"),
+                        n_boot=n_boot, seed=seed, min_patients=min_dfs, risk_cuts=cuts)
+        surv["c_index"] = _convert(dr["c_index"])
+        surv["td_auc"] = {h: _convert(v) for h, v in dr["td_auc"].items()}
+        surv["ibs"] = _convert(dr["ibs"])
+        surv["dfs_calibration"] = (_convert(dr["calibration"]) if dr["calibration"].get("abstained")
+                                   else dr["calibration"])
     out["survival"] = surv
     out["subgroups"] = subgroup_analysis(y, p, modalities, clinical, min_patients)
     out["modality_counts"] = {m: int(sum(m in ms for ms in modalities)) for m in MODALITY_NAMES}
@@ -288,7 +365,7 @@ def model_card(pkg: dict, model_path: Path) -> dict:
         "training_centers": {c: {"n_train": (v or {}).get("n_train"), "n_val": (v or {}).get("n_val")}
                              for c, v in centers.items()},
         "n_train": card.get("n_train"), "n_val": card.get("n_val"),
-        "privacy": card.get("privacy"), "seed": card.get("seed"),
+        "privacy": card.get("privacy"), "seed": card.get("seed"), "endpoints": package_endpoints(pkg),
         "seed_study": SEED_STUDY,
     }
 
@@ -310,13 +387,16 @@ def evaluate_site(model_path: Path, site_dir: Path, out_dir: Path, *, splits=Non
     n_boot = int(tc.get("n_boot", 500) if n_boot is None else n_boot)
     from common.site_policy import load_policy
 
-    min_patients = int(load_policy(site_dir).min_patients["benefit"])   # the site's floor, not the package's
+    floors = load_policy(site_dir).min_patients     # the site's floors, not the package's
     threshold = float(pkg.get("threshold", 0.5))
+    endpoints = package_endpoints(pkg)
+    hazard = (pkg.get("card") or {}).get("baseline_hazard")
     pred = predict(model, ds, int(tc.get("eval_batch_size", 64)))
     modalities = [item_modalities(it) for it in ds.items]
     clinical = [clinical_by_id.get(it["patient_id"], {}) for it in ds.items]
     metrics = compute_metrics(pred, threshold, modalities, clinical, n_boot=n_boot, seed=seed,
-                              min_patients=min_patients)
+                              min_patients=int(floors["benefit"]), min_patients_dfs=int(floors["dfs"]),
+                              endpoints=endpoints, hazard=hazard, horizons=list(tc.get("dfs_horizons", (12, 24, 36))))
     card = model_card(pkg, model_path)
     metrics = {"site": {"dir": str(site_dir), "center_id": ds.center_id, "role": ds.role,
                         "splits": list(splits) if splits else "all",
@@ -338,9 +418,10 @@ def evaluate_site(model_path: Path, site_dir: Path, out_dir: Path, *, splits=Non
     if not surv["km"].get("not_computable"):
         t, e = np.asarray(pred["dfs_time"], float), np.asarray(pred["dfs_event"], float)
         k = np.isfinite(t) & np.isfinite(e)
-        figs["km"] = km_figure(t[k], e[k].astype(int), (p[k] >= threshold).astype(int),
-                               f"DFS by predicted benefit at threshold {threshold:.3f}",
-                               (surv["logrank"] or {}).get("p_value"), surv["hazard_ratio"])
+        group, names, basis = predicted_groups(pred, threshold, endpoints, hazard)
+        hr = surv["hazard_ratio"] if len(names) == 2 else None
+        figs["km"] = km_figure(t[k], e[k].astype(int), group[k], f"DFS by {basis}",
+                               (surv["logrank"] or {}).get("p_value"), hr, names)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1))
     (out_dir / "report.html").write_text(render_html(metrics, figs))
@@ -383,6 +464,12 @@ def render_html(m: dict, figs: dict[str, str]) -> str:
         ["created", esc(m["created"])],
     ], raw=True))
 
+    if "benefit" not in m.get("endpoints", ("benefit",)):
+        body.append("<h2>Benefit from neoadjuvant therapy</h2>")
+        body.append(not_computable("benefit discrimination and calibration",
+                                   "the model was trained for disease-free survival only (no benefit labels at "
+                                   "the training centers); the DFS head is evaluated below"))
+        return _render_rest(m, figs, body)
     body.append("<h2>Comparison with the seed study</h2>")
     body.append(table(["metric", "this model on this site", "seed study (external cohort)"],
                       [[esc(r["metric"]), metric_cell(r["this_model"]), esc(fmt_num(r["seed_study"], 2))]
@@ -411,18 +498,49 @@ def render_html(m: dict, figs: dict[str, str]) -> str:
         parts.insert(0, not_computable("reliability curve", c["reliability"].get("not_computable", "")))
     body.append('<div class="figs">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>")
 
+    return _render_rest(m, figs, body)
+
+
+def _render_rest(m: dict, figs: dict[str, str], body: list[str]) -> str:
+    """The DFS, subgroup and model-card sections of the evaluation page."""
+    from common.html_report import esc, figure, fmt_num, metric_cell, not_computable, page, table
+
+    card = m["model_card"]
+    site = m["site"]
     s = m["survival"]
     body.append("<h2>Disease-free survival</h2>")
     lr = s["logrank"]
     hr = s["hazard_ratio"]
-    rows = [[esc(_LABELS["c_index"]), metric_cell(s["c_index"])],
-            ["log-rank p (predicted benefit vs no benefit)",
-             metric_cell(lr) if lr.get("not_computable") else esc(f"{lr['p_value']:.4g} (chi2 {lr['statistic']:.2f})")],
-            ["hazard ratio, predicted benefit vs no benefit (Cox, 95% CI)", metric_cell(hr, 2)],
-            ["patients with DFS / events", esc(f"{s['n']} / {s['n_events']}")]]
-    for g, v in s["groups"].items():
-        rows.append([esc(g.replace("_", " ")), esc(f"n={v['n']}, events={v['events']}")])
+    rows = [[esc(_LABELS["c_index"]), metric_cell(s["c_index"])]]
+    td = s.get("td_auc") or {}
+    if isinstance(td, dict) and not td.get("not_computable"):
+        rows += [[esc(f"time-dependent AUC at {h} months (IPCW, 95% CI)"), metric_cell(v)] for h, v in td.items()]
+    rows.append([esc("integrated Brier score of predicted DFS (lower is better)"), metric_cell(s.get("ibs") or {})])
+    rows.append([esc(f"log-rank p ({s.get('grouping', 'predicted groups')})"),
+                 metric_cell(lr) if lr.get("not_computable") else esc(f"{lr['p_value']:.4g} (chi2 {lr['statistic']:.2f})")])
+    if hr.get("not_computable") or "value" in hr:
+        rows.append([esc(f"hazard ratio, {s['group_names'][1]} vs {s['group_names'][0]} (Cox, 95% CI)"),
+                     metric_cell(hr, 2)])
+    else:
+        rows += [[esc(f"hazard ratio, {g} vs {s['group_names'][0]} (Cox, 95% CI)"), metric_cell(v, 2)]
+                 for g, v in hr.items()]
+    rows.append(["patients with DFS / events", esc(f"{s['n']} / {s['n_events']}")])
     parts = [table(["", ""], rows, raw=True)]
+    at = list(next(iter(s["groups"].values()))["at_risk"]) if s["groups"] else []
+    parts.append(table(["group", "patients", "events"] + [f"at risk {a} mo" for a in at],
+                       [[g, v["n"], v["events"], *v["at_risk"].values()] for g, v in s["groups"].items()]))
+    cal = s.get("dfs_calibration") or {}
+    if isinstance(cal, dict) and not cal.get("not_computable"):
+        crow = []
+        for h, grp in cal.items():
+            for r in grp:
+                crow.append([f"{h} months", r["group"], r["n"], fmt_num(r["predicted"], 3),
+                             metric_cell({"value": r["observed"], "lo": r["lo"], "hi": r["hi"]})
+                             if r["observed"] is not None else "n/a"])
+        parts.append(table(["horizon", "group (predicted-risk tertile)", "patients", "predicted DFS",
+                            "observed DFS (Kaplan-Meier, 95% CI)"], crow, raw=True))
+    else:
+        parts.append(not_computable("calibration of predicted DFS", cal.get("not_computable", "")))
     if "km" in figs:
         parts.insert(0, figure(figs["km"], "Kaplan-Meier DFS by predicted group, number at risk below", fig_id="km"))
     else:
@@ -447,6 +565,7 @@ def render_html(m: dict, figs: dict[str, str]) -> str:
     priv = card.get("privacy") or {}
     dp = priv.get("differential_privacy") if isinstance(priv, dict) else None
     rows = [["model", esc(f"{card['model']} ({', '.join(card['modalities'])})")],
+            ["trained for", esc(", ".join(card.get("endpoints") or []) or "n/a")],
             ["strategy", esc(card.get("strategy") or "n/a")],
             ["rounds (selected round)", esc(f"{fmt_num(card.get('rounds'))} ({fmt_num(card.get('selected_round'))})")],
             ["local epochs per round", esc(fmt_num(card.get("local_epochs")))],

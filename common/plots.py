@@ -78,16 +78,21 @@ def reliability_figure(rc: dict, brier: float | None, ece: float | None) -> str:
     return fig_to_data_uri(fig)
 
 
+KM_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")
+
+
 def km_figure(time: np.ndarray, event: np.ndarray, group: np.ndarray, title: str, p_value: float | None = None,
-              hr: dict | None = None) -> str:
-    """Kaplan-Meier curves of predicted-benefit (group 1) vs predicted-no-benefit (group 0),
-    with lifelines' number-at-risk table under the axes."""
+              hr: dict | None = None, names: list[str] | None = None) -> str:
+    """Kaplan-Meier curves of each predicted group (``names[g]`` for group ``g``; default predicted
+    no benefit / benefit), with lifelines' number-at-risk table under the axes."""
     from lifelines import KaplanMeierFitter
     from lifelines.plotting import add_at_risk_counts
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    names = names or ["predicted no benefit", "predicted benefit"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6 + 0.25 * max(0, len(names) - 2)))
     fitters = []
-    for g, name, color in ((1, "predicted benefit", "#1f77b4"), (0, "predicted no benefit", "#d62728")):
+    order = [1, 0] if len(names) == 2 else list(range(len(names)))
+    for g, name, color in ((g, names[g], KM_COLORS[g % len(KM_COLORS)]) for g in order):
         m = group == g
         if not m.any():
             continue
@@ -127,23 +132,25 @@ def round_curves(history: list[dict]) -> dict[str, str]:
     ax.legend(fontsize=7)
     out["loss"] = fig_to_data_uri(fig)
 
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    ax.plot(rounds, [_f((h.get("val") or {}).get("auc")) for h in history], "o-", lw=2.5, color="black",
-            label="pooled validation")
-    lo = [_f((h.get("val") or {}).get("auc_lower")) for h in history]
-    hi = [_f((h.get("val") or {}).get("auc_upper")) for h in history]
-    if not all(np.isnan(lo)):
-        ax.fill_between(rounds, lo, hi, color="grey", alpha=0.25, label="pooled AUC bounds")
-    centers = sorted({c for h in history for c in (h.get("val_centers") or {})})
-    for c in centers:
-        ax.plot(rounds, [_f(((h.get("val_centers") or {}).get(c) or {}).get("auc")) for h in history], ".-",
-                alpha=0.8, label=c)
-    ax.set_xlabel("round")
-    ax.set_ylabel("validation AUC")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Validation AUC per round")
-    ax.legend(fontsize=6, ncol=2)
-    out["auc"] = fig_to_data_uri(fig)
+    for key, lo_key, hi_key, name, band in (("auc", "auc_lower", "auc_upper", "AUC", "pooled AUC bounds"),
+                                            ("c_index", "c_index_lo", "c_index_hi", "C-index", "pooled C 95% CI")):
+        fig, ax = plt.subplots(figsize=(5.2, 3.6))
+        ax.plot(rounds, [_f((h.get("val") or {}).get(key)) for h in history], "o-", lw=2.5, color="black",
+                label="pooled validation")
+        lo = [_f((h.get("val") or {}).get(lo_key)) for h in history]
+        hi = [_f((h.get("val") or {}).get(hi_key)) for h in history]
+        if not all(np.isnan(lo)):
+            ax.fill_between(rounds, lo, hi, color="grey", alpha=0.25, label=band)
+        centers = sorted({c for h in history for c in (h.get("val_centers") or {})})
+        for c in centers:
+            ax.plot(rounds, [_f(((h.get("val_centers") or {}).get(c) or {}).get(key)) for h in history], ".-",
+                    alpha=0.8, label=c)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"validation {name}")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"Validation {name} per round")
+        ax.legend(fontsize=6, ncol=2)
+        out[key] = fig_to_data_uri(fig)
 
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     ax.plot(rounds, [_f(h.get("bytes_sent")) / 1e6 for h in history], "o-", label="sent by server")

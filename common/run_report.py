@@ -151,7 +151,10 @@ def run_report(run_dir: Path, baseline_dir: Path | None = None, cohort_dir: Path
     if history:
         figs = round_curves(history)
         caps = {"loss": "Training and validation loss", "auc": "Pooled and per-center validation AUC",
+                "c_index": "Pooled and per-center validation C-index (DFS)",
                 "bytes": "Bytes sent and received by the server", "time": "Round time and client training time"}
+        has = {k: any((h.get("val") or {}).get(k) is not None for h in history) for k in ("auc", "c_index")}
+        caps = {k: v for k, v in caps.items() if has.get(k, True)}
         body.append('<div class="figs">' + "".join(figure(figs[k], caps[k], fig_id=f"round-{k}") for k in caps)
                     + "</div>")
     else:

@@ -90,9 +90,9 @@ def _dropout_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def mc_dropout_probs(model: torch.nn.Module, dataset, passes: int = 50, seed: int = 0,
-                     batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(eval-mode probabilities [n], MC-dropout probabilities [passes, n])."""
+def mc_dropout_outputs(model: torch.nn.Module, dataset, passes: int = 50, seed: int = 0,
+                       batch_size: int = 64, output: str = "prob") -> tuple[np.ndarray, np.ndarray]:
+    """(eval-mode values [n], MC-dropout values [passes, n]) of ``output``: ``prob`` (benefit) or ``risk`` (DFS)."""
     from torch.utils.data import DataLoader
 
     from common.dataset import make_collate
@@ -100,42 +100,77 @@ def mc_dropout_probs(model: torch.nn.Module, dataset, passes: int = 50, seed: in
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         collate_fn=make_collate(dataset.mri_shape, dataset.path_dim))
     batches = list(loader)
+
+    def value(b):
+        out = model(b)
+        return torch.sigmoid(out["logit"].float()) if output == "prob" else out["risk"].float()
+
     model.eval()
-    point = torch.cat([torch.sigmoid(model(b)["logit"].float()) for b in batches]).numpy()
+    point = torch.cat([value(b) for b in batches]).numpy()
     drops = _dropout_modules(model)
     gen_state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
         for m in drops:
             m.train()
-        samples = np.stack([torch.cat([torch.sigmoid(model(b)["logit"].float()) for b in batches]).numpy()
-                            for _ in range(int(passes))])
+        samples = np.stack([torch.cat([value(b) for b in batches]).numpy() for _ in range(int(passes))])
     finally:
         model.eval()
         torch.set_rng_state(gen_state)
     return point, samples
 
 
+def mc_dropout_probs(model: torch.nn.Module, dataset, passes: int = 50, seed: int = 0,
+                     batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(eval-mode probabilities [n], MC-dropout probabilities [passes, n])."""
+    return mc_dropout_outputs(model, dataset, passes, seed, batch_size, "prob")
+
+
 def _prediction_rows(model, pkg, ds, passes: int, seed: int) -> list[dict]:
+    """Criterion 8 per patient from the model's benefit head, or -- for a model trained for DFS only --
+    its DFS head (predicted DFS probability and risk group), saying which head it used."""
+    from common.evaluate import RISK_GROUP_NAMES, package_endpoints, risk_groups
+    from common.metrics import survival_at
+
     threshold = float(pkg.get("threshold", 0.5))
     used_by_model = list(pkg["config"].model.modalities)
-    point, samples = mc_dropout_probs(model, ds, passes, seed, int(pkg["config"].train.get("eval_batch_size", 64)))
+    batch = int(pkg["config"].train.get("eval_batch_size", 64))
+    head = "benefit" if "benefit" in package_endpoints(pkg) else "dfs"
     rows = []
+    if head == "benefit":
+        point, samples = mc_dropout_outputs(model, ds, passes, seed, batch, "prob")
+    else:
+        risk, samples = mc_dropout_outputs(model, ds, passes, seed, batch, "risk")
+        hazard = (pkg.get("card") or {}).get("baseline_hazard") or {}
+        horizon = float(pkg["config"].train.get("screen_dfs_months", 24))
+        group, _, basis = risk_groups(risk, hazard)
+        if hazard.get("times"):
+            point = survival_at(risk, hazard["times"], hazard["cumhaz"], [horizon])[:, 0]
+            samples = np.stack([survival_at(s_, hazard["times"], hazard["cumhaz"], [horizon])[:, 0] for s_ in samples])
     for i, it in enumerate(ds.items):
-        lo, hi = (float(v) for v in np.percentile(samples[:, i], [2.5, 97.5]))
-        prob = float(point[i])
-        if lo >= threshold:
-            c8 = "meets"
-        elif hi < threshold:
-            c8 = "does not meet"
-        else:
-            c8 = "uncertain (interval contains the threshold)"
         have = item_modalities(it)
-        rows.append({"patient_id": it["patient_id"], "prob": prob, "prob_lo": lo, "prob_hi": hi,
-                     "mc_mean": float(samples[:, i].mean()), "threshold": threshold,
-                     "predicted_benefit": prob >= threshold, "criterion_8": c8,
-                     "modalities_used": [m for m in used_by_model if m in have],
-                     "modalities_missing": [m for m in used_by_model if m not in have]})
+        row = {"patient_id": it["patient_id"], "head": head, "threshold": threshold,
+               "modalities_used": [m for m in used_by_model if m in have],
+               "modalities_missing": [m for m in used_by_model if m not in have]}
+        if head == "benefit":
+            lo, hi = (float(v) for v in np.percentile(samples[:, i], [2.5, 97.5]))
+            prob = float(point[i])
+            if lo >= threshold:
+                c8 = "meets"
+            elif hi < threshold:
+                c8 = "does not meet"
+            else:
+                c8 = "uncertain (interval contains the threshold)"
+            row.update({"prob": prob, "prob_lo": lo, "prob_hi": hi, "mc_mean": float(samples[:, i].mean()),
+                        "predicted_benefit": prob >= threshold, "criterion_8": c8})
+        else:
+            g = RISK_GROUP_NAMES[int(group[i])]
+            row.update({"risk": float(risk[i]), "risk_group": g, "risk_group_basis": basis,
+                        "criterion_8": f"not assessed: the model was trained for DFS only (DFS head used); {g}"})
+            if hazard.get("times"):
+                lo, hi = (float(v) for v in np.percentile(samples[:, i], [2.5, 97.5]))
+                row.update({"dfs_horizon": horizon, "dfs_prob": float(point[i]), "dfs_prob_lo": lo, "dfs_prob_hi": hi})
+        rows.append(row)
     return rows
 
 
@@ -165,16 +200,18 @@ def screen_all(model_path: Path, site_dir: Path, out: Path | None = None, passes
     rows = _prediction_rows(model, pkg, ds, passes, seed)
     out = Path(out) if out else Path(site_dir) / DEFAULT_CSV
     out.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["patient_id", "prob", "prob_lo", "prob_hi", "threshold", "criterion_8", "modalities_used",
-              "eligibility", "reasons"]
+    fields = ["patient_id", "head", "prob", "prob_lo", "prob_hi", "threshold", "dfs_horizon", "dfs_prob",
+              "dfs_prob_lo", "dfs_prob_hi", "risk_group", "criterion_8", "modalities_used", "eligibility", "reasons"]
     with out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             el = check_eligibility(clinical.get(r["patient_id"]))
-            w.writerow({"patient_id": r["patient_id"], "prob": f"{r['prob']:.4f}", "prob_lo": f"{r['prob_lo']:.4f}",
-                        "prob_hi": f"{r['prob_hi']:.4f}", "threshold": f"{r['threshold']:.4f}",
-                        "criterion_8": r["criterion_8"], "modalities_used": "+".join(r["modalities_used"]),
+            num = {k: f"{r[k]:.4f}" for k in ("prob", "prob_lo", "prob_hi", "threshold", "dfs_prob", "dfs_prob_lo",
+                                               "dfs_prob_hi") if r.get(k) is not None}
+            w.writerow({"patient_id": r["patient_id"], "head": r["head"], **num, "dfs_horizon": r.get("dfs_horizon", ""),
+                        "risk_group": r.get("risk_group", ""), "criterion_8": r["criterion_8"],
+                        "modalities_used": "+".join(r["modalities_used"]),
                         "eligibility": el["status"], "reasons": "; ".join(el["reasons"])})
     return out
 
@@ -193,13 +230,21 @@ class _Subset(torch.utils.data.Dataset):
 
 def format_screening(r: dict) -> str:
     el = r["eligibility"]
-    lines = [f"patient {r['patient_id']}",
-             f"  predicted benefit probability: {r['prob']:.3f} (95% MC-dropout interval {r['prob_lo']:.3f}-"
-             f"{r['prob_hi']:.3f}, {r['passes']} passes, seed {r['seed']})",
-             f"  criterion 8 (predicted benefit at threshold {r['threshold']:.3f}): {r['criterion_8']}",
-             f"  modalities used: {', '.join(r['modalities_used']) or 'none'}"
-             + (f" (missing: {', '.join(r['modalities_missing'])})" if r["modalities_missing"] else ""),
-             f"  structured protocol checks: {el['status'].upper()}"]
+    lines = [f"patient {r['patient_id']}"]
+    if r["head"] == "benefit":
+        lines += [f"  predicted benefit probability: {r['prob']:.3f} (95% MC-dropout interval {r['prob_lo']:.3f}-"
+                  f"{r['prob_hi']:.3f}, {r['passes']} passes, seed {r['seed']})",
+                  f"  criterion 8 (benefit head, predicted benefit at threshold {r['threshold']:.3f}): "
+                  f"{r['criterion_8']}"]
+    else:
+        if r.get("dfs_prob") is not None:
+            lines.append(f"  predicted {r['dfs_horizon']:g}-month DFS probability: {r['dfs_prob']:.3f} (95% MC-dropout "
+                         f"interval {r['dfs_prob_lo']:.3f}-{r['dfs_prob_hi']:.3f}, {r['passes']} passes, seed {r['seed']})")
+        lines += [f"  risk group: {r['risk_group']} ({r['risk_group_basis']})",
+                  f"  criterion 8: {r['criterion_8']}"]
+    lines += [f"  modalities used: {', '.join(r['modalities_used']) or 'none'}"
+              + (f" (missing: {', '.join(r['modalities_missing'])})" if r["modalities_missing"] else ""),
+              f"  structured protocol checks: {el['status'].upper()}"]
     for c in el["checks"]:
         v = "missing" if c["value"] is None else (int(c["value"]) if float(c["value"]).is_integer() else c["value"])
         lines.append(f"    [{c['result']:>7}] {c['criterion']} ({c['field']} = {v})")

@@ -28,6 +28,7 @@ from typing import Iterable
 import yaml
 from omegaconf import OmegaConf
 
+from common import reply_schema as W
 from common.config import CONF_DIR, load_config, to_plain
 
 POLICY_FILE = "policy.toml"
@@ -74,6 +75,16 @@ def _int(raw: dict, key: str, source: str, minimum: int) -> int:
     return v
 
 
+def _keys(value, schema) -> frozenset:
+    """A whitelist of reply keys (fnmatch patterns); null means the project's reply schema."""
+    return frozenset(str(k) for k in (schema if value is None else value))
+
+
+def key_listed(key: str, patterns) -> bool:
+    """Whether a reply key is on a whitelist of keys / fnmatch patterns."""
+    return key in patterns or any(fnmatch.fnmatchcase(key, p) for p in patterns if any(c in p for c in "*?["))
+
+
 def _build(raw: dict, source: str) -> Policy:
     known = {f.name for f in fields(Policy)} - {"source"}
     unknown = sorted(set(raw) - known)
@@ -107,8 +118,8 @@ def _build(raw: dict, source: str) -> Policy:
         audit_dir = raw.get("audit_dir")
         return Policy(message_types=mtypes, reply_records=records, min_patients=floors,
                       release_round_metrics=raw["release_round_metrics"], allowed_run_keys=tuple(patterns),
-                      config=config, metric_keys=frozenset(str(k) for k in raw["metric_keys"]),
-                      info_keys=frozenset(str(k) for k in raw["info_keys"]),
+                      config=config, metric_keys=_keys(raw["metric_keys"], W.METRIC_KEY_PATTERNS),
+                      info_keys=_keys(raw["info_keys"], W.INFO_KEYS),
                       audit_dir=None if audit_dir in (None, "") else str(audit_dir), source=source, **ints)
     except (KeyError, TypeError) as exc:
         raise PolicyError(f"{source}: invalid policy ({exc!r})") from exc

@@ -665,6 +665,12 @@ def generate_cohort(out_dir: Path, seed: int = 0, scale: float = 1.0, cfg: dict 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     phases = list(cfg["phases"])
+    endpoints = set(cfg.get("endpoints") or ())
+    modalities = set(cfg.get("modalities") or ())
+    for what, got, known in (("endpoints", endpoints, {"benefit", "dfs"}),
+                             ("modalities", modalities, {"mri", "pathology", "genomics"})):
+        if got - known:
+            raise ValueError(f"synth.{what}: unknown {sorted(got - known)} (choose from {sorted(known)})")
 
     sites = cfg["sites"]
     tasks: list[dict] = []
@@ -677,8 +683,16 @@ def generate_cohort(out_dir: Path, seed: int = 0, scale: float = 1.0, cfg: dict 
         sdir.mkdir(parents=True)
         pids, clinical, genomics, truth, fl, (z_mri, z_path) = _site_tables(cfg, site, si, n, seed)
         _write_site_toml(sdir / "site.toml", site, si)
-        clinical.to_csv(sdir / "clinical.csv", index=False)
-        genomics.to_csv(sdir / "genomics.csv", index=False)
+        keep = ["patient_id", *(["benefit"] if "benefit" in endpoints else []),
+                *(["dfs_months", "dfs_event"] if "dfs" in endpoints else []), "split"]
+        if cfg.get("clinical_covariates", True):
+            keep += [c for c in clinical.columns if c not in ("patient_id", "benefit", "dfs_months", "dfs_event",
+                                                              "split")]
+        clinical[keep].to_csv(sdir / "clinical.csv", index=False)
+        if "genomics" in modalities:
+            genomics.to_csv(sdir / "genomics.csv", index=False)
+        fl["no_mri"] |= "mri" not in modalities
+        fl["no_slide"] |= "pathology" not in modalities
         truths.append(truth)
         path_cfg = deep_merge(cfg["pathology"], site.get("pathology") or {})
         scanner = dict(site["mri"])
@@ -707,8 +721,8 @@ def generate_cohort(out_dir: Path, seed: int = 0, scale: float = 1.0, cfg: dict 
             "n_mri_complete": n_mri_complete,
             "n_tumor_mask": int((~fl["no_mri"] & ~fl["no_mask"]).sum()),
             "n_pathology": int((~fl["no_slide"]).sum()),
-            "n_genomics": int((~fl["no_gen"]).sum()),
-            "n_labeled": int(clinical["benefit"].notna().sum()),
+            "n_genomics": int((~fl["no_gen"]).sum()) if "genomics" in modalities else 0,
+            "n_labeled": int(clinical["benefit"].notna().sum()) if "benefit" in endpoints else 0,
             "n_benefit": int(truth["benefit"].sum()),
             "mri_format": scanner.get("format", "nifti"),
             "mri_shape": [int(s) for s in scanner["shape"]],

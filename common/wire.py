@@ -64,3 +64,4 @@ def content_bytes(content) -> int:
 
 
 PARAM_KEYS = "param-keys-json"   # SecAgg+ fit config: the state-dict names in order (legacy Parameters are a bare list)
+

@@ -172,8 +172,19 @@ RUN_ID_RE = re.compile(r"run[ _-]?id[^0-9]*(\d+)", re.IGNORECASE)
 
 def flwr_run(superlink: str, env: dict, run_config: dict, log_path: Path, federation_config: dict | None = None,
              echo=None, timeout: float | None = None, app_dir: Path | None = None) -> int | None:
-    """``flwr run APP SUPERLINK --stream`` (APP: this project); returns the run id seen in its output (None if none)."""
-    args = [bin_path("flwr"), "run", str(app_dir or PROJECT_ROOT), superlink, "--run-config", run_config_arg(run_config), "--stream"]
+    """``flwr run APP SUPERLINK --stream`` (APP: this project); returns the run id seen in its output (None if none).
+
+    The run config goes to Flower as a TOML file written next to ``log_path``: Flower's
+    ``key=value`` parser cuts a value at its first inner quote, so overrides holding quotes
+    or lists would not reach the apps intact; a file is parsed by a real TOML reader.
+    """
+    import tomli_w
+
+    config_file = Path(log_path).with_name(Path(log_path).stem + "-run-config.toml")
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(tomli_w.dumps(dict(run_config)))
+    args = [bin_path("flwr"), "run", str(app_dir or PROJECT_ROOT), superlink, "--run-config", str(config_file),
+            "--stream"]
     if federation_config:
         args += ["--federation-config", run_config_arg(federation_config)]
     run_id = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shlex
 import time
 from pathlib import Path
 
@@ -26,12 +25,13 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.hashing import json_safe
-from common.config import config_hash, load_config, save_config, to_plain
+from common.config import config_hash, load_config, save_config, split_overrides, to_plain
 from common.engine import seed_everything
 from common.model_io import save_model_package
-from common.metrics import auc_from_cells, youden_from_cells
 from common.task import model_from_config
 from common.wire import content_bytes, from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
+from server.evaluation import (center_entry, pool, resolve_select_metric, selection_basis,
+                               selection_key)
 from server.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from server.messaging import NO_REPLY, send_and_collect
 from server.roles import NodeView, admit_new_nodes, query_roles, wait_for_nodes
@@ -49,36 +49,11 @@ def _send(grid, node_ids, arrays: ArrayRecord, config: dict, timeout: float, mty
     return send_and_collect(grid, msgs, timeout), arrays.count_bytes() * len(msgs)
 
 
-REPLY_COUNTS = ("tp", "fp", "tn", "fn")
-_CELL_KEYS = ("hist-edges", "hist-neg", "hist-pos", "num-examples", "n-pos", "abstained", "loss", "c-index",
-              "threshold-used", *REPLY_COUNTS)
-
-
-def _center_entry(m: dict) -> tuple[dict, tuple | None]:
-    """One center's evaluate metrics as a history entry, and its released cells (None: benefit abstained)."""
-    entry = {"n": int(m["num-examples"]), "n_pos": int(m.get("n-pos", 0)), "abstained": bool(m.get("abstained"))}
-    if "c-index" in m:
-        entry["c_index"] = float(m["c-index"])
-    cells = None
-    if not entry["abstained"]:
-        cells = (list(m["hist-edges"]), list(m["hist-neg"]), list(m["hist-pos"]))
-        est, lo, hi = auc_from_cells([cells])
-        entry.update({"auc": est, "auc_lower": lo, "auc_upper": hi, "loss": float(m["loss"]),
-                      "threshold_used": float(m.get("threshold-used", float("nan"))), "cells": len(cells[1]),
-                      **{k: int(m[k]) for k in REPLY_COUNTS}})
-    # the full report's exact values (computed at the site); the histogram estimate stays as auc_histogram
-    report = {k.replace("-", "_"): float(v) for k, v in m.items() if k not in _CELL_KEYS and isinstance(v, (int, float))}
-    if "auc" in report and "auc" in entry:
-        entry["auc_histogram"] = entry["auc"]
-    entry.update(report)
-    return entry, cells
-
-
 def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[dict, int, int]:
-    """Per-center aggregate metrics and the pooled AUC from the centers' released histogram cells."""
+    """Per-center aggregate metrics and the pooled metrics from what the centers released."""
     replies, sent = _send(grid, node_ids, arrays, config, timeout)
     received = 0
-    per_center, cells, failures, notices = {}, [], {}, {}
+    per_center, released, failures, notices = {}, {}, {}, {}
     for nid, r in replies.items():
         center = _center(roles, nid)
         if r is None:
@@ -92,31 +67,37 @@ def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[d
         if "info" in r.content and r.content["info"].get("notice"):
             notices[center] = str(r.content["info"]["notice"])
             log.warning("center %s: %s", center, notices[center])
-        per_center[center], c = _center_entry(dict(r.content["metrics"]))
-        if c is not None:
-            cells.append(c)
-    pooled = {}
-    if cells:
-        est, lo, hi = auc_from_cells(cells)
-        scored = [e for e in per_center.values() if not e["abstained"]]
-        n_tot = sum(e["n"] for e in scored)
-        w_auc = [(e["auc"], e["n"]) for e in scored if not np.isnan(e["auc"])]
-        pooled = {"auc": est, "auc_lower": lo, "auc_upper": hi, "n": n_tot, "n_centers": len(scored),
-                  "weighted_auc": sum(a * n for a, n in w_auc) / max(1, sum(n for _, n in w_auc)) if w_auc else float("nan"),
-                  "loss": sum(e["loss"] * e["n"] for e in scored) / max(1, n_tot),
-                  "youden_threshold": youden_from_cells(cells)}
-    return {"centers": per_center, "pooled": pooled, "failures": failures, "notices": notices}, sent, received
+        per_center[center], released[center] = center_entry(dict(r.content["metrics"]))
+    return {"centers": per_center, "pooled": pool(per_center, released), "failures": failures,
+            "notices": notices}, sent, received
 
 
-def _selection_key(pooled: dict, metric: str) -> float:
-    """The round's validation score; -inf when the centers released nothing to rank it by."""
-    if not pooled:
-        return -np.inf
-    if metric in ("pooled_auc", "weighted_auc") and pooled.get("auc_upper", 1.0) - pooled.get("auc_lower", 0.0) >= 1.0:
-        return -np.inf   # every released cell mixes both labels over the same scores: the AUC is anywhere in [0, 1]
-    v = {"pooled_auc": pooled.get("auc"), "weighted_auc": pooled.get("weighted_auc"),
-         "val_loss": -pooled.get("loss", np.inf)}[metric]
-    return -np.inf if v is None or np.isnan(v) else float(v)
+def _selection_summary(best: dict, metric: str, fed) -> dict:
+    """Which round was selected, on what, and whether that rests on enough validation data (warned if not)."""
+    n, k = selection_basis(best["val"], metric)
+    out = {"round": best["round"], "metric": metric, "value": None if best["key"] == -np.inf else best["key"],
+           "patients": n, "centers": k, "warning": None}
+    if best["key"] == -np.inf:
+        out["warning"] = ("no training center released validation metrics that rank the rounds (each abstained "
+                          "under its site's floors, or released one cell); the last round's model is used, not "
+                          "one selected on validation")
+    elif n < int(fed.selection_warn_patients) or k < int(fed.selection_warn_centers):
+        short = [f"{k} center(s) < selection_warn_centers {fed.selection_warn_centers}"] if k < int(
+            fed.selection_warn_centers) else []
+        short += [f"{n} patients < selection_warn_patients {fed.selection_warn_patients}"] if n < int(
+            fed.selection_warn_patients) else []
+        out["warning"] = (f"round {best['round']} was selected on {metric} over the validation of {k} center(s) "
+                          f"and {n} patients ({'; '.join(short)}): a noisy choice")
+    if out["warning"]:
+        log.warning("%s", out["warning"])
+    return out
+
+
+def _endpoints(roles) -> dict:
+    """Which endpoints the training centers can train and validate (their role replies' counts)."""
+    train = [i for i in roles.values() if i.get("role") != "external"]
+    return {"benefit": sum(int(i.get("n-benefit", 0)) for i in train),
+            "dfs": sum(int(i.get("n-dfs", 0)) for i in train)}
 
 
 def _centers(roles) -> dict:
@@ -210,8 +191,15 @@ def _secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed) 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    cfg = load_config(shlex.split(str(rc.get("overrides", "") or "")))
+    cfg = load_config(split_overrides(rc.get("overrides")))
     fed = cfg.federation
+    if str(rc.get("mode", "run")) == "schema":   # `newadj schema`: names and counts, no training
+        from server.schema import run_schema
+
+        run_dir = Path(str(rc.get("run-dir") or f"runs/schema-{int(time.time())}")).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_schema(grid, cfg, run_dir, int(rc.get("expected-nodes", 0) or fed.expected_nodes or fed.min_available_nodes))
+        return
     check_secure_config(fed)
     secure = bool(fed.secure_aggregation.enabled)
     run_dir = Path(str(rc.get("run-dir") or f"runs/run-{int(time.time())}")).resolve()
@@ -230,6 +218,10 @@ def main(grid: Grid, context: Context) -> None:
     train_ids, ext_ids = _membership(grid, roles)
     centers = _centers(roles)
     log.info("roles: %s", {i["center-id"]: i["role"] for i in roles.values()})
+    endpoints = _endpoints(roles)
+    select_metric = resolve_select_metric(str(fed.select_metric), endpoints)
+    log.info("endpoints at the training centers: %d patients with a benefit label, %d with DFS; selecting "
+             "rounds on %s", endpoints["benefit"], endpoints["dfs"], select_metric)
     if len(train_ids) < int(fed.min_train_nodes):
         by_reason: dict[str, list[str]] = {}
         for nid, reason in role_errors.items():   # "policy of X: why" from many centers: one line per why
@@ -311,7 +303,8 @@ def main(grid: Grid, context: Context) -> None:
         rec = {"round": rnd, "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
                "client_train_seconds": rt["client_seconds"],
                "val": dict(val["pooled"]), "val_notices": val["notices"],
-               "val_centers": {c: {k: e.get(k) for k in ("auc", "n", "loss", "abstained")}
+               "val_centers": {c: {"auc": e.get("auc_cells"), **{k: e.get(k) for k in (
+                                   "n", "c_index", "n_dfs", "loss", "abstained", "dfs_abstained")}}
                                for c, e in val["centers"].items()},
                "failures": _merge_failures(train_fail, val["failures"]),
                "rejected_updates": rt.get("rejected", {}), "update_norms": rt.get("norms", {}),
@@ -331,7 +324,7 @@ def main(grid: Grid, context: Context) -> None:
         comm["bytes_received"] += received
         rec["seconds"] = time.perf_counter() - t0
         rec["train_phase_seconds"] = t_train
-        key = _selection_key(val["pooled"], str(fed.select_metric))
+        key = selection_key(val["pooled"], select_metric)
         # no center released validation metrics yet (all abstained under their floors): the latest model
         if best is None or key > best["key"] or (key == -np.inf and best["key"] == -np.inf):
             best = {"round": rnd, "key": key, "threshold": val["pooled"].get("youden_threshold", 0.5),
@@ -352,20 +345,35 @@ def main(grid: Grid, context: Context) -> None:
     # --- the selected model on the external center -----------------------------------
     if best is None:
         raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
-    if best["key"] == -np.inf:
-        log.warning("no training center released validation metrics that rank the rounds (each abstained under "
-                    "its site's floors, or released one cell); the last round's model is used, not one selected "
-                    "on validation")
+    selection = _selection_summary(best, select_metric, fed)
     best_state, best_meta, _ = load_checkpoint(run_dir / "checkpoints" / f"round_{best['round']:03d}.pt")
     best_arrays = ArrayRecord(best_state)
     admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered)
     train_ids, ext_ids = _membership(grid, roles)
+    # the selected model's baseline hazard, from the training centers' training splits (DFS probabilities)
+    baseline_hazard = None
+    if endpoints["dfs"] and train_ids:
+        bh, s5, r5 = _evaluate_centers(grid, train_ids, roles, best_arrays,
+                                       {"split": "train", "bins": int(fed.histogram_bins), "threshold": 0.5,
+                                        "baseline-hazard": True}, float(fed.round_timeout))
+        comm["bytes_sent"] += s5
+        comm["bytes_received"] += r5
+        baseline_hazard = bh["pooled"].get("baseline_hazard")
+        if baseline_hazard is not None and "risk_groups" in bh["pooled"]:
+            baseline_hazard["risk_groups"] = bh["pooled"]["risk_groups"]
+        if baseline_hazard is None:
+            log.warning("no training center released baseline-hazard cells: predicted DFS probabilities, their "
+                        "calibration and the integrated Brier score are not available")
     external = {}
     if ext_ids:
-        ext, s4, r4 = _evaluate_centers(grid, ext_ids, roles, best_arrays,
-                                        {"split": "test", "bins": int(fed.histogram_bins),
-                                         "threshold": float(best["threshold"]), "full-report": True},
-                                        float(fed.round_timeout))
+        request = {"split": "test", "bins": int(fed.histogram_bins), "threshold": float(best["threshold"]),
+                   "full-report": True}
+        if baseline_hazard:
+            request.update({"bh-times": baseline_hazard["times"], "bh-cumhaz": baseline_hazard["cumhaz"]})
+            cuts = (baseline_hazard.get("risk_groups") or {}).get("cuts")
+            if cuts and all(np.isfinite(c) for c in cuts):
+                request["risk-cuts"] = [float(c) for c in cuts]
+        ext, s4, r4 = _evaluate_centers(grid, ext_ids, roles, best_arrays, request, float(fed.round_timeout))
         comm["bytes_sent"] += s4
         comm["bytes_received"] += r4
         external = ext
@@ -381,13 +389,15 @@ def main(grid: Grid, context: Context) -> None:
             "external_centers": [c for c, v in centers.items() if v["role"] == "external"],
             "strategy": str(fed.strategy), "rounds": num_rounds, "selected_round": best["round"],
             "local_epochs": int(fed.local_epochs), "config_hash": cfg_hash, "seed": int(cfg.seed),
-            "selection": f"{fed.select_metric} on internal validation", "privacy": privacy}
+            "selection": f"{select_metric} on internal validation", "privacy": privacy,
+            "endpoints": [k for k, v in endpoints.items() if v], "baseline_hazard": baseline_hazard}
     package = save_model_package(run_dir / "best_model.pt", best_state, cfg, float(best["threshold"]), card)
     per_round = [h["bytes_sent"] / max(1, h["n_train_replies"] + len(h["val_centers"])) for h in history]
     summary = {
         "status": "finished", "run_dir": str(run_dir), "config_hash": cfg_hash, "strategy": str(fed.strategy),
         "rounds": num_rounds, "centers": centers, "role_query_errors": role_errors,
-        "selected_round": best["round"], "selection_metric": str(fed.select_metric),
+        "selected_round": best["round"], "selection_metric": select_metric, "selection": selection,
+        "endpoints": endpoints, "baseline_hazard": baseline_hazard,
         "threshold": best["threshold"], "selected_val": best["val"],
         "best_model": {"file": "best_model.pt", "sha256": package["sha256"],
                        "checkpoint_sha256": best_meta["sha256"], "weights_sha256": best_meta.get("weights_sha256")},

@@ -8,16 +8,15 @@ non-zero (``flwr run --stream`` itself exits 0 either way).
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from pathlib import Path
 
 from rich.console import Console
 
-from common.config import load_config, save_config
+from common.config import join_overrides, load_config, save_config
 from server.flwr_process import flwr_env, flwr_run
 from server.secure_deploy import CONNECTION, KitError, load_kit
-from server.simulation import RUN_SPEC, RunFailed, final_status, read_run_spec, run_budget
+from server.simulation import RESULT_FILE, RUN_SPEC, RunFailed, final_status, read_run_spec, run_budget
 
 
 def resume_spec(run_dir: Path) -> list[str]:
@@ -26,8 +25,9 @@ def resume_spec(run_dir: Path) -> list[str]:
 
 
 def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Console | None = None,
-               stream: bool = True, resume: bool = False) -> dict:
-    """Submit the federation; with ``resume`` the ServerApp continues from the run's last checkpoint."""
+               stream: bool = True, resume: bool = False, mode: str = "run") -> dict:
+    """Submit the federation; with ``resume`` the ServerApp continues from the run's last checkpoint;
+    ``mode="schema"``: the schema step (``server/schema.py``)."""
     console = console or Console()
     try:
         kit = load_kit(kit_dir, "coordinator")
@@ -40,12 +40,14 @@ def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Cons
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(load_config(overrides), run_dir)
-    (run_dir / RUN_SPEC).write_text(json.dumps({"kit": str(kit.dir), "overrides": list(overrides)}, indent=1))
-    if not resume and (run_dir / "metrics.json").exists():
-        (run_dir / "metrics.json").unlink()
+    result = run_dir / RESULT_FILE[mode]
+    if mode == "run":
+        (run_dir / RUN_SPEC).write_text(json.dumps({"kit": str(kit.dir), "overrides": list(overrides)}, indent=1))
+    if not resume and result.exists():
+        result.unlink()
     env = flwr_env(home)
-    run_config = {"run-dir": str(run_dir), "overrides": " ".join(shlex.quote(o) for o in overrides),
-                  "expected-nodes": len(kit.centers), "resume": bool(resume)}
+    run_config = {"run-dir": str(run_dir), "overrides": join_overrides(overrides),
+                  "expected-nodes": len(kit.centers), "resume": bool(resume), "mode": mode}
     echo = (lambda line: console.print(line, markup=False, highlight=False)) if stream else None
     t0 = time.perf_counter()
     run_id = flwr_run(CONNECTION, env, run_config, run_dir / "flwr-run.log", echo=echo)
@@ -53,11 +55,10 @@ def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Cons
         raise RunFailed(f"`flwr run` did not start a run; see {run_dir / 'flwr-run.log'}")
     status = final_status(CONNECTION, env, run_id, run_budget(load_config(overrides)))
     (run_dir / "flwr-status.json").write_text(json.dumps(status, indent=1))
-    if "finished:completed" not in str(status.get("status", "")).replace(" ", "") \
-            or not (run_dir / "metrics.json").exists():
+    if "finished:completed" not in str(status.get("status", "")).replace(" ", "") or not result.exists():
         raise RunFailed(f"run {run_id} ended with status {status.get('status')!r}; see {run_dir}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(result.read_text())
     metrics["wall_seconds"] = time.perf_counter() - t0
     metrics["flwr_run_id"] = run_id
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    result.write_text(json.dumps(metrics, indent=1))
     return metrics

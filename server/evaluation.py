@@ -1,0 +1,145 @@
+"""Evaluate replies in, pooled validation metrics and the round's selection key out.
+
+Each center's reply holds what its site released (``common/reply_schema.py``):
+benefit score cells, Harrell's pair counts, time-dependent-AUC cells per DFS horizon,
+baseline-hazard cells, and -- in a full report -- exact values with CIs.  Pooling:
+
+* AUC from the benefit cells (``common.metrics.auc_from_cells``: estimate and exact
+  bounds) and the Youden threshold on a cell edge;
+* the center-stratified Harrell's C from the summed pair counts, with its CI
+  (``common.metrics.pooled_c_index``): exactly Harrell's C within centers on the pooled
+  predictions;
+* the time-dependent AUC at each horizon from the DFS cells, with bounds;
+* the validation loss, weighted by patients.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from common import reply_schema as W
+from common.metrics import (auc_from_cells, baseline_hazard_from_cells, pooled_c_index, quantiles_from_cells,
+                            youden_from_cells)
+
+log = logging.getLogger("newadj.server")
+
+SELECT_METRICS = ("auto", "pooled_auc", "weighted_auc", "pooled_c_index", "val_loss")
+
+
+def _cells(m: dict, keys) -> tuple | None:
+    e, n, p = (m.get(k) for k in keys)
+    return None if e is None or n is None or p is None else (list(e), list(n), list(p))
+
+
+def _td_horizons(m: dict) -> list[str]:
+    return sorted({k[len("td-"):-len("-edges")] for k in m if k.startswith("td-") and k.endswith("-edges")},
+                  key=float)
+
+
+def center_entry(m: dict) -> tuple[dict, dict]:
+    """One center's evaluate metrics as a history entry, and what it released for pooling."""
+    released: dict = {"cells": None, "pairs": None, "td": {}, "hazard": None, "risk": None}
+    entry = {"n": int(m.get("num-examples", 0)), "n_pos": int(m.get("n-pos", 0)),
+             "abstained": bool(m.get("abstained", 1)), "dfs_abstained": bool(m.get("dfs-abstained", 1))}
+    if "loss" in m:
+        entry["loss"] = float(m["loss"])
+    if not entry["abstained"]:
+        cells = _cells(m, W.BENEFIT_CELLS)
+        released["cells"] = cells
+        est, lo, hi = auc_from_cells([cells])
+        entry.update({"auc_cells": est, "auc_lower": lo, "auc_upper": hi, "cells": len(cells[1]),
+                      "threshold_used": float(m.get("threshold-used", float("nan"))),
+                      **{k: int(m[k]) for k in W.CONFUSION if k in m}})
+    if not entry["dfs_abstained"]:
+        pairs = {name: float(m[key]) for name, key in W.PAIR_WIRE.items() if key in m}
+        if len(pairs) == len(W.PAIR_WIRE):
+            released["pairs"] = pairs
+            c, lo, hi = pooled_c_index([pairs])
+            entry.update({"c_index": c, "c_index_lo": lo, "c_index_hi": hi})
+        entry.update({"n_dfs": int(m.get("n-dfs", 0)), "n_events": int(m.get("n-events", 0))})
+        for h in _td_horizons(m):
+            released["td"][h] = _cells(m, W.td_keys(float(h)))
+    if all(k in m for k in W.HAZARD_CELLS):   # a baseline-hazard reply (nothing else in it)
+        released["hazard"] = tuple(list(m[k]) for k in W.HAZARD_CELLS)
+    if all(k in m for k in W.RISK_CELLS):
+        released["risk"] = tuple(list(m[k]) for k in W.RISK_CELLS)
+    # a full report: exact values computed at the site (flat: name, name_lo, name_hi)
+    for name in W.FULL_REPORT:
+        for key in W.full_report_keys(name):
+            if key in m:
+                entry[key.replace("-", "_")] = float(m[key])
+    for key, v in m.items():
+        if (key.startswith("td-auc-") or key.startswith("dfs-cal-")) and isinstance(v, (int, float)):
+            entry[key.replace("-", "_")] = float(v)
+    return entry, released
+
+
+def pool(per_center: dict, released: dict) -> dict:
+    """Pooled validation metrics of one round from every center's released aggregates."""
+    pooled: dict = {}
+    cells = [r["cells"] for r in released.values() if r["cells"] is not None]
+    if cells:
+        est, lo, hi = auc_from_cells(cells)
+        scored = [e for e in per_center.values() if not e["abstained"]]
+        w_auc = [(e["auc_cells"], e["n"]) for e in scored if not np.isnan(e["auc_cells"])]
+        pooled.update({"auc": est, "auc_lower": lo, "auc_upper": hi, "n": sum(e["n"] for e in scored),
+                       "n_centers": len(scored),
+                       "weighted_auc": (sum(a * n for a, n in w_auc) / max(1, sum(n for _, n in w_auc))
+                                        if w_auc else float("nan")),
+                       "youden_threshold": youden_from_cells(cells)})
+    pairs = [r["pairs"] for r in released.values() if r["pairs"] is not None]
+    if pairs:
+        c, lo, hi = pooled_c_index(pairs)
+        dfs = [e for e in per_center.values() if not e["dfs_abstained"]]
+        pooled.update({"c_index": c, "c_index_lo": lo, "c_index_hi": hi, "n_dfs": sum(e["n_dfs"] for e in dfs),
+                       "n_events": sum(e["n_events"] for e in dfs), "n_centers_dfs": len(dfs)})
+    for h in sorted({h for r in released.values() for h in r["td"]}, key=float):
+        td = [r["td"][h] for r in released.values() if r["td"].get(h)]
+        est, lo, hi = auc_from_cells(td)
+        pooled.update({f"td_auc_{h}": est, f"td_auc_{h}_lower": lo, f"td_auc_{h}_upper": hi})
+    with_loss = [e for e in per_center.values() if "loss" in e and np.isfinite(e["loss"])]
+    if with_loss:
+        n = [max(e["n"], e.get("n_dfs", 0)) for e in with_loss]
+        pooled["loss"] = sum(e["loss"] * k for e, k in zip(with_loss, n)) / max(1, sum(n))
+    hazard = [r["hazard"] for r in released.values() if r["hazard"] is not None]
+    if hazard:
+        times, cumhaz = baseline_hazard_from_cells(hazard)
+        pooled["baseline_hazard"] = {"times": times, "cumhaz": cumhaz, "n_centers": len(hazard)}
+    risk = [r["risk"] for r in released.values() if r["risk"] is not None]
+    if risk:   # the model's risk tertiles on the training patients (score = logistic(risk))
+        cuts = [float(np.log(q / (1 - q))) if 0 < q < 1 else float("nan") for q in quantiles_from_cells(risk, (1 / 3, 2 / 3))]
+        pooled["risk_groups"] = {"cuts": cuts, "basis": "tertiles of the training centers' predicted risk"}
+    return pooled
+
+
+def resolve_select_metric(metric: str, endpoints: dict) -> str:
+    """``auto``: pooled AUC when some training center has benefit labels, else the pooled C-index."""
+    if metric not in SELECT_METRICS:
+        raise ValueError(f"federation.select_metric={metric!r}: choose one of {', '.join(SELECT_METRICS)}")
+    if metric != "auto":
+        return metric
+    if endpoints.get("benefit"):
+        return "pooled_auc"
+    return "pooled_c_index" if endpoints.get("dfs") else "val_loss"
+
+
+def selection_key(pooled: dict, metric: str) -> float:
+    """The round's validation score (higher is better); -inf when the centers released nothing to rank it by."""
+    if not pooled:
+        return -np.inf
+    if metric in ("pooled_auc", "weighted_auc") and pooled.get("auc_upper", 1.0) - pooled.get("auc_lower", 0.0) >= 1.0:
+        return -np.inf   # every released cell mixes both labels over the same scores: the AUC is anywhere in [0, 1]
+    v = {"pooled_auc": pooled.get("auc"), "weighted_auc": pooled.get("weighted_auc"),
+         "pooled_c_index": pooled.get("c_index"), "val_loss": -pooled.get("loss", np.inf)}[metric]
+    return -np.inf if v is None or np.isnan(v) else float(v)
+
+
+def selection_basis(pooled: dict, metric: str) -> tuple[int, int]:
+    """(patients, centers) behind a round's selection key."""
+    if metric == "pooled_c_index":
+        return int(pooled.get("n_dfs", 0)), int(pooled.get("n_centers_dfs", 0))
+    if metric in ("pooled_auc", "weighted_auc"):
+        return int(pooled.get("n", 0)), int(pooled.get("n_centers", 0))
+    return max(int(pooled.get("n", 0)), int(pooled.get("n_dfs", 0))), max(int(pooled.get("n_centers", 0)),
+                                                                           int(pooled.get("n_centers_dfs", 0)))
