@@ -244,8 +244,13 @@ def release_metrics(pred: dict, terms: "Terms", policy, cfg, notices: list[str],
     elif n_dfs:
         notices.append(f"DFS metrics withheld: {n_dfs} patients with DFS" if n_dfs < floor_d else
                        f"DFS metrics withheld: {n_ev} events (< min_cell_count {k})")
-    if benefit_ok or dfs_ok:
-        out["loss"] = prediction_loss(pred, cfg.model.loss)
+    if benefit_ok or dfs_ok:   # the loss of the released endpoints only (an abstaining one adds nothing)
+        from common.config import to_plain
+
+        loss_cfg = dict(to_plain(cfg.model.loss))
+        loss_cfg["benefit_weight"] = loss_cfg.get("benefit_weight", 1.0) if benefit_ok else 0.0
+        loss_cfg["dfs_weight"] = loss_cfg.get("dfs_weight", 0.5) if dfs_ok else 0.0
+        out["loss"] = prediction_loss(pred, loss_cfg)
     if not terms.full_report:
         return out
     n_boot, seed = int(cfg.train.n_boot), int(cfg.seed)

@@ -190,8 +190,9 @@ def package_endpoints(pkg: dict) -> list[str]:
     return list((pkg.get("card") or {}).get("endpoints") or ("benefit", "dfs"))
 
 
-RISK_GROUP_NAMES = ["low predicted risk", "middle predicted risk", "high predicted risk"]
-BENEFIT_GROUP_NAMES = ["predicted no benefit", "predicted benefit"]
+# group keys (shown with spaces for underscores)
+RISK_GROUP_NAMES = ["low_predicted_risk", "middle_predicted_risk", "high_predicted_risk"]
+BENEFIT_GROUP_NAMES = ["predicted_no_benefit", "predicted_benefit"]
 AT_RISK_MONTHS = (0, 12, 24, 36, 48, 60)
 
 
@@ -501,6 +502,10 @@ def render_html(m: dict, figs: dict[str, str]) -> str:
     return _render_rest(m, figs, body)
 
 
+def _h(key: str) -> str:
+    return key.replace("_", " ")
+
+
 def _render_rest(m: dict, figs: dict[str, str], body: list[str]) -> str:
     """The DFS, subgroup and model-card sections of the evaluation page."""
     from common.html_report import esc, figure, fmt_num, metric_cell, not_computable, page, table
@@ -519,16 +524,16 @@ def _render_rest(m: dict, figs: dict[str, str], body: list[str]) -> str:
     rows.append([esc(f"log-rank p ({s.get('grouping', 'predicted groups')})"),
                  metric_cell(lr) if lr.get("not_computable") else esc(f"{lr['p_value']:.4g} (chi2 {lr['statistic']:.2f})")])
     if hr.get("not_computable") or "value" in hr:
-        rows.append([esc(f"hazard ratio, {s['group_names'][1]} vs {s['group_names'][0]} (Cox, 95% CI)"),
+        rows.append([esc(f"hazard ratio, {_h(s['group_names'][1])} vs {_h(s['group_names'][0])} (Cox, 95% CI)"),
                      metric_cell(hr, 2)])
     else:
-        rows += [[esc(f"hazard ratio, {g} vs {s['group_names'][0]} (Cox, 95% CI)"), metric_cell(v, 2)]
+        rows += [[esc(f"hazard ratio, {_h(g)} vs {_h(s['group_names'][0])} (Cox, 95% CI)"), metric_cell(v, 2)]
                  for g, v in hr.items()]
     rows.append(["patients with DFS / events", esc(f"{s['n']} / {s['n_events']}")])
     parts = [table(["", ""], rows, raw=True)]
     at = list(next(iter(s["groups"].values()))["at_risk"]) if s["groups"] else []
     parts.append(table(["group", "patients", "events"] + [f"at risk {a} mo" for a in at],
-                       [[g, v["n"], v["events"], *v["at_risk"].values()] for g, v in s["groups"].items()]))
+                       [[_h(g), v["n"], v["events"], *v["at_risk"].values()] for g, v in s["groups"].items()]))
     cal = s.get("dfs_calibration") or {}
     if isinstance(cal, dict) and not cal.get("not_computable"):
         crow = []

@@ -88,7 +88,7 @@ def km_figure(time: np.ndarray, event: np.ndarray, group: np.ndarray, title: str
     from lifelines import KaplanMeierFitter
     from lifelines.plotting import add_at_risk_counts
 
-    names = names or ["predicted no benefit", "predicted benefit"]
+    names = [n.replace("_", " ") for n in (names or ["predicted no benefit", "predicted benefit"])]
     fig, ax = plt.subplots(figsize=(6.4, 4.6 + 0.25 * max(0, len(names) - 2)))
     fitters = []
     order = [1, 0] if len(names) == 2 else list(range(len(names)))

@@ -164,7 +164,7 @@ def _prediction_rows(model, pkg, ds, passes: int, seed: int) -> list[dict]:
             row.update({"prob": prob, "prob_lo": lo, "prob_hi": hi, "mc_mean": float(samples[:, i].mean()),
                         "predicted_benefit": prob >= threshold, "criterion_8": c8})
         else:
-            g = RISK_GROUP_NAMES[int(group[i])]
+            g = RISK_GROUP_NAMES[int(group[i])].replace("_", " ")
             row.update({"risk": float(risk[i]), "risk_group": g, "risk_group_basis": basis,
                         "criterion_8": f"not assessed: the model was trained for DFS only (DFS head used); {g}"})
             if hazard.get("times"):

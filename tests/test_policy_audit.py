@@ -86,11 +86,17 @@ def test_defaults_apply_without_policy_file(tmp_path):
     assert set(pol.message_types) == {"query", "train", "evaluate"}
     assert pol.max_local_epochs >= 1 and pol.max_server_round >= 1 and pol.min_cohort_size >= 1
     assert set(pol.reply_records) == {"arrays", "metrics", "info"}
-    # today's reply keys (client/client_app.py) are whitelisted
-    assert {"num-examples", "train-loss", "train-seconds", "samples-per-s", "hist-neg", "hist-pos", "loss",
-            "tp", "fp", "tn", "fn", "c-index", "n-pos", "abstained", "n-skipped", "auc", "auc-lo",
-            "c_index-hi"} <= pol.metric_keys
-    assert pol.info_keys == {"role", "center-id", "n-train", "n-val", "n-test", "notice"}
+    # the whitelists are the project's reply schema (common/reply_schema.py), patterns included
+    from common import reply_schema as W
+    from common.site_policy import key_listed
+
+    assert pol.metric_keys == set(W.METRIC_KEY_PATTERNS) and pol.info_keys == set(W.INFO_KEYS)
+    sent = ["num-examples", "train-loss", "train-seconds", "samples-per-s", "hist-neg", "hist-pos", "loss", "tp",
+            "c-conc", "c-var-d", "n-dfs", "dfs-abstained", "td-24-edges", "td-36-pos", "hz-exposure", "risk-counts",
+            "auc-lo", "c_index-hi", "td-auc-12", "dfs-cal-24-high-obs-lo", "ibs"]
+    assert all(key_listed(k, pol.metric_keys) for k in sent)
+    assert not any(key_listed(k, pol.metric_keys) for k in ("per-patient-prob", "c-index", "td-24", "patient_id"))
+    assert {"role", "center-id", "n-train", "n-val", "n-test", "n-benefit", "n-dfs", "notice"} <= pol.info_keys
     # the disclosure floors are the site's, with the documented defaults
     assert pol.min_patients == {"benefit": 10, "dfs": 10} and pol.min_cell_count == 5
     assert pol.max_histogram_bins == 20 and pol.max_thresholds == 3 and pol.release_round_metrics is True
@@ -276,6 +282,16 @@ def test_unwritable_audit_log_fails_closed(tmp_path):
 # --------------------------------------------------------------------------- federation + replay
 
 HIST_KEYS = ("hist-neg", "hist-pos")
+HAZARD_INTERVALS = 20   # conf/train: hazard_max_months 60 / hazard_step_months 3
+
+
+def _is_cell_list(key: str, prefixes: tuple[str, ...]) -> bool:
+    """A key of the reply schema that holds cells (edges or counts), with one of these prefixes."""
+    from common import reply_schema as W
+    from common.site_policy import key_listed
+
+    cell_keys = (*W.BENEFIT_CELLS, "td-*-edges", "td-*-neg", "td-*-pos", *W.HAZARD_CELLS, *W.RISK_CELLS)
+    return key.startswith(prefixes) and key_listed(key, cell_keys)
 ALLOWED_REPLY_RECORDS = {"arrays", "metrics", "info"}
 SECAGG_RECORD = RECORD_KEY_CONFIGS
 SECAGG_KEYS = {v for k, v in vars(SecAggKey).items() if not k.startswith("_") and isinstance(v, str)}
@@ -349,8 +365,9 @@ def check_disclosure(site: Path, outs: list[dict], ins: dict[str, dict]) -> None
         req = ((ins[out["reply_to"]].get("records") or {}).get("config") or {}).get("values") or {}
         thresholds.add(float(req.get("threshold", 0.5)))
         if "hist-neg" not in vals:
-            assert not any(key in vals for key in ("tp", "fp", "tn", "fn", "n-pos", "loss", "auc")), \
+            assert not any(key in vals for key in ("tp", "fp", "tn", "fn", "n-pos", "auc")), \
                 f"{where}: benefit metrics without released cells"
+            assert "loss" not in vals or vals.get("dfs-abstained") == 0, f"{where}: a loss with no endpoint released"
             continue
         neg, pos = vals["hist-neg"], vals["hist-pos"]
         edges = vals.get("hist-edges") or [float(e) for e in np.linspace(0.0, 1.0, len(neg) + 1)]
@@ -410,8 +427,11 @@ def replay_audit(site: Path, bins: int, run_id: int, allowed: set[str] = ALLOWED
             for key, val in (rec.get("values") or {}).items():
                 if not isinstance(val, list):
                     continue
-                if key in HIST_KEYS + ("hist-edges",):
-                    assert len(val) <= bins + (key == "hist-edges"), f"{where}: histogram {key} has {len(val)} bins, not {bins}"
+                if _is_cell_list(key, ("hist-", "td-", "risk-")):      # score cells on the run's grid
+                    assert len(val) <= bins + key.endswith("-edges"), f"{where}: cells {key} has {len(val)} bins, not {bins}"
+                    continue
+                if _is_cell_list(key, ("hz-",)):                         # hazard intervals of the site's grid
+                    assert len(val) <= HAZARD_INTERVALS + key.endswith("-edges"), f"{where}: {key} has {len(val)} cells"
                     continue
                 assert len(val) not in patient_counts, \
                     f"{where}: list metric {key!r} has {len(val)} values = patients of a split {sizes}"
