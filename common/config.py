@@ -57,6 +57,16 @@ def feature_overrides(path: str | Path) -> list[str]:
         if not isinstance(vals, list) or not all(isinstance(v, str) for v in vals):
             raise ValueError(f"{path}: `{key}` must be a list of names")
         out.append(f"{target}=[" + ",".join(json.dumps(v) for v in vals) + "]")
+    if doc.get("scaling"):
+        rules = doc["scaling"]
+        if not isinstance(rules, dict) or not all(isinstance(v, dict) and set(v) <= {"log", "center", "scale"}
+                                                  for v in rules.values()):
+            raise ValueError(f"{path}: `scaling` must map a feature to {{log, center, scale}}")
+        # Hydra cannot quote a dict key, and a feature name may need quotes: a list of {name, ...} entries
+        entries = [f"{{name:{json.dumps(str(k))},log:{str(bool(v.get('log', False))).lower()},"
+                   f"center:{float(v.get('center', 0.0))!r},scale:{float(v.get('scale', 1.0))!r}}}"
+                   for k, v in rules.items()]
+        out.append("data.scaling=[" + ",".join(entries) + "]")
     if not out:
         raise ValueError(f"{path}: no genomic_features, clinical_features or modalities list in it")
     return out

@@ -30,7 +30,7 @@ class SiteDataset(Dataset):
     """Patients of one site (optionally one or more splits), all arrays held in memory."""
 
     def __init__(self, cache_dir: Path, splits: Iterable[str] | None = None, max_tiles: int | None = None,
-                 path_norm: str = "site"):
+                 path_norm: str = "site", scaling: dict | None = None):
         self.cache_dir = Path(cache_dir)
         self.manifest = load_manifest(self.cache_dir)
         self.center_id = self.manifest["center_id"]
@@ -44,14 +44,14 @@ class SiteDataset(Dataset):
         self.n_clinical = len(self.manifest["clinical_features"])
         self.skipped: list[dict] = []  # samples whose cached array could not be read
         self.items: list[dict] = []
+        gscale = feature_scaling(self.manifest["genomic_features"], scaling)
+        cscale = feature_scaling(self.manifest["clinical_features"], scaling)
         for p in patients:
             item = {
                 "patient_id": p["patient_id"], "split": p["split"],
                 "benefit": _nan(p["benefit"]), "dfs_time": _nan(p["dfs_months"]), "dfs_event": _nan(p["dfs_event"]),
-                "genomics": np.nan_to_num(np.array([_nan(v) for v in p["genomics"]], np.float32)),
-                "genomics_mask": np.array(p["genomics_observed"], bool),
-                "clinical": np.nan_to_num(np.array([_nan(v) for v in p["clinical"]], np.float32)),
-                "clinical_mask": np.array(p["clinical_observed"], bool),
+                "genomics": gscale(p["genomics"]), "genomics_mask": np.array(p["genomics_observed"], bool),
+                "clinical": cscale(p["clinical"]), "clinical_mask": np.array(p["clinical_observed"], bool),
                 "mri": None, "path": None,
             }
             if p.get("mri"):
@@ -129,9 +129,37 @@ class SiteDataset(Dataset):
         }
 
 
+def feature_scaling(names: Sequence[str], scaling: dict | None):
+    """A function from one patient's tabular values (None = missing) to the model's inputs (0 = missing).
+
+    ``scaling`` (``data.scaling``, written by ``newadj schema`` from the training centers' pooled
+    moments) is a list of ``{name, log, center, scale}``: ``((log1p(x) if log else x) - center) / scale``.
+    A feature it does not list is passed as it is.
+    """
+    from common.config import to_plain
+
+    spec = {str(r["name"]): r for r in (to_plain(scaling) or [])}
+    rules = [spec.get(n) for n in names]
+
+    def apply(values) -> np.ndarray:
+        out = np.zeros(len(values), np.float32)
+        for j, (v, r) in enumerate(zip(values, rules)):
+            if v is None or (isinstance(v, float) and np.isnan(v)):
+                continue
+            x = float(v)
+            if r:
+                x = (np.log1p(max(x, 0.0)) if r.get("log") else x) - float(r.get("center", 0.0))
+                x /= float(r.get("scale", 1.0)) or 1.0
+            out[j] = x
+        return out
+
+    return apply
+
+
 def site_dataset(cache_dir: Path, splits: Iterable[str] | None, cfg) -> SiteDataset:
     """A site's dataset with the run config's loading options (the one way the code opens one)."""
-    return SiteDataset(cache_dir, splits, max_tiles=cfg.train.max_tiles, path_norm=str(cfg.train.path_norm))
+    return SiteDataset(cache_dir, splits, max_tiles=cfg.train.max_tiles, path_norm=str(cfg.train.path_norm),
+                       scaling=cfg.data.get("scaling"))
 
 
 class ConcatSites(Dataset):

@@ -85,7 +85,7 @@ def load_checkpoint(model_path: Path, expected_sha256: str | None = None):
 
 def open_site(site_dir: Path, cfg, model_path: Path | None = None, splits=None):
     """The site's dataset (preprocessed with the model's config) and its clinical rows by patient id."""
-    from common.dataset import SiteDataset
+    from common.dataset import site_dataset
     from common.preprocess.cache import preprocess_site
     from common.site_data import SiteData, SiteDataError
     from common.task import check_dataset_matches, input_dims
@@ -104,8 +104,7 @@ def open_site(site_dir: Path, cfg, model_path: Path | None = None, splits=None):
         res = preprocess_site(site_dir, cfg, progress=False)
     except SiteDataError as exc:
         raise EvaluationError(f"{site_dir}: site data has errors; run `newadj validate-site {site_dir}`\n{exc}") from exc
-    max_tiles = cfg.train.get("max_tiles") if "train" in cfg else None
-    ds = SiteDataset(res.cache_dir, splits, max_tiles)
+    ds = site_dataset(res.cache_dir, splits, cfg)   # the run's loading options: tile norm, feature scaling
     try:
         check_dataset_matches(ds, input_dims(cfg))
     except ValueError as exc:

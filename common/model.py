@@ -108,8 +108,6 @@ def resolve_model_cfg(cfg: Any = None) -> dict:
     bad = [m for m in mods if m not in MODALITIES]
     if bad:
         raise ValueError(f"unknown modalities {bad}; choose from {list(MODALITIES)}")
-    if not mods:
-        raise ValueError("model.modalities must name at least one modality")
     merged["modalities"] = [m for m in MODALITIES if m in mods]  # canonical order
     if merged["fusion"] not in ("mean", "attention"):
         raise ValueError(f"model.fusion must be 'mean' or 'attention', got {merged['fusion']!r}")
@@ -302,6 +300,9 @@ class NewAdjNet(nn.Module):
             self.branches["clinical"] = SNN(int(n_clinical), d, list(cfg["clinical"]["hidden"]),
                                             cfg["clinical"]["dropout"])
         self.modalities: list[str] = list(self.branches.keys())
+        if not self.modalities:
+            raise ValueError("the model has no input: model.modalities is empty and there is no clinical feature "
+                             "(data.clinical_features) with model.clinical.enabled")
         for m in self.modalities:
             self.post[m] = nn.LayerNorm(d) if cfg["branch_layernorm"] else nn.Identity()
         self.no_data = nn.Parameter(torch.zeros(d))

@@ -55,6 +55,9 @@ METRIC_KEY_PATTERNS = (
 # the role query: identity, split sizes, endpoint counts above the site's floors (0 below)
 QUERY_INFO = ("role", "center-id", "n-train", "n-val", "n-test", "n-benefit", "n-dfs")
 # the schema query (`newadj schema`): column names and how many patients have each (above the floor)
+# per column, over the patients counted (none below the floor): sums of x, x^2, log1p(x), log1p(x)^2 and
+# whether every value is >= 0 -- the pooled moments that standardise the features (data.scaling)
+MOMENTS = ("sum", "sumsq", "logsum", "logsumsq", "nonneg")
 SCHEMA_INFO = ("genomic-columns", "genomic-counts", "clinical-columns", "clinical-counts", "modality-names",
-               "modality-counts", "n-patients")
+               "modality-counts", "n-patients", *(f"{kind}-{m}" for kind in ("genomic", "clinical") for m in MOMENTS))
 INFO_KEYS = (*QUERY_INFO, *SCHEMA_INFO, "notice")

@@ -28,6 +28,7 @@ def site_scores(models: dict[str, Any], site_dir: Path, splits: list[str] | None
     """
     from common.engine import predict
     from common.evaluate import _auc_entry
+    from common.site_policy import load_policy
 
     out: dict[str, dict] = {}
     for name, spec in models.items():
@@ -36,16 +37,14 @@ def site_scores(models: dict[str, Any], site_dir: Path, splits: list[str] | None
         ds, _, _ = open_site(site_dir, cfg, spec if isinstance(spec, (str, Path)) else name)
         use = splits if splits is not None else (None if ds.role == "external" else ["val"])
         if use is not None:
-            from common.dataset import SiteDataset
-
-            ds = SiteDataset(ds.cache_dir, use, cfg.train.get("max_tiles"))
+            ds, _, _ = open_site(site_dir, cfg, spec if isinstance(spec, (str, Path)) else name, use)
         if len(ds) == 0:
             out[name] = {"auc": None, "n": 0, "n_pos": 0, "split": "+".join(use or ["all"]),
                          "not_computable": "no patients in the split"}
             continue
         pred = predict(model, ds, int(cfg.train.get("eval_batch_size", 64)))
         e = _auc_entry(np.asarray(pred["benefit"], float), np.asarray(pred["prob"], float),
-                       int(cfg.train.get("min_patients", 10)))
+                       int(load_policy(site_dir).min_patients["benefit"]))   # the site's floor
         a = e["auc"]
         out[name] = {"auc": a.get("value"), "auc_lo": a.get("lo"), "auc_hi": a.get("hi"), "n": e["n"],
                      "n_pos": e["n_pos"], "split": "+".join(use or ["all"])}

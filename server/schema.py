@@ -16,9 +16,11 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import yaml
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from common.reply_schema import MOMENTS
 from server.messaging import send_and_collect
 from server.roles import wait_for_nodes
 
@@ -44,16 +46,36 @@ def query_schema(grid, node_ids, timeout: float) -> tuple[dict, dict]:
     return answers, failures
 
 
-def _coverage(answers: dict, columns_key: str, counts_key: str) -> dict:
-    """{name: {"centers": k, "patients": n}} over the given answers (training centers)."""
+def _coverage(answers: dict, columns_key: str, counts_key: str, kind: str | None = None) -> dict:
+    """{name: {"centers": k, "patients": n, and the summed moments}} over the given answers."""
     out: dict = {}
     for a in answers.values():
-        for name, n in zip(a.get(columns_key) or [], a.get(counts_key) or []):
-            c = out.setdefault(str(name), {"centers": 0, "patients": 0})
+        moments = [a.get(f"{kind}-{m}") or [] for m in MOMENTS] if kind else []
+        for j, (name, n) in enumerate(zip(a.get(columns_key) or [], a.get(counts_key) or [])):
+            c = out.setdefault(str(name), {"centers": 0, "patients": 0, **({m: 0.0 for m in MOMENTS} if kind else {})})
             if int(n) > 0:
                 c["centers"] += 1
                 c["patients"] += int(n)
+                for m, vals in zip(MOMENTS, moments):
+                    c[m] += float(vals[j]) if j < len(vals) else 0.0
     return out
+
+
+def scaling_rule(cov: dict) -> dict | None:
+    """How one feature enters the model, from the training centers' pooled moments.
+
+    log1p when every center's values are >= 0 and the raw values are skewed (standard
+    deviation above the mean: AFP, node counts, receptor levels); then standardised.
+    """
+    n = cov["patients"]
+    if n < 2:
+        return None
+    mean, var = cov["sum"] / n, max(cov["sumsq"] / n - (cov["sum"] / n) ** 2, 0.0)
+    use_log = cov["nonneg"] == cov["centers"] and mean > 0 and np.sqrt(var) > mean
+    if use_log:
+        mean, var = cov["logsum"] / n, max(cov["logsumsq"] / n - (cov["logsum"] / n) ** 2, 0.0)
+    sd = float(np.sqrt(var * n / (n - 1)))
+    return {"log": bool(use_log), "center": round(float(mean), 6), "scale": round(sd, 6) if sd > 1e-9 else 1.0}
 
 
 def propose_features(answers: dict, rule) -> dict:
@@ -66,13 +88,18 @@ def propose_features(answers: dict, rule) -> dict:
         return [name for name, c in cov.items()
                 if c["centers"] >= min_centers and c["patients"] >= frac * n_train and c["patients"] > 0]
 
-    gen = _coverage(train, "genomic-columns", "genomic-counts")
-    clin = _coverage(train, "clinical-columns", "clinical-counts")
+    gen = _coverage(train, "genomic-columns", "genomic-counts", "genomic")
+    clin = _coverage(train, "clinical-columns", "clinical-counts", "clinical")
     mods = _coverage(train, "modality-names", "modality-counts")
-    return {"genomic_features": keep(gen), "clinical_features": keep(clin), "modalities": keep(mods),
+    kept_gen, kept_clin = keep(gen), keep(clin)
+    scaling = {name: rule for cov, kept in ((gen, kept_gen), (clin, kept_clin)) for name in kept
+               if (rule := scaling_rule(cov[name])) is not None}
+    strip = lambda cov: {k: {"centers": v["centers"], "patients": v["patients"]} for k, v in cov.items()}  # noqa: E731
+    return {"genomic_features": kept_gen, "clinical_features": kept_clin, "modalities": keep(mods),
+            "scaling": scaling,
             "rule": {"min_centers": min_centers, "min_patient_fraction": frac, "training_patients": n_train,
                      "training_centers": sorted(train)},
-            "coverage": {"genomic": gen, "clinical": clin, "modalities": mods}}
+            "coverage": {"genomic": strip(gen), "clinical": strip(clin), "modalities": mods}}
 
 
 def write_features(path: Path, proposal: dict, n_answers: int) -> None:

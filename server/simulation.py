@@ -105,9 +105,10 @@ def final_status(superlink: str, env: dict, run_id: int, timeout: float | None =
 
 
 def run_budget(cfg) -> float:
-    """Longest a run may take before we stop waiting: every round's timeout, plus the role query and the end."""
+    """Longest a run may take before we stop waiting: every round's timeout, plus the role query and the end
+    (the baseline-hazard request and the external center's report)."""
     fed = cfg.federation
-    return float(fed.wait_nodes_timeout) + float(fed.query_timeout) + float(fed.round_timeout) * (2 * int(fed.num_rounds) + 1)
+    return float(fed.wait_nodes_timeout) + float(fed.query_timeout) + float(fed.round_timeout) * (2 * int(fed.num_rounds) + 2)
 
 
 def _f(v, digits=3) -> str:
