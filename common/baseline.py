@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 from rich.console import Console
-from rich.table import Table
 
 from common.cohort import discover_sites, ensure_caches
 from common.config import config_hash, save_config
@@ -152,7 +151,8 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
                       f"({r['seconds']:.0f}s, {r['train_samples_per_s']:.0f} samples/s)")
     summary["complete"] = True
     _write(out_dir, summary)
-    console.print(render_table(summary))
+    for t in render_table(summary):
+        console.print(t)
     return summary
 
 
@@ -178,20 +178,25 @@ def _fmt(m: dict | None, key: str) -> str:
     return _num(v)
 
 
-def render_table(summary: dict) -> Table:
+def render_table(summary: dict) -> list:
+    """The external center's metrics per arm, then each arm's internal validation and cost: two tables that
+    fit 80 columns."""
+    from common.console import compact_table
+
     oracle = summary.get("oracle_external_auc")
-    title = f"External center {summary['external_site']} (n={summary['n_external']})"
-    if oracle:
-        title += f" -- oracle AUC {oracle:.3f}"
-    t = Table(title=title)
-    for c in ("arm", "modalities", "n train", "val AUC", "val C", "ext AUC (95% CI)", "accuracy", "C-index", "epochs",
-              "s"):
-        t.add_column(c)
+    title = (f"External center {summary['external_site']} (n={summary['n_external']}"
+             + (f", oracle AUC {oracle:.3f}" if oracle else "") + f"); modalities {', '.join(summary['modalities'])}")
+    ext = compact_table(title, [("arm", "left"), ("n train", "right"), ("AUC (95% CI)", "right"),
+                                ("accuracy", "right"), ("C-index (95% CI)", "right")])
+    val = compact_table("Internal validation (selection) and training time",
+                        [("arm", "left"), ("val AUC", "right"), ("val C", "right"), ("epochs", "right"),
+                         ("s", "right")])
     for name, r in summary["arms"].items():
         e = r["external"]
-        t.add_row(name, ",".join(r["modalities"]), str(r["n_train"]), _num(r["val"].get("val_auc")),
-                  _num(r["val"].get("val_c_index")), _fmt(e, "auc"), _fmt(e, "accuracy"), _fmt(e, "c_index"),
-                  str(r["best_epoch"]), f"{r['seconds']:.0f}")
+        ext.add_row(name, str(r["n_train"]), _fmt(e, "auc"), _num((e.get("accuracy") or {}).get("value")),
+                    _fmt(e, "c_index"))
+        val.add_row(name, _num(r["val"].get("val_auc")), _num(r["val"].get("val_c_index")), str(r["best_epoch"]),
+                    f"{r['seconds']:.0f}")
     for name, why in (summary.get("skipped_arms") or {}).items():
-        t.add_row(name, "-", "-", "-", "-", f"skipped: {why}", "", "", "", "")
-    return t
+        ext.add_row(name, "-", "skipped", "", why)
+    return [ext, val]

@@ -9,11 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)   # never break a message or a path across lines
+from common.console import compact_table, console, err_console
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -24,6 +20,8 @@ def cmd_validate_site(args) -> int:
     from common.config import load_config
     from common.validation import validate_site
 
+    if not Path(args.site_dir).is_dir():
+        raise FileNotFoundError(2, "no such site folder", args.site_dir)
     cfg = load_config(args.overrides)
     report = validate_site(Path(args.site_dir), phases=tuple(cfg.data.phases), deep=not args.quick,
                            val_fraction=float(cfg.data.val_fraction), genomic_features=list(cfg.data.genomic_features),
@@ -39,19 +37,20 @@ def cmd_synth(args) -> int:
     cfg = load_config(args.overrides)
     summary = generate_cohort(Path(args.out), seed=args.seed, scale=args.scale, cfg=to_plain(cfg.synth),
                               workers=args.workers)
-    table = Table(title=f"Synthetic cohort in {args.out} (seed {args.seed}, scale {args.scale})")
-    sites = summary.get("sites", summary)
-    rows = sites.items() if isinstance(sites, dict) else [(s.get("name"), s) for s in sites]
-    cols = None
-    for name, info in rows:
-        if cols is None:
-            cols = [k for k, v in info.items() if isinstance(v, (int, float, str)) and k != "name"]
-            table.add_column("site")
-            for c in cols:
-                table.add_column(c)
-        table.add_row(str(name), *[str(info.get(c, "")) for c in cols])
-    console.print(table)
+    console.print(synth_table(summary, f"Synthetic cohort in {args.out} (seed {args.seed}, scale {args.scale})"))
     return 0
+
+
+def synth_table(summary: dict, title: str):
+    """One row per site of a synthetic cohort, at most 80 columns wide."""
+    table = compact_table(title, [("site", "left"), ("role", "left"), ("pts", "right"), ("MRI", "right"),
+                                  ("masks", "right"), ("slides", "right"), ("genes", "right"), ("labels", "right"),
+                                  ("benefit", "right"), ("format", "left")])
+    for name, i in summary["sites"].items():
+        table.add_row(name, i["role"], str(i["n_patients"]), str(i["n_mri_complete"]), str(i["n_tumor_mask"]),
+                      str(i["n_pathology"]), str(i["n_genomics"]), str(i["n_labeled"]), str(i["n_benefit"]),
+                      i["mri_format"])
+    return table
 
 
 def _site_dirs(paths: list[str]) -> list[Path]:
@@ -77,22 +76,20 @@ def cmd_preprocess(args) -> int:
 
     cfg = load_config(args.overrides)
     status = 0
-    table = Table(title="Preprocessing")
-    for c in ("site", "patients", "volumes built", "cached", "vol/s", "slides built", "cached", "tiles", "tiles/s", "failed", "seconds"):
-        table.add_column(c)
+    table = compact_table("Preprocessing", [(c, "left" if c == "site" else "right") for c in (
+        "site", "pts", "MRI new", "cached", "slides new", "cached", "tiles", "tiles/s", "failed", "s")])
     for site_dir in _site_dirs(args.site_dir):
         try:
             res = preprocess_site(site_dir, cfg, workers=args.workers,
                                   cache_dir=Path(args.cache_dir) / site_dir.name if args.cache_dir else None,
-                                  console=err_console, progress=not args.no_progress)
+                                  console=console, progress=not args.no_progress)
         except SiteDataError as exc:
             err_console.print(f"[red]{site_dir}: site data has errors; run `newadj validate-site {site_dir}`[/red]\n{exc}")
             status = 1
             continue
         m, p = res.mri, res.pathology
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        table.add_row(site_dir.name, str(res.n_patients), str(m["built"]), str(m["cached"]), fmt(m["volumes_per_s"]),
-                      str(p["built"]), str(p["cached"]), str(p["tiles"]), fmt(p["tiles_per_s"]),
+        table.add_row(site_dir.name, str(res.n_patients), str(m["built"]), str(m["cached"]), str(p["built"]),
+                      str(p["cached"]), str(p["tiles"]), "-" if p["tiles_per_s"] is None else f"{p['tiles_per_s']:.0f}",
                       str(len(res.failures)), f"{res.seconds:.1f}")
         for f in res.failures:
             err_console.print(f"[red]error[/red] {site_dir.name}/{f['file']} ({f['patient_id']}, {f['modality']}): {f['error']}")
@@ -109,10 +106,7 @@ def cmd_baseline(args) -> int:
     from common.baseline import run_baseline
     from common.config import load_config
 
-    overrides = _with_features(args)
-    if overrides is None:
-        return 2
-    cfg = load_config(overrides)
+    cfg = load_config(_with_features(args))
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     run_baseline(Path(args.data), Path(args.out), cfg, arms=arms, console=console)
     console.print(f"metrics: {Path(args.out) / 'metrics.json'}")
@@ -120,27 +114,24 @@ def cmd_baseline(args) -> int:
 
 
 def _print_federation(metrics: dict, run_dir: Path) -> None:
-    from server.simulation import render_external, render_round_centers, render_rounds
+    """The end of a run: the external center's metrics, bytes and privacy, where everything is."""
+    from common.console import render_external
 
-    console.print(render_rounds(metrics))
-    if (per_center := render_round_centers(metrics)) is not None:
-        console.print(per_center)
     for t in render_external(metrics):
         console.print(t)
-    sel = metrics.get("selection") or {}
-    if sel.get("warning"):
-        console.print(f"[yellow]selection:[/yellow] {sel['warning']}")
     comm = metrics.get("communication", {})
     console.print(f"model {comm.get('model_bytes_fp32', 0) / 1e6:.2f} MB (fp32); sent {comm.get('bytes_sent', 0) / 1e6:.1f} MB, "
                   f"received {comm.get('bytes_received', 0) / 1e6:.1f} MB in all; wall {metrics.get('wall_seconds', 0):.0f}s")
     console.print(privacy_line(metrics.get("privacy") or {}))
     if metrics.get("stopped_early"):
         console.print(f"[yellow]stopped early:[/yellow] {metrics['stopped_early']}")
-    console.print(f"[bold]run directory:[/bold] {run_dir}")
+    console.print(f"run directory: {run_dir}", soft_wrap=True)
+    console.print(f"  report: newadj report {run_dir}; Flower's logs: {run_dir / 'logs'}", soft_wrap=True)
     bm = metrics.get("best_model") or {}
     if bm.get("sha256"):
         # the evaluator checks the package against this hash, received from here, not from a file beside it
-        console.print(f"best model: {run_dir / bm.get('file', 'best_model.pt')} sha256 {bm['sha256']}", soft_wrap=True)
+        console.print(f"best model: {run_dir / bm.get('file', 'best_model.pt')}", soft_wrap=True)
+        console.print(f"  sha256 {bm['sha256']}", soft_wrap=True)
 
 
 def privacy_line(privacy: dict) -> str:
@@ -164,6 +155,11 @@ def _federate(start, run_dir: Path) -> int:
         metrics = start()
     except RunFailed as exc:
         err_console.print(f"[red]federation failed:[/red] {exc}")
+        events = Path(run_dir) / "events.jsonl"
+        for line in (events.read_text().splitlines() if events.exists() else []):
+            ev = json.loads(line)
+            if ev.get("event") == "failed":
+                err_console.print(f"the server said: {ev.get('text')}")
         return 1
     _print_federation(metrics, run_dir.resolve())
     return 0
@@ -198,30 +194,47 @@ def cmd_simulate(args) -> int:
         return 2
     else:
         data, out, overrides = Path(args.data), Path(args.out), _with_features(args)
-        if overrides is None:
-            return 2
     return _federate(lambda: run_simulation(data, out, overrides, console=console, stream=not args.quiet,
-                                            resume=bool(args.resume)), out)
+                                            resume=bool(args.resume), verbose=args.verbose), out)
 
 
 def cmd_demo(args) -> int:
+    """Synthetic cohort, the schema step, preprocessing, a federation: one line per phase, one per round."""
     import time
 
-    from common.config import load_config, to_plain
+    from common.config import feature_overrides, load_config, to_plain
     from common.synth import generate_cohort
-    from server.simulation import run_simulation
+    from server.schema import FEATURES_YAML
+    from server.simulation import RunFailed, run_simulation
 
     cfg = load_config(args.overrides)
     d = cfg.demo
     base = Path(str(d.dir))
     cohort = Path(args.data) if args.data else base / f"cohort-s{d.seed}-x{d.scale}"
     if not (cohort / "_cohort.json").exists() and not args.data:
-        console.print(f"[bold]No cohort given: writing a synthetic one to {cohort}[/bold]")
-        generate_cohort(cohort, seed=int(d.seed), scale=float(d.scale), cfg=to_plain(cfg.synth), workers=int(d.workers))
+        t0 = time.perf_counter()
+        console.print(f"synthetic cohort: writing {cohort} ...")
+        summary = generate_cohort(cohort, seed=int(d.seed), scale=float(d.scale), cfg=to_plain(cfg.synth),
+                                  workers=int(d.workers), progress=False)
+        console.print(f"synthetic cohort: {len(summary['sites'])} sites, {summary['n_patients']} patients in "
+                      f"{time.perf_counter() - t0:.0f}s")
+    else:
+        console.print(f"cohort: {cohort} (already there)")
     run_dir = base / "runs" / time.strftime("%Y%m%d-%H%M%S")
     overrides = list(d.overrides) + list(args.overrides)   # what the run asks of the sites (allowed keys only)
+    t0 = time.perf_counter()
+    try:
+        prop = run_simulation(cohort, run_dir / "schema", overrides, console=console, stream=False, mode="schema",
+                              verbose=args.verbose)["proposal"]
+    except RunFailed as exc:
+        err_console.print(f"[red]schema step failed:[/red] {exc}")
+        return 1
+    console.print(f"schema: {len(prop['rule']['training_centers'])} training centers; {len(prop['genomic_features'])} "
+                  f"genomic and {len(prop['clinical_features'])} clinical features, modalities "
+                  f"{', '.join(prop['modalities'])} ({time.perf_counter() - t0:.0f}s; {run_dir / 'schema' / FEATURES_YAML})")
+    overrides += feature_overrides(run_dir / "schema" / FEATURES_YAML)
     return _federate(lambda: run_simulation(cohort, run_dir, overrides, console=console, stream=not args.quiet,
-                                            workers=int(d.workers)), run_dir)
+                                            workers=int(d.workers), verbose=args.verbose), run_dir)
 
 
 def cmd_provision(args) -> int:
@@ -242,7 +255,7 @@ def cmd_site_keygen(args) -> int:
     try:
         priv, pub = keygen(Path(args.out), args.center, force=args.force)
     except (KeyError_, OSError) as exc:
-        print(f"site keygen: {exc}", file=sys.stderr)
+        err_console.print(f"newadj site keygen: error: {describe_error(exc)}", markup=False)
         return 2
     print(f"private key: {priv} (owner-only; it never leaves this site)")
     print(f"public key:  {pub} ({fingerprint(load_public_key(pub))}) -> send this file to the coordinator")
@@ -259,28 +272,23 @@ def cmd_run(args) -> int:
     from server.submit import submit_run
 
     overrides = _with_features(args)
-    if overrides is None:
-        return 2
     if args.resume:
         saved = _resumable(Path(args.out), "run", overrides)
         if saved is None:
             return 2
         overrides = saved["overrides"]
     return _federate(lambda: submit_run(Path(args.kit), Path(args.out), overrides, console=console,
-                                        stream=not args.quiet, resume=args.resume), Path(args.out))
+                                        stream=not args.quiet, resume=args.resume, verbose=args.verbose),
+                     Path(args.out))
 
 
-def _with_features(args) -> list[str] | None:
-    """The command's overrides, plus those of ``--features FILE`` (None, after saying why, if unreadable)."""
+def _with_features(args) -> list[str]:
+    """The command's overrides, plus those of ``--features FILE`` (a ValueError names the file)."""
     from common.config import feature_overrides
 
     if not getattr(args, "features", None):
         return list(args.overrides)
-    try:
-        return list(args.overrides) + feature_overrides(args.features)
-    except ValueError as exc:
-        err_console.print(f"[red]{exc}[/red]")
-        return None
+    return list(args.overrides) + feature_overrides(args.features)
 
 
 def cmd_schema(args) -> int:
@@ -294,28 +302,29 @@ def cmd_schema(args) -> int:
     out = Path(args.out)
     try:
         if args.data:
-            result = run_simulation(Path(args.data), out, args.overrides, console=console, stream=not args.quiet,
-                                    mode="schema")
+            result = run_simulation(Path(args.data), out, args.overrides, console=console, stream=False,
+                                    mode="schema", verbose=args.verbose)
         else:
             from server.submit import submit_run
 
-            result = submit_run(Path(args.kit), out, args.overrides, console=console, stream=not args.quiet,
-                                mode="schema")
+            result = submit_run(Path(args.kit), out, args.overrides, console=console, stream=False,
+                                mode="schema", verbose=args.verbose)
     except RunFailed as exc:
         err_console.print(f"[red]schema step failed:[/red] {exc}")
         return 1
     prop = result["proposal"]
-    table = Table(title=f"Proposed schema ({len(result['answers'])} centers answered; rule: >= "
-                        f"{prop['rule']['min_centers']} training centers and >= "
-                        f"{prop['rule']['min_patient_fraction']:.0%} of {prop['rule']['training_patients']} "
-                        f"training patients)", box=None, title_justify="left")
-    for c, j in (("kind", "left"), ("feature", "left"), ("centers", "right"), ("patients", "right"), ("kept", "left")):
-        table.add_column(c, justify=j)
+    table = compact_table(f"Proposed schema ({len(result['answers'])} centers answered; kept: >= "
+                          f"{prop['rule']['min_centers']} training centers and >= "
+                          f"{prop['rule']['min_patient_fraction']:.0%} of {prop['rule']['training_patients']} "
+                          f"training patients)", [("kind", "left"), ("feature", "left"), ("centers", "right"),
+                                                  ("patients", "right"), ("kept", "left"), ("enters as", "left")])
     for kind, key, kept in (("modality", "modalities", prop["modalities"]),
                             ("genomic", "genomic", prop["genomic_features"]),
                             ("clinical", "clinical", prop["clinical_features"])):
         for name, cov in prop["coverage"][key].items():
-            table.add_row(kind, name, str(cov["centers"]), str(cov["patients"]), "yes" if name in kept else "no")
+            rule = prop["scaling"].get(name)
+            how = "" if not rule else (("log1p, " if rule["log"] else "") + f"({rule['center']:.3g}, {rule['scale']:.3g})")
+            table.add_row(kind, name, str(cov["centers"]), str(cov["patients"]), "yes" if name in kept else "no", how)
     console.print(table)
     for who, why in (result.get("failures") or {}).items():
         err_console.print(f"[yellow]{who} did not answer:[/yellow] {why}")
@@ -324,9 +333,24 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def _run_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="print only the end of the run (no line per round)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Flower's and Ray's own output live (always kept in RUN_DIR/logs/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="newadj", description="Federated New-adj-Net for BCLC-B HCC")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    after = argparse.ArgumentParser(add_help=False)   # `newadj CMD ... --debug` too (absent: keeps the above)
+    after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(*a, **k):
+        return _add(*a, parents=[after], **k)
+
+    sub.add_parser = add_parser
 
     p = sub.add_parser("validate-site", help="check one site's data folder against the data contract (read-only)")
     p.add_argument("site_dir")
@@ -364,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="cohort folder (simulation)")
     p.add_argument("--kit", default=None, help="the coordinator's kit (deployment, after `newadj server start`)")
     p.add_argument("--out", required=True, help="folder for schema.json and features.yaml")
-    p.add_argument("--quiet", action="store_true", help="do not stream Flower's logs")
+    _run_output(p)
     _add_overrides(p)
     p.set_defaults(func=cmd_schema)
 
@@ -374,13 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue an interrupted run from its last checkpoint (same cohort and overrides)")
-    p.add_argument("--quiet", action="store_true", help="do not stream Flower's logs")
+    _run_output(p)
     _add_overrides(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="the main job: synthetic cohort, preprocessing and a federation, no arguments needed")
     p.add_argument("--data", default=None, help="use this cohort instead of generating one")
-    p.add_argument("--quiet", action="store_true")
+    _run_output(p)
     _add_overrides(p)
     p.set_defaults(func=cmd_demo)
 
@@ -424,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kit", required=True, help="the coordinator's kit (after `newadj server start --kit KIT`)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, history, metrics.json)")
     p.add_argument("--features", default=None, metavar="FILE", help="feature file from `newadj schema`")
-    p.add_argument("--quiet", action="store_true")
+    _run_output(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (after the server died)")
     _add_overrides(p)
@@ -441,12 +465,70 @@ def _terminate(signum, frame):  # SIGTERM runs the same clean-up as Ctrl-C (stop
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; an expected failure is one line on stderr naming the file or key (exit 2), never a
+    traceback unless ``--debug``."""
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except SystemExit as exc:             # a command that stopped with a message of its own
+        if isinstance(exc.code, str):
+            if args.debug:
+                raise
+            err_console.print(f"newadj {args.command}: {exc.code.removeprefix('error: ')}", markup=False)
+            return 2
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one readable line
+        if args.debug:
+            raise
+        msg = describe_error(exc)
+        err_console.print(f"newadj {args.command}: error: {msg}", markup=False)
+        if not expected_error(exc):
+            err_console.print(f"(unexpected {type(exc).__name__}; run `newadj --debug {args.command} ...` for the "
+                              f"traceback)", markup=False)
+            return 1
+        return 2
+
+
+def expected_error(exc: BaseException) -> bool:
+    """Failures of the input (files, tables, configs, overrides, site data, policies, packages, kits)."""
+    import tomllib
+
+    import yaml
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from common.evaluate import EvaluationError
+    from common.site_data import SiteDataError
+    from common.site_policy import PolicyError
+    from server.secure_deploy import KitError
+    from server.simulation import RunFailed
+
+    return isinstance(exc, (OSError, tomllib.TOMLDecodeError, yaml.YAMLError, HydraException, OmegaConfBaseException,
+                            SiteDataError, PolicyError, EvaluationError, KitError, RunFailed, ValueError, KeyError))
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line: what went wrong and with which file, key or override."""
+    import tomllib
+
+    from hydra.errors import HydraException
+
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, tomllib.TOMLDecodeError):
+        return f"malformed TOML: {exc}"
+    if isinstance(exc, HydraException):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"bad configuration override: {first}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
 if __name__ == "__main__":

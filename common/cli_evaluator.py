@@ -7,18 +7,15 @@ or patient), 1 any other failure.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from rich.console import Console
-
-console = Console()
+from common.console import console, err_console
 
 
-def _fail(exc: Exception) -> int:
+def _fail(exc: Exception, command: str = "") -> int:
     from common.evaluate import EvaluationError
 
-    print(f"error: {exc}", file=sys.stderr)
+    err_console.print(f"newadj {command}: error: {exc}".replace("newadj : ", "newadj: "), markup=False)
     return 2 if isinstance(exc, EvaluationError) else 1
 
 
@@ -45,7 +42,7 @@ def cmd_evaluate(args) -> int:
         m = evaluate_site(Path(args.model), Path(args.site), Path(args.out), splits=splits, n_boot=args.n_boot,
                           seed=args.seed, expected_sha256=_expected_sha(args))
     except EvaluationError as exc:
-        return _fail(exc)
+        return _fail(exc, "evaluate")
     def show(e):
         if not isinstance(e, dict) or e.get("value") is None:
             return None
@@ -70,7 +67,7 @@ def cmd_report(args) -> int:
         out = run_report(Path(args.run_dir), Path(args.baseline) if args.baseline else None,
                          Path(args.cohort) if args.cohort else None)
     except EvaluationError as exc:
-        return _fail(exc)
+        return _fail(exc, "report")
     console.print(f"report: {out}")
     return 0
 
@@ -80,7 +77,7 @@ def cmd_screen(args) -> int:
     from common.screening import format_screening, screen_all, screen_patient
 
     if bool(args.patient) == bool(args.all):
-        print("error: give exactly one of --patient ID or --all", file=sys.stderr)
+        err_console.print("newadj screen: error: give exactly one of --patient ID or --all")
         return 2
     try:
         if args.all:
@@ -95,7 +92,7 @@ def cmd_screen(args) -> int:
             else:
                 print(format_screening(r))
     except EvaluationError as exc:
-        return _fail(exc)
+        return _fail(exc, "screen")
     return 0
 
 

@@ -47,7 +47,7 @@ def feature_overrides(path: str | Path) -> list[str]:
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read the feature file ({exc})") from exc
+        raise ValueError(f"{path}: cannot read the feature file ({' '.join(str(exc).split())})") from exc
     out = []
     for key, target in (("genomic_features", "data.genomic_features"), ("clinical_features", "data.clinical_features"),
                         ("modalities", "model.modalities")):

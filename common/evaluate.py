@@ -71,8 +71,8 @@ def load_checkpoint(model_path: Path, expected_sha256: str | None = None):
     try:
         return load_model_package(model_path, expected_sha256)
     except ModelPackageError as exc:
-        raise EvaluationError(f"{exc}\n(checkpoint {model_path} cannot be used: it must be a model package "
-                              f"written by `newadj simulate` or `newadj baseline`, unmodified)") from exc
+        raise EvaluationError(f"{exc} (a model package written by `newadj simulate` or `newadj baseline`, "
+                              f"unmodified, is needed)") from exc
     except Exception as exc:  # a foreign config that does not build a model, tensors of another shape, etc.
         detail = " ".join(str(exc).split())
         detail = detail[:400] + ("..." if len(detail) > 400 else "")

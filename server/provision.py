@@ -481,9 +481,9 @@ def cmd_provision(federation_file: str | Path, out_dir: str | Path, only: list[s
     """CLI entry (`newadj provision`): returns an exit code, prints what was written."""
     try:
         s = provision(federation_file, out_dir, only=only or None, force=force, public_keys=public_keys)
-    except (FederationFileError, ProvisionError) as err:
+    except (FederationFileError, ProvisionError) as err:   # bad input: the file, a key, the output folder
         echo(f"provision: {err}")
-        return 1
+        return 2
     echo(f"federation {s['federation']}: kits in {s['out_dir']}")
     echo(f"  CA: {s['ca_cert']} ({'new' if s['ca_created'] else 'kept'})"
          + ("  [REPLACED: every kit must be redistributed]" if s.get("ca_replaced") else ""))

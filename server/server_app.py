@@ -30,6 +30,7 @@ from common.engine import seed_everything
 from common.model_io import save_model_package
 from common.task import model_from_config
 from common.wire import content_bytes, from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
+from server.progress import Events
 from server.evaluation import (center_entry, pool, resolve_select_metric, selection_basis,
                                selection_key)
 from server.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -49,6 +50,9 @@ def _send(grid, node_ids, arrays: ArrayRecord, config: dict, timeout: float, mty
     return send_and_collect(grid, msgs, timeout), arrays.count_bytes() * len(msgs)
 
 
+_LAST_NOTICE: dict[str, str] = {}
+
+
 def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[dict, int, int]:
     """Per-center aggregate metrics and the pooled metrics from what the centers released."""
     replies, sent = _send(grid, node_ids, arrays, config, timeout)
@@ -66,7 +70,12 @@ def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[d
         received += content_bytes(r.content)
         if "info" in r.content and r.content["info"].get("notice"):
             notices[center] = str(r.content["info"]["notice"])
-            log.warning("center %s: %s", center, notices[center])
+            # abstaining under a site's floors is counted in the round's line; a clamp or a moved threshold
+            # is worth a warning, once per center and text
+            parts = [n for n in notices[center].split("; ") if " withheld" not in n]
+            level = logging.INFO if not parts or _LAST_NOTICE.get(center) == notices[center] else logging.WARNING
+            _LAST_NOTICE[center] = notices[center]
+            log.log(level, "center %s: %s", center, "; ".join(parts) if level == logging.WARNING else notices[center])
         per_center[center], released[center] = center_entry(dict(r.content["metrics"]))
     return {"centers": per_center, "pooled": pool(per_center, released), "failures": failures,
             "notices": notices}, sent, received
@@ -200,10 +209,26 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         run_schema(grid, cfg, run_dir, int(rc.get("expected-nodes", 0) or fed.expected_nodes or fed.min_available_nodes))
         return
-    check_secure_config(fed)
-    secure = bool(fed.secure_aggregation.enabled)
     run_dir = Path(str(rc.get("run-dir") or f"runs/run-{int(time.time())}")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    events = Events(run_dir, resume=bool(rc.get("resume", False)))
+    try:
+        _federate(grid, context, cfg, run_dir, events)
+    except Exception as exc:
+        events("failed", text=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        events.close()
+
+
+def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) -> None:
+    """Roles, rounds, selection, the baseline hazard and the external center's report of one run."""
+    rc = context.run_config
+    fed = cfg.federation
+    events("start", run_id=int(context.run_id), run_dir=str(run_dir), strategy=str(fed.strategy),
+           rounds=int(fed.num_rounds), resume=bool(rc.get("resume", False)))
+    check_secure_config(fed)
+    secure = bool(fed.secure_aggregation.enabled)
     save_config(cfg, run_dir)
     cfg_hash = config_hash(cfg)
     seed_everything(int(cfg.seed))
@@ -222,6 +247,8 @@ def main(grid: Grid, context: Context) -> None:
     select_metric = resolve_select_metric(str(fed.select_metric), endpoints)
     log.info("endpoints at the training centers: %d patients with a benefit label, %d with DFS; selecting "
              "rounds on %s", endpoints["benefit"], endpoints["dfs"], select_metric)
+    events("roles", centers={i["center-id"]: i["role"] for i in roles.values()}, endpoints=endpoints,
+           select_metric=select_metric, unanswered=len(role_errors))
     if len(train_ids) < int(fed.min_train_nodes):
         by_reason: dict[str, list[str]] = {}
         for nid, reason in role_errors.items():   # "policy of X: why" from many centers: one line per why
@@ -331,6 +358,10 @@ def main(grid: Grid, context: Context) -> None:
                     "val": rec["val"]}
         rec["best_round"] = best["round"]
         history.append(rec)
+        events("round", of=num_rounds, **{k: rec.get(k) for k in ("round", "train_loss", "val", "failures", "dropped",
+                                                                 "bytes_sent", "seconds")},
+               abstained=sum(1 for e in rec["val_centers"].values() if e["abstained"] and e["dfs_abstained"]),
+               answered=len(rec["val_centers"]))
         with history_path.open("a") as f:
             f.write(json.dumps(json_safe(rec)) + "\n")
         sd = from_arrays(arrays)
@@ -346,6 +377,7 @@ def main(grid: Grid, context: Context) -> None:
     if best is None:
         raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
     selection = _selection_summary(best, select_metric, fed)
+    events("selected", **selection, threshold=best["threshold"])
     best_state, best_meta, _ = load_checkpoint(run_dir / "checkpoints" / f"round_{best['round']:03d}.pt")
     best_arrays = ArrayRecord(best_state)
     admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered)
@@ -407,5 +439,6 @@ def main(grid: Grid, context: Context) -> None:
         "config": to_plain(cfg),
     }
     (run_dir / "metrics.json").write_text(json.dumps(json_safe(summary), indent=1))
+    events("finished", metrics=str(run_dir / "metrics.json"))
     log.info("finished: selected round %d; metrics in %s; best model %s sha256 %s", best["round"],
              run_dir / "metrics.json", run_dir / "best_model.pt", package["sha256"])

@@ -14,9 +14,9 @@ from pathlib import Path
 from rich.console import Console
 
 from common.config import join_overrides, load_config, save_config
-from server.flwr_process import flwr_env, flwr_run
+from server.flwr_process import flwr_env
 from server.secure_deploy import CONNECTION, KitError, load_kit
-from server.simulation import RESULT_FILE, RUN_SPEC, RunFailed, final_status, read_run_spec, run_budget
+from server.simulation import RESULT_FILE, RUN_SPEC, RunFailed, follow_run, read_run_spec, run_budget
 
 
 def resume_spec(run_dir: Path) -> list[str]:
@@ -25,14 +25,11 @@ def resume_spec(run_dir: Path) -> list[str]:
 
 
 def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Console | None = None,
-               stream: bool = True, resume: bool = False, mode: str = "run") -> dict:
+               stream: bool = True, resume: bool = False, mode: str = "run", verbose: bool = False) -> dict:
     """Submit the federation; with ``resume`` the ServerApp continues from the run's last checkpoint;
     ``mode="schema"``: the schema step (``server/schema.py``)."""
     console = console or Console()
-    try:
-        kit = load_kit(kit_dir, "coordinator")
-    except KitError as err:
-        raise RunFailed(str(err)) from err
+    kit = load_kit(kit_dir, "coordinator")   # KitError: bad input, reported by the CLI (exit 2)
     home = kit.dir / kit.data.get("files", {}).get("state_dir", "state") / "flwr-home"
     if not (home / "config.toml").exists():
         raise RunFailed(f"{home}: no `flwr` configuration; start the SuperLink first with "
@@ -48,12 +45,9 @@ def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Cons
     env = flwr_env(home)
     run_config = {"run-dir": str(run_dir), "overrides": join_overrides(overrides),
                   "expected-nodes": len(kit.centers), "resume": bool(resume), "mode": mode}
-    echo = (lambda line: console.print(line, markup=False, highlight=False)) if stream else None
     t0 = time.perf_counter()
-    run_id = flwr_run(CONNECTION, env, run_config, run_dir / "flwr-run.log", echo=echo)
-    if run_id is None:
-        raise RunFailed(f"`flwr run` did not start a run; see {run_dir / 'flwr-run.log'}")
-    status = final_status(CONNECTION, env, run_id, run_budget(load_config(overrides)))
+    run_id, status = follow_run(CONNECTION, env, run_config, run_dir, run_dir / "logs" / "flwr-run.log",
+                                run_budget(load_config(overrides)), console, stream and mode == "run", verbose)
     (run_dir / "flwr-status.json").write_text(json.dumps(status, indent=1))
     if "finished:completed" not in str(status.get("status", "")).replace(" ", "") or not result.exists():
         raise RunFailed(f"run {run_id} ended with status {status.get('status')!r}; see {run_dir}")

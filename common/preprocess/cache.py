@@ -223,7 +223,8 @@ def preprocess_site(site_dir: Path, cfg, workers: int | None = None, cache_dir: 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     t_work = time.perf_counter()
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+    # a live bar on a terminal only (it disappears when done); then one line per site
+    with Progress(*columns, console=console, disable=not (progress and console.is_terminal), transient=True) as bar:
         t_mri = bar.add_task(f"{site.center_id}: MRI volumes", total=len(mri_jobs) + n_mri_cached,
                              completed=n_mri_cached, info=f"{n_mri_cached} cached")
         t_path = bar.add_task(f"{site.center_id}: slides", total=len(slide_jobs) + n_path_cached,
@@ -285,6 +286,13 @@ def preprocess_site(site_dir: Path, cfg, workers: int | None = None, cache_dir: 
         "patients": list(entries.values()), "failures": failures,
     }
     _atomic_write_text(cache / MANIFEST, json.dumps(manifest, indent=1))
+    if progress:
+        n_mri = mri_stats["built"] + mri_stats["cached"]
+        n_path = path_stats["built"] + path_stats["cached"]
+        bad = f", [red]{len(failures)} failed[/red]" if failures else ""
+        console.print(f"  {site.center_id}: {len(entries)} patients, {n_mri} MRI, {n_path} slides "
+                      f"({mri_stats['built'] + path_stats['built']} built, "
+                      f"{mri_stats['cached'] + path_stats['cached']} cached{bad}) in {time.perf_counter() - t_start:.1f}s")
     return PreprocessResult(cache_dir=cache, n_patients=len(entries), mri=mri_stats, pathology=path_stats,
                             failures=failures, seconds=time.perf_counter() - t_start)
 

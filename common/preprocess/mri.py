@@ -21,6 +21,8 @@ array of shape ``(n_phases, *roi_size)``:
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import warnings
@@ -303,7 +305,8 @@ def preprocess_mri(phase_paths: Mapping[str, Path], mask_path: Path | None, cfg:
     for key, path in data.items():
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: {key} file not found")
-    transform = build_mri_transform(cfg, phases, with_mask=mask_path is not None)
+    transform = _cached_transform(json.dumps(_plain(cfg), sort_keys=True, default=str), tuple(phases),
+                                  mask_path is not None)
     try:
         with torch.no_grad():
             out = transform(data)
@@ -313,6 +316,12 @@ def preprocess_mri(phase_paths: Mapping[str, Path], mask_path: Path | None, cfg:
             raise ValueError(f"{bad[1]}: cannot read {bad[0]} image ({bad[2]})") from exc
         raise
     return out[IMAGE_KEY]
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_transform(cfg_json: str, phases: tuple, with_mask: bool) -> Compose:
+    """One pipeline (and one MONAI loader) per configuration and worker process, not one per patient."""
+    return build_mri_transform(json.loads(cfg_json), phases, with_mask)
 
 
 def _first_unreadable(data: Mapping[str, str]):

@@ -1,0 +1,48 @@
+"""What the ServerApp tells the person who started the run: ``RUN_DIR/events.jsonl``.
+
+Flower's own log stream (and Ray's) goes to ``RUN_DIR/logs/``; the project's lines reach
+the terminal through this file instead, one JSON object a line, written as the run goes:
+``start``, ``roles``, ``round`` (the round's compact record), ``selected``, ``finished``,
+and ``log`` for every warning or error the server logs (a center that failed, an update
+rejected, a round dropped, a selection that rests on too little validation).  The CLI
+follows the file (``common/console.py``) and prints one line per event.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from common.hashing import json_safe
+
+EVENTS_FILE = "events.jsonl"
+LOGGERS = ("newadj", "server")   # the ServerApp's loggers (newadj.server, server.roles, ...)
+
+
+class Events(logging.Handler):
+    """Appends events to ``RUN_DIR/events.jsonl``; as a logging handler, every WARNING+ record too."""
+
+    def __init__(self, run_dir: Path, resume: bool = False):
+        super().__init__(level=logging.WARNING)
+        self.path = Path(run_dir) / EVENTS_FILE
+        if not resume and self.path.exists():
+            self.path.unlink()
+        for name in LOGGERS:
+            logging.getLogger(name).addHandler(self)
+            logging.getLogger(name).setLevel(min(logging.getLogger(name).level or logging.INFO, logging.INFO))
+
+    def __call__(self, event: str, **fields) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(json_safe({"event": event, "time": time.time(), **fields})) + "\n")
+
+    def emit(self, record: logging.LogRecord) -> None:   # logging.Handler
+        try:
+            self("log", level=record.levelname.lower(), text=record.getMessage())
+        except Exception:  # noqa: BLE001 - a full disk must not stop the federation
+            self.handleError(record)
+
+    def close(self) -> None:
+        for name in LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+        super().close()
