@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.console import compact_table, console, err_console
+from common.console import compact_table, console, err_console, shown
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -125,12 +125,13 @@ def _print_federation(metrics: dict, run_dir: Path) -> None:
     console.print(privacy_line(metrics.get("privacy") or {}))
     if metrics.get("stopped_early"):
         console.print(f"[yellow]stopped early:[/yellow] {metrics['stopped_early']}")
-    console.print(f"run directory: {run_dir}", soft_wrap=True)
-    console.print(f"  report: newadj report {run_dir}; Flower's logs: {run_dir / 'logs'}", soft_wrap=True)
+    console.print(f"run directory: {shown(run_dir)}", soft_wrap=True)
+    console.print(f"  per-round report: newadj report {shown(run_dir)}", soft_wrap=True)
+    console.print(f"  Flower's and Ray's logs: {shown(run_dir / 'logs')}", soft_wrap=True)
     bm = metrics.get("best_model") or {}
     if bm.get("sha256"):
         # the evaluator checks the package against this hash, received from here, not from a file beside it
-        console.print(f"best model: {run_dir / bm.get('file', 'best_model.pt')}", soft_wrap=True)
+        console.print(f"best model: {shown(run_dir / bm.get('file', 'best_model.pt'))}", soft_wrap=True)
         console.print(f"  sha256 {bm['sha256']}", soft_wrap=True)
 
 
@@ -231,7 +232,8 @@ def cmd_demo(args) -> int:
         return 1
     console.print(f"schema: {len(prop['rule']['training_centers'])} training centers; {len(prop['genomic_features'])} "
                   f"genomic and {len(prop['clinical_features'])} clinical features, modalities "
-                  f"{', '.join(prop['modalities'])} ({time.perf_counter() - t0:.0f}s; {run_dir / 'schema' / FEATURES_YAML})")
+                  f"{', '.join(prop['modalities'])} in {time.perf_counter() - t0:.0f}s")
+    console.print(f"  feature file: {shown(run_dir / 'schema' / FEATURES_YAML)}", soft_wrap=True)
     overrides += feature_overrides(run_dir / "schema" / FEATURES_YAML)
     return _federate(lambda: run_simulation(cohort, run_dir, overrides, console=console, stream=not args.quiet,
                                             workers=int(d.workers), verbose=args.verbose), run_dir)

@@ -24,6 +24,15 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
+def shown(path) -> str:
+    """A path as the user would type it: relative to the working directory when it lies below it."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(p)
+
+
 # --------------------------------------------------------------------------- numbers
 
 
@@ -65,7 +74,7 @@ class EventPrinter:
         if kind == "start":
             what = "resuming" if ev.get("resume") else "federation"
             self.out.print(f"{what}: run {ev.get('run_id')}, {ev.get('strategy')}, {ev.get('rounds')} rounds; "
-                           f"run directory {ev.get('run_dir')}", soft_wrap=True)
+                           f"run directory {shown(ev.get('run_dir'))}", soft_wrap=True)
         elif kind == "roles":
             roles = ev.get("centers") or {}
             train = sorted(c for c, r in roles.items() if r != "external")
@@ -91,13 +100,17 @@ class EventPrinter:
                            f"{frange(v.get('c_index'), v.get('c_index_lo'), v.get('c_index_hi')):>18}  "
                            f"{centers:>7}  {(ev.get('bytes_sent') or 0) / 1e6:>5.1f}  {(ev.get('seconds') or 0):>4.0f}",
                            markup=False)
+        elif kind == "note":
+            self.out.print(f"note: {ev.get('text')}", markup=False)
         elif kind == "log":
             self.header_done = False      # a warning breaks the table: repeat its header after it
             self.out.print(f"[yellow]{ev.get('level', 'warning')}:[/yellow] {ev.get('text')}", markup=True)
         elif kind == "selected":
             value = "unranked" if ev.get("value") is None else f"{ev['value']:.3f}"
             self.out.print(f"selected: round {ev.get('round')}, {ev.get('metric')} {value} on {ev.get('centers')} "
-                           f"centers / {ev.get('patients')} patients; threshold {fnum(ev.get('threshold'))}")
+                           f"centers / {ev.get('patients')} patients")
+            self.out.print(f"decision threshold {fnum(ev.get('threshold'))} ({ev.get('threshold_source', '')})",
+                           markup=False)
         elif kind == "failed":
             self.out.print(f"[red]server failed:[/red] {ev.get('text')}", markup=True)
 

@@ -113,15 +113,30 @@ def pool(per_center: dict, released: dict) -> dict:
     return pooled
 
 
-def resolve_select_metric(metric: str, endpoints: dict) -> str:
-    """``auto``: pooled AUC when some training center has benefit labels, else the pooled C-index."""
+def resolve_select_metric(metric: str, endpoints: dict) -> str | None:
+    """The configured selection metric; ``auto`` is decided by :func:`decide_auto` (None until then)."""
     if metric not in SELECT_METRICS:
         raise ValueError(f"federation.select_metric={metric!r}: choose one of {', '.join(SELECT_METRICS)}")
-    if metric != "auto":
-        return metric
-    if endpoints.get("benefit"):
-        return "pooled_auc"
-    return "pooled_c_index" if endpoints.get("dfs") else "val_loss"
+    return None if metric == "auto" else metric
+
+
+def decide_auto(pooled: dict, endpoints: dict) -> tuple[str | None, str]:
+    """``auto`` at the first round whose validation released something: (metric, why).
+
+    The pooled AUC when the training centers have benefit labels and their cells rank
+    models (exact bounds narrower than [0, 1]); else the pooled C-index; else the loss.
+    Small validation splits under the sites' floors often release one cell per label or
+    none, so the AUC cannot rank rounds there while the pair counts still can.
+    """
+    if endpoints.get("benefit") and "auc" in pooled and pooled["auc_upper"] - pooled["auc_lower"] < 1.0:
+        return "pooled_auc", "the training centers' benefit cells rank models"
+    why = ("no benefit label at the training centers" if not endpoints.get("benefit") else
+           "the training centers' released benefit cells cannot rank models (AUC bounds [0, 1])")
+    if pooled.get("c_index") is not None and pooled["c_index"] == pooled["c_index"]:
+        return "pooled_c_index", why
+    if "loss" in pooled:
+        return "val_loss", why + "; no DFS pair counts either"
+    return None, "no training center released validation metrics yet"
 
 
 def selection_key(pooled: dict, metric: str) -> float:

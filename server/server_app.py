@@ -31,7 +31,7 @@ from common.model_io import save_model_package
 from common.task import model_from_config
 from common.wire import content_bytes, from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
 from server.progress import Events
-from server.evaluation import (center_entry, pool, resolve_select_metric, selection_basis,
+from server.evaluation import (center_entry, decide_auto, pool, resolve_select_metric, selection_basis,
                                selection_key)
 from server.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from server.messaging import NO_REPLY, send_and_collect
@@ -72,13 +72,20 @@ def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[d
             notices[center] = str(r.content["info"]["notice"])
             # abstaining under a site's floors is counted in the round's line; a clamp or a moved threshold
             # is worth a warning, once per center and text
-            parts = [n for n in notices[center].split("; ") if " withheld" not in n]
+            parts = [n for n in notices[center].split("; ") if " withheld" not in n and " moved to " not in n]
             level = logging.INFO if not parts or _LAST_NOTICE.get(center) == notices[center] else logging.WARNING
             _LAST_NOTICE[center] = notices[center]
             log.log(level, "center %s: %s", center, "; ".join(parts) if level == logging.WARNING else notices[center])
         per_center[center], released[center] = center_entry(dict(r.content["metrics"]))
     return {"centers": per_center, "pooled": pool(per_center, released), "failures": failures,
             "notices": notices}, sent, received
+
+
+def _threshold(pooled: dict) -> dict:
+    """The decision threshold: Youden's on the pooled validation cells when they rank models, else 0.5."""
+    if "auc" in pooled and pooled["auc_upper"] - pooled["auc_lower"] < 1.0:
+        return {"threshold": float(pooled["youden_threshold"]), "threshold_source": "Youden on pooled validation"}
+    return {"threshold": 0.5, "threshold_source": "default 0.5: the validation cells do not rank models"}
 
 
 def _selection_summary(best: dict, metric: str, fed) -> dict:
@@ -244,11 +251,11 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     centers = _centers(roles)
     log.info("roles: %s", {i["center-id"]: i["role"] for i in roles.values()})
     endpoints = _endpoints(roles)
-    select_metric = resolve_select_metric(str(fed.select_metric), endpoints)
+    select_metric = resolve_select_metric(str(fed.select_metric), endpoints)   # None: auto, decided below
     log.info("endpoints at the training centers: %d patients with a benefit label, %d with DFS; selecting "
-             "rounds on %s", endpoints["benefit"], endpoints["dfs"], select_metric)
+             "rounds on %s", endpoints["benefit"], endpoints["dfs"], select_metric or "auto")
     events("roles", centers={i["center-id"]: i["role"] for i in roles.values()}, endpoints=endpoints,
-           select_metric=select_metric, unanswered=len(role_errors))
+           select_metric=select_metric or "auto", unanswered=len(role_errors))
     if len(train_ids) < int(fed.min_train_nodes):
         by_reason: dict[str, list[str]] = {}
         for nid, reason in role_errors.items():   # "policy of X: why" from many centers: one line per why
@@ -272,6 +279,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
                                f"{cfg_hash[:12]}); resume with the same overrides")
         start_round = int(meta["round"]) + 1
         history, best, comm = server_state["history"], server_state["best"], server_state["comm"]
+        select_metric = select_metric or server_state.get("select_metric")
         restore_strategy_state(strategy, server_state.get("strategy", {}))
         random.setstate(server_state["py_random"])
         log.warning("resuming %s after round %d", run_dir, meta["round"])
@@ -351,11 +359,15 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         comm["bytes_received"] += received
         rec["seconds"] = time.perf_counter() - t0
         rec["train_phase_seconds"] = t_train
-        key = selection_key(val["pooled"], select_metric)
+        if select_metric is None:
+            select_metric, why = decide_auto(val["pooled"], endpoints)
+            if select_metric is not None:
+                log.info("round %d: rounds are selected on %s (select_metric auto: %s)", rnd, select_metric, why)
+                events("note", text=f"rounds are selected on {select_metric} (select_metric auto: {why})")
+        key = selection_key(val["pooled"], select_metric) if select_metric else -np.inf
         # no center released validation metrics yet (all abstained under their floors): the latest model
         if best is None or key > best["key"] or (key == -np.inf and best["key"] == -np.inf):
-            best = {"round": rnd, "key": key, "threshold": val["pooled"].get("youden_threshold", 0.5),
-                    "val": rec["val"]}
+            best = {"round": rnd, "key": key, **_threshold(val["pooled"]), "val": rec["val"]}
         rec["best_round"] = best["round"]
         history.append(rec)
         events("round", of=num_rounds, **{k: rec.get(k) for k in ("round", "train_loss", "val", "failures", "dropped",
@@ -369,15 +381,17 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
                                            "threshold": best["threshold"] if best["round"] == rnd else None,
                                            "weights_sha256": weights_sha256(sd)},
                         {"history": history, "best": best, "comm": comm, "strategy": strategy_state(strategy),
-                         "py_random": random.getstate()})
+                         "py_random": random.getstate(), "select_metric": select_metric})
         log.info("round %d/%d: train loss %s, val pooled AUC %.3f, %.1fs, %d bytes out", rnd, num_rounds,
                  rec["train_loss"], rec["val"].get("auc", float("nan")), rec["seconds"], sent)
 
     # --- the selected model on the external center -----------------------------------
     if best is None:
         raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
+    select_metric = select_metric or "val_loss"     # nothing was ever released: the last round, on no metric
     selection = _selection_summary(best, select_metric, fed)
-    events("selected", **selection, threshold=best["threshold"])
+    events("selected", **selection, threshold=best["threshold"],
+           threshold_source=best.get("threshold_source", "Youden on pooled validation"))
     best_state, best_meta, _ = load_checkpoint(run_dir / "checkpoints" / f"round_{best['round']:03d}.pt")
     best_arrays = ArrayRecord(best_state)
     admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered)

@@ -149,4 +149,5 @@ def test_round_lines_and_selection_fit_80_columns():
     text = con.export_text()
     assert all(len(ln) <= 80 for ln in text.splitlines()), text
     assert "1/10   1.235   0.712 [0.55-0.89]   0.665 (0.60-0.73)    5/0/1   12.3   123" in text
-    assert "selected: round 7, pooled_auc 0.712 on 6 centers / 120 patients; threshold 0.430" in text
+    assert "selected: round 7, pooled_auc 0.712 on 6 centers / 120 patients" in text
+    assert "decision threshold 0.430" in text
