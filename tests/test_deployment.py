@@ -11,6 +11,7 @@ import json
 import pytest
 import yaml
 
+from common import reply_schema as W
 from common.cohort import discover_sites
 from common.config import feature_overrides, join_overrides
 from server.flwr_process import ProcessGroup, flwr_run, flwr_status, start_superlink, start_supernode, write_flwr_config
@@ -56,16 +57,19 @@ def test_loopback_deployment_runs_to_completion(tiny_cohort, tmp_path):
     assert group.alive() == []  # every process we started (and its children) is gone
     assert "finished:completed" in str(schema_status.get("status", "")).replace(" ", ""), schema_status
     answers = json.loads((schema_dir / "schema.json").read_text())["answers"]
+    server_scaling = json.loads((run_dir / "metrics.json").read_text())["config"]["data"]["scaling"]
     assert set(answers) == {s.name for s in sites}
-    for a in answers.values():                                          # names and counts, never values
-        assert set(a) <= {"role", "center-id", "n-patients", "genomic-columns", "genomic-counts", "clinical-columns",
-                          "clinical-counts", "modality-names", "modality-counts"}
+    for a in answers.values():           # names, counts and summed moments per column, never a patient's value
+        assert set(a) == set(W.QUERY_INFO[:2]) | set(W.SCHEMA_INFO)
         assert all(isinstance(n, int) for n in a["genomic-counts"] + a["clinical-counts"])
+        assert len(a["clinical-sum"]) == len(a["clinical-columns"]) == len(a["clinical-counts"])
+    assert {"age", "afp_ng_ml"} <= {f["name"] for f in server_scaling}             # the pooled standardisation
     assert "afp_ng_ml" in answers["center_a"]["clinical-columns"]
 
     assert "finished:completed" in str(status.get("status", "")).replace(" ", ""), status
     metrics = json.loads((run_dir / "metrics.json").read_text())
     server_cfg = metrics["config"]
+    assert {f["name"] for f in server_cfg["data"]["scaling"]} >= {"afp_ng_ml", "max_diameter_cm"}
     assert server_cfg["data"]["genomic_features"] == proposal["genomic_features"]      # the ServerApp's config
     assert server_cfg["data"]["clinical_features"] == ["afp_ng_ml", "max_diameter_cm"]
     assert metrics["rounds"] == 2 and len(metrics["history"]) == 2
