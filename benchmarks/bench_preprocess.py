@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common.cohort import discover_sites
+from common.data.cohort import discover_sites
 from common.config import load_config
 from common.preprocess.cache import preprocess_site, resolve_cache_dir
 

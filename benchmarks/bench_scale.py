@@ -38,7 +38,7 @@ SMALL = ["model=small", "train.epochs=1", "train.n_boot=20", "train.min_patients
 
 
 def base_cohort(work: Path) -> Path:
-    from common.cohort import discover_sites, ensure_caches
+    from common.data.cohort import discover_sites, ensure_caches
     from common.config import load_config, to_plain
     from common.synth import generate_cohort
 
@@ -52,7 +52,7 @@ def base_cohort(work: Path) -> Path:
 
 def virtual_cohort(base: Path, n: int, out: Path) -> Path:
     """n training centers (copies of the base's training sites) plus the base's external center."""
-    from common.cohort import discover_sites
+    from common.data.cohort import discover_sites
 
     if out.exists():
         shutil.rmtree(out)
@@ -77,7 +77,7 @@ def _mb(x):
 
 
 def bench_centers(args) -> dict:
-    from server.simulation import RunFailed, run_simulation
+    from server.ops.simulation import RunFailed, run_simulation
 
     work = Path(args.work)
     base = base_cohort(work)
@@ -111,12 +111,12 @@ def bench_centers(args) -> dict:
 
 
 def bench_long(args) -> dict:
-    from server.simulation import run_simulation
+    from server.ops.simulation import run_simulation
 
     work = Path(args.work)
     from common.config import load_config, to_plain
     from common.synth import generate_cohort
-    from common.cohort import discover_sites, ensure_caches
+    from common.data.cohort import discover_sites, ensure_caches
 
     cfg = load_config([])
     demo = cfg.demo

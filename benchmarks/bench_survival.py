@@ -73,7 +73,7 @@ def write_cohort(out: Path, seed: int) -> None:
 
 
 def c_counts(model, ds, batch: int = 256) -> dict:
-    from common.engine import predict
+    from common.learn.engine import predict
     from common.metrics import concordance_pairs
 
     pred = predict(model, ds, batch)
@@ -82,7 +82,7 @@ def c_counts(model, ds, batch: int = 256) -> dict:
 
 def score(model, cfg, cohort: Path) -> dict:
     """Harrell's C of one model: each center's test split, their center-stratified pool, the external."""
-    from common.dataset import site_dataset
+    from common.learn.dataset import site_dataset
     from common.metrics import pooled_c_index
     from common.preprocess.cache import resolve_cache_dir
 
@@ -96,14 +96,14 @@ def score(model, cfg, cohort: Path) -> dict:
 def run_seed(seed: int, work: Path, rounds: int, quiet: bool) -> dict:
     from rich.console import Console
 
-    from common.cohort import discover_sites, ensure_caches
+    from common.data.cohort import discover_sites, ensure_caches
     from common.config import feature_overrides, load_config
-    from common.dataset import ConcatSites, site_dataset
-    from common.engine import train_model
-    from common.model_io import load_model_package
-    from common.task import model_from_config
+    from common.learn.dataset import ConcatSites, site_dataset
+    from common.learn.engine import train_model
+    from common.federation.model_io import load_model_package
+    from common.learn.task import model_from_config
     from server.schema import FEATURES_YAML
-    from server.simulation import run_simulation
+    from server.ops.simulation import run_simulation
 
     console = Console(quiet=quiet)
     cohort = work / f"gbsg2-seed{seed}"

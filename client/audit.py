@@ -31,7 +31,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 
 from client.policy import ERR_REFUSED, PolicyError, load_policy, site_identity
-from common.wire import record_bytes
+from common.federation.wire import record_bytes
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from client.disclosure import release_metrics
 from client.policy import evaluate_terms, load_policy, policy_mod
 from client.secure_aggregation import dp_clipping_mod, secure_aggregation_mod
 from client.site_runtime import round_seed, site_runtime
-from common.engine import predict, train_model
-from common.task import model_from_config
-from common.wire import from_arrays, to_arrays
+from common.learn.engine import predict, train_model
+from common.learn.task import model_from_config
+from common.federation.wire import from_arrays, to_arrays
 
 log = logging.getLogger(__name__)
 # audit outermost: it logs exactly what leaves the site (masked vectors under SecAgg+, refusals of the

@@ -1,7 +1,7 @@
 """What an evaluate reply may release: the site policy's disclosure rules, applied at the site.
 
 The coordinator asks (``bins``, ``threshold``, ``full-report``); the site decides, by
-its own ``policy.toml`` (``common/site_policy.py``):
+its own ``policy.toml`` (``common/data/policy.py``):
 
 * **Floors per endpoint.**  Benefit metrics (score histograms, confusion counts, loss,
   AUC, calibration) need ``min_patients.benefit`` labelled patients and at least
@@ -97,7 +97,7 @@ class Released:
     neg: list[int]
     pos: list[int]
 
-    def confusion(self, threshold: float) -> tuple[float, dict]:  # keys: common.reply_schema.CONFUSION
+    def confusion(self, threshold: float) -> tuple[float, dict]:  # keys: common.federation.reply_schema.CONFUSION
         """(edge used, tp/fp/tn/fn): cells from the edge nearest ``threshold`` up predict positive."""
         cands = self.edges[:-1]
         j = int(np.argmin([abs(e - float(threshold)) for e in cands]))
@@ -189,8 +189,8 @@ def release_metrics(pred: dict, terms: "Terms", policy, cfg, notices: list[str],
     ``min_patients.dfs`` patients with DFS and ``min_cell_count`` events.  Why an endpoint
     abstains goes into ``notices``.
     """
-    from common import reply_schema as W
-    from common.engine import prediction_loss
+    from common.federation import reply_schema as W
+    from common.learn.engine import prediction_loss
     from common.metrics import concordance_pairs, dfs_report, evaluate_predictions, td_auc_labels
 
     k = int(policy.min_cell_count)
@@ -378,7 +378,7 @@ def _check_cells(problems: list, what: str, neg, pos, edges, bins: int | None, k
 
 def check_released(policy, metrics: dict, bins: int | None) -> str | None:
     """Why an evaluate reply's metrics break the site's disclosure rules, or None."""
-    from common import reply_schema as W
+    from common.federation import reply_schema as W
 
     k = int(policy.min_cell_count)
     problems: list[str] = []

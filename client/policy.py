@@ -1,7 +1,7 @@
 """Site policy enforcement: what a center agrees to answer, as a ClientApp mod.
 
 The policy itself (``<site>/policy.toml``, defaults in ``conf/policy/default.yaml``) is
-read by ``common/site_policy.py``.  ``policy_mod`` runs around every handler of the
+read by ``common/data/policy.py``.  ``policy_mod`` runs around every handler of the
 ClientApp and
 
 * before the handler: refuses a run whose overrides set a key outside the site's
@@ -29,7 +29,7 @@ from typing import Callable
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 
 from client import disclosure
-from common.site_policy import (DEFAULT_POLICY_YAML, MESSAGE_TYPES, POLICY_FILE, Policy, PolicyError,  # noqa: F401
+from common.data.policy import (DEFAULT_POLICY_YAML, MESSAGE_TYPES, POLICY_FILE, Policy, PolicyError,  # noqa: F401
                                 disallowed_overrides, key_listed, load_policy)
 
 log = logging.getLogger(__name__)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.reply_schema import MOMENTS
+from common.federation.reply_schema import MOMENTS
 
 
 def site_schema(site_dir, center_id: str, role: str | None, cfg, policy) -> dict:
     """The schema QUERY reply of the site at ``site_dir`` (its own config ``cfg``); reads no image."""
-    from common.site_data import SiteData
+    from common.data.site import SiteData
 
     site = SiteData.open(site_dir, phases=tuple(cfg.data.phases), val_fraction=float(cfg.data.val_fraction),
                          strict=False, cache_dir=str(cfg.data.cache_dir))

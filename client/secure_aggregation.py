@@ -28,7 +28,7 @@ from flwr.clientapp.mod.centraldp_mods import KEY_CLIPPING_NORM
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from common.wire import PARAM_KEYS
+from common.federation.wire import PARAM_KEYS
 
 
 

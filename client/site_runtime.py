@@ -2,7 +2,7 @@
 
 Deployment: the SuperNode's ``--node-config`` names ``data-dir`` (the site
 folder), and optionally ``role`` and ``center-id``.  The configuration is the
-site's (``common.site_policy.site_config``): the run contributes only the keys
+site's (``common.data.policy.site_config``): the run contributes only the keys
 the site's policy allows.  Simulation: Flower gives
 only ``partition-id``; it indexes the sorted site folders of the run config's
 ``cohort-dir``.
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import split_overrides
-from common.site_policy import site_config
-from common.dataset import SiteDataset, site_dataset
+from common.data.policy import site_config
+from common.learn.dataset import SiteDataset, site_dataset
 from common.preprocess.cache import preprocess_site
-from common.task import check_dataset_matches, input_dims
+from common.learn.task import check_dataset_matches, input_dims
 
 # a simulation worker serves many virtual centers: keep the most recently used ones only
 # (federation.client_site_cache); a deployment ClientApp serves its own center alone
@@ -50,7 +50,7 @@ def _resolve_site(run_config, node_config) -> tuple[Path, str | None, str | None
         return Path(str(node_config["data-dir"])), node_config.get("role"), node_config.get("center-id")
     if "partition-id" not in node_config:
         raise RuntimeError("node config has neither `data-dir` (deployment) nor `partition-id` (simulation)")
-    from common.cohort import discover_sites
+    from common.data.cohort import discover_sites
 
     cohort = run_config.get("cohort-dir")
     if not cohort:

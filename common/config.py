@@ -16,7 +16,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+import conf as _conf
+
+CONF_DIR = Path(_conf.__file__).resolve().parent   # installed with the code (conf/__init__.py)
 
 
 def load_config(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:

@@ -74,9 +74,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common.config import deep_merge, to_plain
+from common.config import CONF_DIR, deep_merge, to_plain
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_CONFIG = CONF_DIR / "synth" / "default.yaml"
 DATA_CONFIG = CONF_DIR / "data" / "default.yaml"
 

@@ -1,6 +1,6 @@
 """Evaluate replies in, pooled validation metrics and the round's selection key out.
 
-Each center's reply holds what its site released (``common/reply_schema.py``):
+Each center's reply holds what its site released (``common/federation/reply_schema.py``):
 benefit score cells, Harrell's pair counts, time-dependent-AUC cells per DFS horizon,
 baseline-hazard cells, and -- in a full report -- exact values with CIs.  Pooling:
 
@@ -18,7 +18,7 @@ import logging
 
 import numpy as np
 
-from common import reply_schema as W
+from common.federation import reply_schema as W
 from common.metrics import (auc_from_cells, baseline_hazard_from_cells, pooled_c_index, quantiles_from_cells,
                             youden_from_cells)
 

@@ -5,7 +5,7 @@ the terminal through this file instead, one JSON object a line, written as the r
 ``start``, ``roles``, ``round`` (the round's compact record), ``selected``, ``finished``,
 and ``log`` for every warning or error the server logs (a center that failed, an update
 rejected, a round dropped, a selection that rests on too little validation).  The CLI
-follows the file (``common/console.py``) and prints one line per event.
+follows the file (``common/reports/console.py``) and prints one line per event.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from common.reply_schema import MOMENTS
+from common.federation.reply_schema import MOMENTS
 from server.messaging import send_and_collect
 from server.roles import wait_for_nodes
 

@@ -40,7 +40,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-from common.wire import PARAM_KEYS, content_bytes
+from common.federation.wire import PARAM_KEYS, content_bytes
 from server.messaging import NO_REPLY, send_and_collect
 
 log = logging.getLogger("newadj.server")

@@ -26,10 +26,10 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.hashing import json_safe
 from common.config import config_hash, load_config, save_config, split_overrides, to_plain
-from common.engine import seed_everything
-from common.model_io import save_model_package
-from common.task import model_from_config
-from common.wire import content_bytes, from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
+from common.learn.engine import seed_everything
+from common.federation.model_io import save_model_package
+from common.learn.task import model_from_config
+from common.federation.wire import content_bytes, from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
 from server.progress import Events
 from server.evaluation import (center_entry, decide_auto, pool, resolve_select_metric, selection_basis,
                                selection_key)

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import load_config
-from common.task import model_from_config
+from common.learn.task import model_from_config
 
 app = ServerApp()
 SWEEP = (0.05, 0.15, 0.25, 0.35)

@@ -110,9 +110,9 @@ def _baseline_summary() -> dict:
 
 
 def _tables():
-    from common.baseline import render_table
+    from common.learn.baseline import render_table
     from common.cli import synth_table
-    from common.console import render_external, render_round_centers, render_rounds
+    from common.reports.console import render_external, render_round_centers, render_rounds
 
     m = _metrics_fixture()
     return [render_rounds(m), render_round_centers(m), *render_external(m), synth_table(_synth_summary(), "t"),
@@ -137,7 +137,7 @@ def test_every_table_fits_80_columns_with_no_number_cut():
 
 
 def test_round_lines_and_selection_fit_80_columns():
-    from common.console import EventPrinter
+    from common.reports.console import EventPrinter
 
     con = Console(width=80, record=True, file=open(os.devnull, "w"))
     show = EventPrinter(con)

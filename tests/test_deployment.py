@@ -11,10 +11,10 @@ import json
 import pytest
 import yaml
 
-from common import reply_schema as W
-from common.cohort import discover_sites
+from common.federation import reply_schema as W
+from common.data.cohort import discover_sites
 from common.config import feature_overrides, join_overrides
-from server.flwr_process import ProcessGroup, flwr_run, flwr_status, start_superlink, start_supernode, write_flwr_config
+from server.ops.processes import ProcessGroup, flwr_run, flwr_status, start_superlink, start_supernode, write_flwr_config
 from tests.conftest import TEST_OVERRIDES
 from tests.test_policy_audit import _copy_cohort
 

@@ -20,7 +20,7 @@ DFS_SYNTH = ["synth.endpoints=[dfs]", "synth.modalities=[genomics]", "synth.clin
 
 @pytest.fixture(scope="module")
 def dfs_cohort(tmp_path_factory) -> Path:
-    from common.cohort import discover_sites
+    from common.data.cohort import discover_sites
     from common.config import load_config, to_plain
     from common.synth import generate_cohort
 
@@ -37,7 +37,7 @@ def dfs_cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dfs_run(dfs_cohort, tmp_path_factory) -> Path:
-    from server.simulation import run_simulation
+    from server.ops.simulation import run_simulation
 
     run = tmp_path_factory.mktemp("dfs-run")
     run_simulation(dfs_cohort, run, TEST_OVERRIDES + ["federation.num_rounds=3"], stream=False)
@@ -80,11 +80,11 @@ def test_dfs_only_federation_selects_on_the_pooled_c_index(dfs_run):
 def test_pooled_c_index_equals_harrell_within_centers_on_the_round_models(dfs_run, dfs_cohort):
     """Recompute, outside the federation, each round's pooled validation C from per-patient predictions."""
     from common.config import load_config
-    from common.dataset import site_dataset
-    from common.engine import predict
+    from common.learn.dataset import site_dataset
+    from common.learn.engine import predict
     from common.preprocess.cache import resolve_cache_dir
-    from common.site_policy import load_policy
-    from common.task import model_from_config
+    from common.data.policy import load_policy
+    from common.learn.task import model_from_config
     from tests.conftest import round_weights
 
     m = _strict_json(dfs_run / "metrics.json")
@@ -112,9 +112,9 @@ def test_pooled_c_index_equals_harrell_within_centers_on_the_round_models(dfs_ru
 
 
 def test_evaluate_report_and_screen_follow_the_dfs_head(dfs_run, dfs_cohort, tmp_path):
-    from common.evaluate import evaluate_site
-    from common.run_report import run_report
-    from common.screening import format_screening, screen_patient
+    from common.reports.evaluate import evaluate_site
+    from common.reports.run_report import run_report
+    from common.reports.screening import format_screening, screen_patient
 
     m = _strict_json(dfs_run / "metrics.json")
     sha = m["best_model"]["sha256"]
@@ -140,7 +140,7 @@ def test_evaluate_report_and_screen_follow_the_dfs_head(dfs_run, dfs_cohort, tmp
 
 
 def test_baseline_follows_the_data(dfs_cohort, tmp_path):
-    from common.baseline import run_baseline
+    from common.learn.baseline import run_baseline
     from common.config import load_config
 
     cfg = load_config(TEST_OVERRIDES + ["train.min_patients=3"])

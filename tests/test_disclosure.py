@@ -1,5 +1,5 @@
 """The site's disclosure rules (client/disclosure.py), run-override allow-list and site config
-(common/site_policy.py), pooled AUC from released cells, DP over the centers present, and packages
+(common/data/policy.py), pooled AUC from released cells, DP over the centers present, and packages
 that would run code when loaded."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from client import disclosure as D
 from client import policy as policy_module
 from client.policy import policy_mod
 from common.metrics import auc_from_cells, auc_from_histograms, score_histogram
-from common.site_policy import PolicyError, load_policy, site_config
+from common.data.policy import PolicyError, load_policy, site_config
 
 
 def _exact_auc(y, p) -> float:

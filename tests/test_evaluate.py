@@ -23,8 +23,8 @@ def make_package(path: Path, cfg=None, threshold: float = 0.5, seed: int = 0, st
     import torch
 
     from common.config import config_hash, load_config
-    from common.model_io import save_model_package
-    from common.task import model_from_config
+    from common.federation.model_io import save_model_package
+    from common.learn.task import model_from_config
 
     cfg = cfg if cfg is not None else load_config(TEST_OVERRIDES)
     torch.manual_seed(seed)
@@ -36,9 +36,9 @@ def make_package(path: Path, cfg=None, threshold: float = 0.5, seed: int = 0, st
 def median_threshold_package(path: Path, site_dir: Path, seed: int = 0) -> Path:
     """A package whose threshold splits the site's patients in two groups (so every plot is drawable)."""
     from common.config import load_config
-    from common.dataset import SiteDataset
-    from common.engine import predict
-    from common.model_io import load_model_package
+    from common.learn.dataset import SiteDataset
+    from common.learn.engine import predict
+    from common.federation.model_io import load_model_package
     from common.preprocess.cache import resolve_cache_dir
 
     make_package(path, seed=seed)
@@ -49,7 +49,7 @@ def median_threshold_package(path: Path, site_dir: Path, seed: int = 0) -> Path:
 
 
 def cli(argv: list[str]) -> int:
-    from common.cli_evaluator import register
+    from common.cli.evaluator import register
 
     ap = argparse.ArgumentParser(prog="newadj")
     register(ap.add_subparsers(dest="command", required=True))
@@ -78,7 +78,7 @@ def package(tmp_path_factory, tiny_cohort) -> Path:
 
 def test_metrics_match_known_values(tiny_cohort, tmp_path, monkeypatch):
     """Predictions constructed so that every metric is known; the checkpoint's threshold (0.8) is used as is."""
-    import common.evaluate as ev
+    import common.reports.evaluate as ev
 
     pkg = make_package(tmp_path / "m.pt", threshold=0.8)
 
@@ -159,7 +159,7 @@ def test_checkpoint_from_other_config_is_refused(tiny_cohort, tmp_path, capsys):
 
 
 def test_site_without_benefit_labels(tiny_cohort, tmp_path, package):
-    from common.evaluate import evaluate_site
+    from common.reports.evaluate import evaluate_site
 
     site = copy_site(tiny_cohort / "external", tmp_path / "site", blank=("benefit",))
     m = evaluate_site(package, site, tmp_path / "r")
@@ -174,7 +174,7 @@ def test_site_without_benefit_labels(tiny_cohort, tmp_path, package):
 
 
 def test_site_without_dfs(tiny_cohort, tmp_path, package):
-    from common.evaluate import evaluate_site
+    from common.reports.evaluate import evaluate_site
 
     site = copy_site(tiny_cohort / "external", tmp_path / "site", blank=("dfs_months", "dfs_event"))
     m = evaluate_site(package, site, tmp_path / "r")
@@ -216,7 +216,7 @@ def fake_run(tmp_path: Path, package: Path, local_centers=("center_a",)) -> tupl
 
 
 def test_site_scores_returns_aggregates_only(tiny_cohort, package):
-    from common.run_report import site_scores
+    from common.reports.run_report import site_scores
 
     s = site_scores({"global": package}, tiny_cohort / "external")
     assert set(s) == {"global"}
@@ -248,9 +248,9 @@ def test_report_on_missing_run_dir(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_report_on_real_federation_and_baseline(tiny_cohort, tmp_path, flwr_home):
-    from common.baseline import run_baseline
+    from common.learn.baseline import run_baseline
     from common.config import load_config
-    from server.simulation import run_simulation
+    from server.ops.simulation import run_simulation
 
     run = tmp_path / "run"
     run_simulation(tiny_cohort, run, TEST_OVERRIDES, stream=False)

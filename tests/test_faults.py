@@ -26,11 +26,11 @@ import pytest
 
 from client.audit import AUDIT_FILE, read_audit
 from client.fault_injection import ENV as FAULTS_ENV
-from common.cohort import discover_sites
+from common.data.cohort import discover_sites
 from server.messaging import NO_REPLY
-from server.flwr_process import (ProcessGroup, flwr_run, flwr_status, free_port, start_superlink, start_supernode,
+from server.ops.processes import (ProcessGroup, flwr_run, flwr_status, free_port, start_superlink, start_supernode,
                                  write_flwr_config)
-from server.simulation import run_simulation
+from server.ops.simulation import run_simulation
 from tests.conftest import TEST_OVERRIDES, max_abs_diff, round_weights
 from tests.test_policy_audit import _copy_cohort
 

@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from common.metrics import roc_from_histograms, score_histogram, youden_from_histograms, youden_threshold
-from common.wire import from_arrays, to_arrays, upcast, weights_sha256
+from common.federation.wire import from_arrays, to_arrays, upcast, weights_sha256
 from server.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from server.roles import NodeView
 from server.strategies import build_strategy
@@ -92,8 +92,8 @@ def test_youden_from_histograms_matches_exact_youden_on_bin_edges():
 
 def test_run_resume_reuses_the_submitted_overrides_and_refuses_new_ones(tmp_path, capsys):
     from common.cli import main
-    from server.simulation import RunFailed
-    from server.submit import RUN_SPEC, resume_spec
+    from server.ops.simulation import RunFailed
+    from server.ops.submit import RUN_SPEC, resume_spec
 
     run = tmp_path / "run"
     run.mkdir()
@@ -109,7 +109,7 @@ def test_run_resume_reuses_the_submitted_overrides_and_refuses_new_ones(tmp_path
 
 def test_client_site_cache_keeps_the_most_recently_used_centers_only(tiny_cohort, monkeypatch):
     from client import site_runtime as sr
-    from common.cohort import discover_sites
+    from common.data.cohort import discover_sites
 
     monkeypatch.setattr(sr, "_RUNTIMES", type(sr._RUNTIMES)())
     rc = {"overrides": "model=small federation.client_site_cache=2"}

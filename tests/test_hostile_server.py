@@ -17,7 +17,7 @@ import pytest
 
 from client.audit import AUDIT_FILE, read_audit
 from client.disclosure import LEDGER_FILE
-from server.flwr_process import PROJECT_ROOT, ProcessGroup, flwr_run, flwr_status, start_superlink, start_supernode, \
+from server.ops.processes import PROJECT_ROOT, ProcessGroup, flwr_run, flwr_status, start_superlink, start_supernode, \
     write_flwr_config
 from tests.test_policy_audit import check_disclosure
 
@@ -44,8 +44,7 @@ def _hostile_app(tmp: Path) -> Path:
     (app / "hostile").mkdir()
     (app / "hostile" / "__init__.py").write_text("")
     shutil.copy(PROJECT_ROOT / "tests" / "hostile_server_app.py", app / "hostile" / "server_app.py")
-    shutil.copy(PROJECT_ROOT / "README.md", app / "README.md")
-    toml = (PROJECT_ROOT / "pyproject.toml").read_text()
+    toml = (PROJECT_ROOT / "conf" / "flwr_app.toml").read_text()
     toml = toml.replace('serverapp = "server.server_app:app"', 'serverapp = "hostile.server_app:app"')
     toml = toml.replace('fab-include = [', 'fab-include = ["hostile/**/*.py", ')
     toml = toml.replace("[tool.flwr.app.config]\n", '[tool.flwr.app.config]\nattack = ""\n')
@@ -66,7 +65,7 @@ def _sites(tiny_cohort: Path, dst: Path) -> list[Path]:
 def _run(env, app: Path, run_dir: Path, attack: str, overrides: list[str], logs: Path, n: int) -> int:
     run_id = flwr_run("loopback", env, {"run-dir": str(run_dir), "overrides": " ".join(overrides),
                                         "attack": attack, "expected-nodes": n},
-                      logs / f"flwr-run-{attack}.log", timeout=600, app_dir=app)
+                      logs / f"flwr-run-{attack}.log", timeout=600, app=app)
     assert run_id is not None, (logs / f"flwr-run-{attack}.log").read_text()[-3000:]
     status = flwr_status("loopback", env, run_id)
     assert "finished:completed" in str(status.get("status", "")).replace(" ", ""), status

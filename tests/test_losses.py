@@ -1,4 +1,4 @@
-"""Tests for common/losses.py (Cox partial likelihood, masked BCE, multitask sum)."""
+"""Tests for common/learn/losses.py (Cox partial likelihood, masked BCE, multitask sum)."""
 
 import math
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.losses import benefit_loss, cox_ph_loss, multitask_loss
+from common.learn.losses import benefit_loss, cox_ph_loss, multitask_loss
 
 # Small survival data set with ties among events and between events and censorings.
 TIME = np.array([1.0, 2.0, 2.0, 2.0, 3.0, 4.0, 4.0, 5.0, 6.0, 6.0, 7.0, 8.0, 8.0, 9.0, 10.0])

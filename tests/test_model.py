@@ -1,4 +1,4 @@
-"""Tests for common/model.py (New-adj-Net)."""
+"""Tests for common/learn/model.py (New-adj-Net)."""
 
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from common.losses import multitask_loss
-from common.model import DEFAULTS, NewAdjNet, build_model
+from common.learn.losses import multitask_loss
+from common.learn.model import DEFAULTS, NewAdjNet, build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 C, SP, N, FEAT, G = 3, (16, 16, 8), 10, 12, 6

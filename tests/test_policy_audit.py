@@ -86,9 +86,9 @@ def test_defaults_apply_without_policy_file(tmp_path):
     assert set(pol.message_types) == {"query", "train", "evaluate"}
     assert pol.max_local_epochs >= 1 and pol.max_server_round >= 1 and pol.min_cohort_size >= 1
     assert set(pol.reply_records) == {"arrays", "metrics", "info"}
-    # the whitelists are the project's reply schema (common/reply_schema.py), patterns included
-    from common import reply_schema as W
-    from common.site_policy import key_listed
+    # the whitelists are the project's reply schema (common/federation/reply_schema.py), patterns included
+    from common.federation import reply_schema as W
+    from common.data.policy import key_listed
 
     assert pol.metric_keys == set(W.METRIC_KEY_PATTERNS) and pol.info_keys == set(W.INFO_KEYS)
     sent = ["num-examples", "train-loss", "train-seconds", "samples-per-s", "hist-neg", "hist-pos", "loss", "tp",
@@ -287,8 +287,8 @@ HAZARD_INTERVALS = 20   # conf/train: hazard_max_months 60 / hazard_step_months 
 
 def _is_cell_list(key: str, prefixes: tuple[str, ...]) -> bool:
     """A key of the reply schema that holds cells (edges or counts), with one of these prefixes."""
-    from common import reply_schema as W
-    from common.site_policy import key_listed
+    from common.federation import reply_schema as W
+    from common.data.policy import key_listed
 
     cell_keys = (*W.BENEFIT_CELLS, "td-*-edges", "td-*-neg", "td-*-pos", *W.HAZARD_CELLS, *W.RISK_CELLS)
     return key.startswith(prefixes) and key_listed(key, cell_keys)
@@ -352,7 +352,7 @@ def check_disclosure(site: Path, outs: list[dict], ins: dict[str, dict]) -> None
     combination of replies is finer than one of them); at most max_thresholds distinct thresholds.
     """
     from client.disclosure import grid_edges
-    from common.site_policy import load_policy
+    from common.data.policy import load_policy
 
     pol = load_policy(site)
     k = pol.min_cell_count
@@ -446,7 +446,7 @@ def _bins() -> int:
 
 @pytest.mark.slow
 def test_federation_audit_replay_holds_no_patient_level_data(tiny_cohort, tmp_path, flwr_home):
-    from server.simulation import run_simulation
+    from server.ops.simulation import run_simulation
 
     cohort = _copy_cohort(tiny_cohort, tmp_path / "cohort")
     metrics = run_simulation(cohort, tmp_path / "run", TEST_OVERRIDES, stream=False)
@@ -471,7 +471,7 @@ def test_federation_audit_replay_holds_no_patient_level_data(tiny_cohort, tmp_pa
 
 @pytest.mark.slow
 def test_site_refusing_to_train_is_logged_and_the_run_completes(tiny_cohort, tmp_path, flwr_home):
-    from server.simulation import run_simulation
+    from server.ops.simulation import run_simulation
 
     cohort = _copy_cohort(tiny_cohort, tmp_path / "cohort")
     train_sites = [s for s in _sites(cohort) if _center(s)[1] != "external"]

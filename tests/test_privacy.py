@@ -35,7 +35,7 @@ def _quantisation_bound(cfg, n_centers: int, n_examples: int) -> float:
 
 
 def test_secagg_round_equals_plain_round_and_no_plain_update_leaves_a_site(tiny_cohort, tmp_path, flwr_home):
-    from server.simulation import run_simulation
+    from server.ops.simulation import run_simulation
 
     plain = run_simulation(tiny_cohort, tmp_path / "plain", ONE_ROUND, stream=False)
     cohort = _copy_cohort(tiny_cohort, tmp_path / "cohort")

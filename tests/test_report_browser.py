@@ -74,7 +74,7 @@ def assert_self_contained(html: str) -> None:
 
 
 def test_evaluation_report_renders(tiny_cohort, tmp_path):
-    from common.evaluate import evaluate_site
+    from common.reports.evaluate import evaluate_site
 
     site = tiny_cohort / "external"
     pkg = median_threshold_package(tmp_path / "model.pt", site)
@@ -91,7 +91,7 @@ def test_evaluation_report_renders(tiny_cohort, tmp_path):
 
 
 def test_run_report_renders(tiny_cohort, tmp_path):
-    from common.run_report import run_report
+    from common.reports.run_report import run_report
 
     pkg = median_threshold_package(tmp_path / "model.pt", tiny_cohort / "external")
     run, base = fake_run(tmp_path, pkg)

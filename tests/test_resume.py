@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from server.simulation import run_simulation
+from server.ops.simulation import run_simulation
 from tests.conftest import TEST_OVERRIDES, max_abs_diff, round_weights
 
 pytestmark = [pytest.mark.slow]

@@ -22,8 +22,8 @@ import pytest
 
 from client.fault_injection import ENV as FAULTS_ENV
 from common.config import load_config
-from common.engine import seed_everything
-from common.task import model_from_config
+from common.learn.engine import seed_everything
+from common.learn.task import model_from_config
 from tests.conftest import TEST_OVERRIDES, round_weights
 
 pytestmark = [pytest.mark.slow]
@@ -48,7 +48,7 @@ def _initial(overrides) -> np.ndarray:
 
 
 def _runs(tiny_cohort, tmp_path, monkeypatch, strategy: str, overrides=OVERRIDES) -> dict:
-    from server.simulation import run_simulation
+    from server.ops.simulation import run_simulation
 
     over = overrides + [f"federation.strategy={strategy}"]
     out = {}
@@ -81,7 +81,7 @@ def test_robust_strategy_bounds_one_scaled_update_to_about_an_absent_center(tiny
 
 
 def test_fedavg_is_not_robust_to_the_same_attack_but_the_norm_screen_catches_it(tiny_cohort, tmp_path, monkeypatch):
-    from server.simulation import run_simulation
+    from server.ops.simulation import run_simulation
 
     r = _runs(tiny_cohort, tmp_path, monkeypatch, "fedavg")
     assert r["attack_move"] > 5.0 * r["absent_move"], \

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from common.screening import check_eligibility
+from common.reports.screening import check_eligibility
 from tests.test_evaluate import cli, make_package
 
 OK = {"age": 60, "child_pugh": 6, "ecog": 1, "bclc_b": 1, "prior_treatment": 0}
@@ -50,7 +50,7 @@ def pkg(tmp_path_factory):
 
 
 def test_patient_interval_contains_point_estimate(tiny_cohort, pkg):
-    from common.screening import screen_patient
+    from common.reports.screening import screen_patient
 
     r = screen_patient(pkg, tiny_cohort / "external", "EX0001", passes=30, seed=1)
     assert r["prob_lo"] <= r["prob"] <= r["prob_hi"]

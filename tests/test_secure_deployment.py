@@ -19,16 +19,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.flwr_process import PROJECT_ROOT, ProcessGroup, flwr_run, flwr_status, free_port, start_supernode
+from server.ops.processes import PROJECT_ROOT, ProcessGroup, flwr_run, flwr_status, free_port, start_supernode
 from client.keys import keygen
-from server.provision import (
+from server.ops.provision import (
     AUTHORIZED_DIR,
     CA_DIR,
     COORDINATOR,
     ProvisionError,
     provision,
 )
-from server.secure_deploy import (
+from server.ops.deploy import (
     CONNECTION,
     REGISTRATIONS,
     list_supernodes,
@@ -271,7 +271,7 @@ def test_server_start_foreground_registers_and_rotates_keys(tmp_path):
     state = kits / COORDINATOR / "state"
 
     def run_server() -> dict:
-        code = f"import sys; from server.secure_deploy import server_start; sys.exit(server_start({str(kits / COORDINATOR)!r}))"
+        code = f"import sys; from server.ops.deploy import server_start; sys.exit(server_start({str(kits / COORDINATOR)!r}))"
         p = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -314,7 +314,7 @@ def test_server_start_foreground_registers_and_rotates_keys(tmp_path):
 
 @pytest.mark.slow
 def test_tls_authenticated_secagg_deployment_runs_to_completion(tiny_cohort, tmp_path):
-    from common.cohort import discover_sites
+    from common.data.cohort import discover_sites
 
     sites = discover_sites(tiny_cohort)
     assert len(sites) == 7

@@ -1,4 +1,4 @@
-"""common.site_data: the reader API the rest of the project codes against."""
+"""common.data.site: the reader API the rest of the project codes against."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.site_data import (
+from common.data.site import (
     PatientRecord,
     Problem,
     SiteData,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from common.validation import ValidationReport, validate_site
+from common.data.validation import ValidationReport, validate_site
 from tests import sitebuilder as sb
 
 BASELINE_WARNING = ("mri/P002", None, "delayed")  # the builder's incomplete phase set

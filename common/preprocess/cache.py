@@ -43,7 +43,7 @@ MANIFEST = "manifest.json"
 
 
 def resolve_cache_dir(site_dir: Path, cfg) -> Path:
-    from common.site_policy import with_site_config
+    from common.data.policy import with_site_config
 
     p = Path(str(with_site_config(cfg, site_dir).data.cache_dir))
     return p if p.is_absolute() else Path(site_dir) / p
@@ -152,9 +152,9 @@ def preprocess_site(site_dir: Path, cfg, workers: int | None = None, cache_dir: 
                     console: Console | None = None, progress: bool = True) -> PreprocessResult:
     """Build (or refresh) the cache of one site; see the module docstring."""
     from common.preprocess.encoders import build_encoder
-    from common.site_data import SiteData
+    from common.data.site import SiteData
 
-    from common.site_policy import with_site_config
+    from common.data.policy import with_site_config
 
     t_start = time.perf_counter()
     console = console or Console(stderr=True)

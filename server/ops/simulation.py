@@ -16,9 +16,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from common.cohort import discover_sites, ensure_caches
+from common.data.cohort import discover_sites, ensure_caches
 from common.config import join_overrides, load_config, save_config
-from server.flwr_process import ProcessGroup, flwr_run, flwr_status, start_superlink, write_flwr_config
+from server.ops.processes import ProcessGroup, flwr_run, flwr_status, start_superlink, write_flwr_config
 
 
 class RunFailed(RuntimeError):
@@ -51,9 +51,9 @@ def follow_run(superlink: str, env: dict, run_config: dict, run_dir: Path, log_p
 
     Flower's and Ray's own output goes to ``log_path`` (and to the terminal with ``verbose``);
     with ``stream`` the project's own lines are printed as the ServerApp writes them
-    (``RUN_DIR/events.jsonl``, ``common/console.py``).
+    (``RUN_DIR/events.jsonl``, ``common/reports/console.py``).
     """
-    from common.console import EventPrinter, follow_events
+    from common.reports.console import EventPrinter, follow_events
     from server.progress import EVENTS_FILE
 
     stop = threading.Event()

@@ -19,7 +19,41 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# the folder holding this project's packages: the checkout (editable install) or site-packages (`pip install .`)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+APP_PACKAGES = ("common", "client", "server", "conf")
+
+
+def app_dir(root: Path | None = None) -> Path:
+    """The Flower app to submit with ``flwr run``: this project's packages and ``conf/flwr_app.toml`` as the
+    app's ``pyproject.toml``, copied into a folder named by their content hash (made once, then reused).
+
+    The same whether the project runs from a checkout or from an installed package; nothing but
+    sources and configuration goes into the app bundle (``fab-include``), never data or weights.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    root = Path(root or PROJECT_ROOT)
+    files = sorted(f for pkg in APP_PACKAGES for f in (root / pkg).rglob("*")
+                   if f.is_file() and f.suffix in (".py", ".yaml", ".toml") and "__pycache__" not in f.parts)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    out = Path(tempfile.gettempdir()) / f"newadj-flwr-app-{h.hexdigest()[:16]}"
+    if not (out / "pyproject.toml").exists():
+        tmp = Path(tempfile.mkdtemp(prefix="newadj-flwr-app-", dir=tempfile.gettempdir()))
+        for f in files:
+            (tmp / f.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, tmp / f.relative_to(root))
+        shutil.copy2(root / "conf" / "flwr_app.toml", tmp / "pyproject.toml")
+        try:
+            tmp.rename(out)
+        except OSError:           # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def bin_path(name: str) -> str:
@@ -171,7 +205,7 @@ RUN_ID_RE = re.compile(r"run[ _-]?id[^0-9]*(\d+)", re.IGNORECASE)
 
 
 def flwr_run(superlink: str, env: dict, run_config: dict, log_path: Path, federation_config: dict | None = None,
-             echo=None, timeout: float | None = None, app_dir: Path | None = None) -> int | None:
+             echo=None, timeout: float | None = None, app: Path | None = None) -> int | None:
     """``flwr run APP SUPERLINK --stream`` (APP: this project); returns the run id seen in its output (None if none).
 
     The run config goes to Flower as a TOML file written next to ``log_path``: Flower's
@@ -183,7 +217,7 @@ def flwr_run(superlink: str, env: dict, run_config: dict, log_path: Path, federa
     config_file = Path(log_path).with_name(Path(log_path).stem + "-run-config.toml")
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(tomli_w.dumps(dict(run_config)))
-    args = [bin_path("flwr"), "run", str(app_dir or PROJECT_ROOT), superlink, "--run-config", str(config_file),
+    args = [bin_path("flwr"), "run", str(app or app_dir()), superlink, "--run-config", str(config_file),
             "--stream"]
     if federation_config:
         args += ["--federation-config", run_config_arg(federation_config)]

@@ -17,7 +17,7 @@ Flower 1.41 facts this module relies on (checked in the installed flwr source):
 * the ``flwr`` CLI reads ``root-certificates`` from ``FLWR_HOME/config.toml``.
 
 ``start_secure_superlink`` / ``start_secure_supernode`` start background processes in
-a :class:`~server.flwr_process.ProcessGroup` (tests, demos); ``server_start`` /
+a :class:`~server.ops.processes.ProcessGroup` (tests, demos); ``server_start`` /
 ``site_start`` run them in the foreground (``newadj server start`` / ``newadj site
 start``) and return an exit code.
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from server.flwr_process import (
+from server.ops.processes import (
     ProcessGroup,
     SuperLinkAddresses,
     bin_path,
@@ -390,7 +390,7 @@ def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] |
     Refuses to start (exit code 1) when validation reports errors; they are printed.
     """
     from common.config import load_config
-    from common.validation import validate_site
+    from common.data.validation import validate_site
 
     try:
         kit = load_kit(kit_dir, "center")
@@ -402,7 +402,7 @@ def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] |
     if not data_dir.is_dir():
         echo(f"site start: {data_dir}: not a folder")
         return 2
-    from common.site_policy import PolicyError, with_site_config
+    from common.data.policy import PolicyError, with_site_config
 
     try:
         cfg = with_site_config(load_config(list(overrides or [])), data_dir)
@@ -432,7 +432,7 @@ def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] |
     return _run_foreground(supernode_command(kit, data_dir, runtime_port=runtime_port, key=key), env, cwd=kit.dir)
 
 
-if __name__ == "__main__":  # pragma: no cover - manual use: python -m server.secure_deploy server|site KIT [DATA]
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m server.ops.deploy server|site KIT [DATA]
     if sys.argv[1:2] == ["server"]:
         sys.exit(server_start(sys.argv[2]))
     sys.exit(site_start(sys.argv[2], sys.argv[3]))

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.evaluate import EvaluationError, item_modalities, load_checkpoint, open_site
+from common.reports.evaluate import EvaluationError, item_modalities, load_checkpoint, open_site
 
 DEFAULT_CSV = ".newadj-screening.csv"
 
@@ -95,7 +95,7 @@ def mc_dropout_outputs(model: torch.nn.Module, dataset, passes: int = 50, seed: 
     """(eval-mode values [n], MC-dropout values [passes, n]) of ``output``: ``prob`` (benefit) or ``risk`` (DFS)."""
     from torch.utils.data import DataLoader
 
-    from common.dataset import make_collate
+    from common.learn.dataset import make_collate
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         collate_fn=make_collate(dataset.mri_shape, dataset.path_dim))
@@ -129,7 +129,7 @@ def mc_dropout_probs(model: torch.nn.Module, dataset, passes: int = 50, seed: in
 def _prediction_rows(model, pkg, ds, passes: int, seed: int) -> list[dict]:
     """Criterion 8 per patient from the model's benefit head, or -- for a model trained for DFS only --
     its DFS head (predicted DFS probability and risk group), saying which head it used."""
-    from common.evaluate import RISK_GROUP_NAMES, package_endpoints, risk_groups
+    from common.reports.evaluate import RISK_GROUP_NAMES, package_endpoints, risk_groups
     from common.metrics import survival_at
 
     threshold = float(pkg.get("threshold", 0.5))
@@ -182,7 +182,7 @@ def screen_patient(model_path: Path, site_dir: Path, patient_id: str, passes: in
     if not idx:
         raise ScreeningError(f"patient '{patient_id}' not found at site {site_dir} "
                              f"({len(ds.items)} patients in its clinical.csv/cache); check the patient_id")
-    from common.dataset import SiteDataset  # noqa: F401  (type of ds)
+    from common.learn.dataset import SiteDataset  # noqa: F401  (type of ds)
 
     one = _Subset(ds, idx)
     row = _prediction_rows(model, pkg, one, passes, seed)[0]

@@ -1,6 +1,6 @@
 """`newadj validate-site`: check one center's data folder against the data contract.
 
-``validate_site`` reads the folder with :mod:`common.site_data` (the only reader of
+``validate_site`` reads the folder with :mod:`common.data.site` (the only reader of
 site data), and in deep mode decodes every image: each NIfTI / DICOM volume is
 loaded fully, the phases of a patient must share a shape, the tumor mask must be on
 the grid of the phases, and each slide is opened with tiffslide and a small region is
@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from common.site_data import (
+from common.data.site import (
     HasProblems,
     CLINICAL_CSV,
     DEFAULT_CACHE_DIR,

@@ -14,9 +14,9 @@ from pathlib import Path
 from rich.console import Console
 
 from common.config import join_overrides, load_config, save_config
-from server.flwr_process import flwr_env
-from server.secure_deploy import CONNECTION, KitError, load_kit
-from server.simulation import RESULT_FILE, RUN_SPEC, RunFailed, follow_run, read_run_spec, run_budget
+from server.ops.processes import flwr_env
+from server.ops.deploy import CONNECTION, KitError, load_kit
+from server.ops.simulation import RESULT_FILE, RUN_SPEC, RunFailed, follow_run, read_run_spec, run_budget
 
 
 def resume_spec(run_dir: Path) -> list[str]:

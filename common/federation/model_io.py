@@ -51,7 +51,7 @@ def load_model_package(path: Path, expected_sha256: str | None = None):
     ``expected_sha256``: the package's hash as the evaluator received it from the
     coordinator by another channel; a mismatch is refused before the file is read.
     """
-    from common.task import model_from_config
+    from common.learn.task import model_from_config
 
     path = Path(path)
     if not path.exists():

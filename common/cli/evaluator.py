@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.console import console, err_console
+from common.reports.console import console, err_console
 
 
 def _fail(exc: Exception, command: str = "") -> int:
-    from common.evaluate import EvaluationError
+    from common.reports.evaluate import EvaluationError
 
     err_console.print(f"newadj {command}: error: {exc}".replace("newadj : ", "newadj: "), markup=False)
     return 2 if isinstance(exc, EvaluationError) else 1
@@ -35,7 +35,7 @@ def _expected_sha(args) -> str | None:
 
 
 def cmd_evaluate(args) -> int:
-    from common.evaluate import EvaluationError, evaluate_site
+    from common.reports.evaluate import EvaluationError, evaluate_site
 
     splits = [s.strip() for s in args.split.split(",")] if args.split else None
     try:
@@ -60,8 +60,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from common.evaluate import EvaluationError
-    from common.run_report import run_report
+    from common.reports.evaluate import EvaluationError
+    from common.reports.run_report import run_report
 
     try:
         out = run_report(Path(args.run_dir), Path(args.baseline) if args.baseline else None,
@@ -73,8 +73,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_screen(args) -> int:
-    from common.evaluate import EvaluationError
-    from common.screening import format_screening, screen_all, screen_patient
+    from common.reports.evaluate import EvaluationError
+    from common.reports.screening import format_screening, screen_all, screen_patient
 
     if bool(args.patient) == bool(args.all):
         err_console.print("newadj screen: error: give exactly one of --patient ID or --all")

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.config import to_plain
-from common.dataset import make_collate
-from common.losses import multitask_loss
+from common.learn.dataset import make_collate
+from common.learn.losses import multitask_loss
 from common.metrics import evaluate_predictions, youden_threshold
 
 log = logging.getLogger(__name__)

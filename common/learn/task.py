@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from common.model import build_model
+from common.learn.model import build_model
 
 
 def input_dims(cfg) -> dict:

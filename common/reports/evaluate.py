@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from common.hashing import json_safe
-from common.engine import predict
+from common.learn.engine import predict
 from common.metrics import delong_auc_ci, evaluate_predictions, reliability_curve
 
 SEED_STUDY = {"external_auc": 0.89, "accuracy": 0.86,
@@ -65,7 +65,7 @@ class EvaluationError(Exception):
 
 def load_checkpoint(model_path: Path, expected_sha256: str | None = None):
     """(model, package) or :class:`EvaluationError` naming the file (``expected_sha256``: see model_io)."""
-    from common.model_io import ModelPackageError, load_model_package
+    from common.federation.model_io import ModelPackageError, load_model_package
 
     model_path = Path(model_path)
     try:
@@ -85,12 +85,12 @@ def load_checkpoint(model_path: Path, expected_sha256: str | None = None):
 
 def open_site(site_dir: Path, cfg, model_path: Path | None = None, splits=None):
     """The site's dataset (preprocessed with the model's config) and its clinical rows by patient id."""
-    from common.dataset import site_dataset
+    from common.learn.dataset import site_dataset
     from common.preprocess.cache import preprocess_site
-    from common.site_data import SiteData, SiteDataError
-    from common.task import check_dataset_matches, input_dims
+    from common.data.site import SiteData, SiteDataError
+    from common.learn.task import check_dataset_matches, input_dims
 
-    from common.site_policy import PolicyError, site_config
+    from common.data.policy import PolicyError, site_config
 
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
@@ -375,7 +375,7 @@ def model_card(pkg: dict, model_path: Path) -> dict:
 def evaluate_site(model_path: Path, site_dir: Path, out_dir: Path, *, splits=None, n_boot: int | None = None,
                   seed: int = 0, expected_sha256: str | None = None) -> dict:
     """Evaluate the package at ``model_path`` on the site at ``site_dir``; write report.html and metrics.json."""
-    from common.plots import km_figure, reliability_figure, roc_figure
+    from common.reports.plots import km_figure, reliability_figure, roc_figure
 
     model_path, site_dir, out_dir = Path(model_path), Path(site_dir), Path(out_dir)
     model, pkg = load_checkpoint(model_path, expected_sha256)
@@ -385,7 +385,7 @@ def evaluate_site(model_path: Path, site_dir: Path, out_dir: Path, *, splits=Non
         raise EvaluationError(f"{site_dir}: no patients to evaluate" + (f" in split(s) {splits}" if splits else ""))
     tc = cfg.train
     n_boot = int(tc.get("n_boot", 500) if n_boot is None else n_boot)
-    from common.site_policy import load_policy
+    from common.data.policy import load_policy
 
     floors = load_policy(site_dir).min_patients     # the site's floors, not the package's
     threshold = float(pkg.get("threshold", 0.5))
@@ -441,14 +441,14 @@ _LABELS = {"auc": "AUC (DeLong 95% CI)", "accuracy": "accuracy", "sensitivity": 
 
 
 def _subgroup_rows(rows: list[dict], first: str):
-    from common.html_report import esc, metric_cell
+    from common.reports.html import esc, metric_cell
 
     return [[esc(r["subgroup"]), str(r["n_patients"]), str(r["n"]), str(r["n_pos"]), metric_cell(r["auc"])]
             for r in rows]
 
 
 def render_html(m: dict, figs: dict[str, str]) -> str:
-    from common.html_report import esc, figure, fmt_num, metric_cell, not_computable, page, table
+    from common.reports.html import esc, figure, fmt_num, metric_cell, not_computable, page, table
 
     card = m["model_card"]
     site = m["site"]
@@ -507,7 +507,7 @@ def _h(key: str) -> str:
 
 def _render_rest(m: dict, figs: dict[str, str], body: list[str]) -> str:
     """The DFS, subgroup and model-card sections of the evaluation page."""
-    from common.html_report import esc, figure, fmt_num, metric_cell, not_computable, page, table
+    from common.reports.html import esc, figure, fmt_num, metric_cell, not_computable, page, table
 
     card = m["model_card"]
     site = m["site"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from common.evaluate import EvaluationError, load_checkpoint, open_site
+from common.reports.evaluate import EvaluationError, load_checkpoint, open_site
 
 
 def site_scores(models: dict[str, Any], site_dir: Path, splits: list[str] | None = None) -> dict[str, dict]:
@@ -26,9 +26,9 @@ def site_scores(models: dict[str, Any], site_dir: Path, splits: list[str] | None
     Splits: ``splits`` if given, else the validation split of a training site and
     every patient of an external site.
     """
-    from common.engine import predict
-    from common.evaluate import _auc_entry
-    from common.site_policy import load_policy
+    from common.learn.engine import predict
+    from common.reports.evaluate import _auc_entry
+    from common.data.policy import load_policy
 
     out: dict[str, dict] = {}
     for name, spec in models.items():
@@ -55,7 +55,7 @@ def site_scores(models: dict[str, Any], site_dir: Path, splits: list[str] | None
 
 def cross_site_matrix(run_dir: Path, baseline_dir: Path | None, cohort_dir: Path) -> dict:
     """{"models": [...], "sites": [...], "cells": {model: {site: scores}}} over a simulation cohort."""
-    from common.cohort import discover_sites
+    from common.data.cohort import discover_sites
 
     models: dict[str, Any] = {"global (federated)": load_checkpoint(Path(run_dir) / "best_model.pt")}
     if baseline_dir is not None:
@@ -75,7 +75,7 @@ def cross_site_matrix(run_dir: Path, baseline_dir: Path | None, cohort_dir: Path
 
 
 def _fmt_ci(e: dict | None) -> str:
-    from common.html_report import metric_cell
+    from common.reports.html import metric_cell
 
     if not e:
         return '<span class="nc">n/a</span>'
@@ -86,7 +86,7 @@ def _fmt_ci(e: dict | None) -> str:
 
 def comparison_rows(metrics: dict, baseline: dict | None) -> list[list[str]]:
     """federated vs pooled vs local-only on the external center."""
-    from common.html_report import esc, metric_cell
+    from common.reports.html import esc, metric_cell
 
     rows = []
     ext = (metrics.get("external") or {}).get("centers") or {}
@@ -110,8 +110,8 @@ def comparison_rows(metrics: dict, baseline: dict | None) -> list[list[str]]:
 
 
 def run_report(run_dir: Path, baseline_dir: Path | None = None, cohort_dir: Path | None = None) -> Path:
-    from common.html_report import esc, figure, fmt_num, not_computable, page, table
-    from common.plots import matrix_figure, round_curves
+    from common.reports.html import esc, figure, fmt_num, not_computable, page, table
+    from common.reports.plots import matrix_figure, round_curves
 
     run_dir = Path(run_dir)
     mpath = run_dir / "metrics.json"

@@ -11,7 +11,7 @@ Layout::
       pathology/<patient_id>.<svs|tif|tiff|ndpi>
 
 ``SiteData.open`` parses the tables and lists the image files; it never decodes an
-image (``read_volume`` / ``open_slide`` do, and ``common.validation`` uses them).
+image (``read_volume`` / ``open_slide`` do, and ``common.data.validation`` uses them).
 Every problem found is a :class:`Problem` naming the file (relative to the site
 folder), the 1-based CSV line and the column.  Nothing here writes to the folder.
 """

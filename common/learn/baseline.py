@@ -16,13 +16,13 @@ import numpy as np
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from common.cohort import discover_sites, ensure_caches
+from common.data.cohort import discover_sites, ensure_caches
 from common.config import config_hash, save_config
-from common.dataset import ConcatSites, site_dataset
-from common.engine import baseline_hazard, evaluate_model, train_model
+from common.learn.dataset import ConcatSites, site_dataset
+from common.learn.engine import baseline_hazard, evaluate_model, train_model
 from common.hashing import json_safe
-from common.model import build_model
-from common.model_io import save_model_package
+from common.learn.model import build_model
+from common.federation.model_io import save_model_package
 
 MODALITIES = ("mri", "pathology", "genomics")
 
@@ -181,7 +181,7 @@ def _fmt(m: dict | None, key: str) -> str:
 def render_table(summary: dict) -> list:
     """The external center's metrics per arm, then each arm's internal validation and cost: two tables that
     fit 80 columns."""
-    from common.console import compact_table
+    from common.reports.console import compact_table
 
     oracle = summary.get("oracle_external_auc")
     title = (f"External center {summary['external_site']} (n={summary['n_external']}"

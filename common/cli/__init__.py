@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.console import compact_table, console, err_console, shown
+from common.reports.console import compact_table, console, err_console, shown
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 def cmd_validate_site(args) -> int:
     from common.config import load_config
-    from common.validation import validate_site
+    from common.data.validation import validate_site
 
     if not Path(args.site_dir).is_dir():
         raise FileNotFoundError(2, "no such site folder", args.site_dir)
@@ -72,7 +72,7 @@ def _site_dirs(paths: list[str]) -> list[Path]:
 def cmd_preprocess(args) -> int:
     from common.config import load_config
     from common.preprocess.cache import preprocess_site
-    from common.site_data import SiteDataError
+    from common.data.site import SiteDataError
 
     cfg = load_config(args.overrides)
     status = 0
@@ -103,7 +103,7 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from common.baseline import run_baseline
+    from common.learn.baseline import run_baseline
     from common.config import load_config
 
     cfg = load_config(_with_features(args))
@@ -115,7 +115,7 @@ def cmd_baseline(args) -> int:
 
 def _print_federation(metrics: dict, run_dir: Path) -> None:
     """The end of a run: the external center's metrics, bytes and privacy, where everything is."""
-    from common.console import render_external
+    from common.reports.console import render_external
 
     for t in render_external(metrics):
         console.print(t)
@@ -150,7 +150,7 @@ def privacy_line(privacy: dict) -> str:
 
 def _federate(start, run_dir: Path) -> int:
     """Run a federation (``start()`` returns its metrics), print its tables; exit 1 if it failed."""
-    from server.simulation import RunFailed
+    from server.ops.simulation import RunFailed
 
     try:
         metrics = start()
@@ -168,7 +168,7 @@ def _federate(start, run_dir: Path) -> int:
 
 def _resumable(run_dir: Path, command: str, given: list[str]) -> dict | None:
     """The run spec of RUN_DIR for ``--resume`` (None, after saying why, when it cannot be resumed as asked)."""
-    from server.simulation import RunFailed, read_run_spec
+    from server.ops.simulation import RunFailed, read_run_spec
 
     try:
         saved = read_run_spec(run_dir, command)
@@ -182,7 +182,7 @@ def _resumable(run_dir: Path, command: str, given: list[str]) -> dict | None:
 
 
 def cmd_simulate(args) -> int:
-    from server.simulation import run_simulation
+    from server.ops.simulation import run_simulation
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -206,7 +206,7 @@ def cmd_demo(args) -> int:
     from common.config import feature_overrides, load_config, to_plain
     from common.synth import generate_cohort
     from server.schema import FEATURES_YAML
-    from server.simulation import RunFailed, run_simulation
+    from server.ops.simulation import RunFailed, run_simulation
 
     cfg = load_config(args.overrides)
     d = cfg.demo
@@ -240,13 +240,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_provision(args) -> int:
-    from server.provision import cmd_provision as provision
+    from server.ops.provision import cmd_provision as provision
 
     return provision(args.federation_file, args.out, args.only, args.force, public_keys=args.public_keys)
 
 
 def cmd_site_start(args) -> int:
-    from server.secure_deploy import site_start
+    from server.ops.deploy import site_start
 
     return site_start(args.kit, args.data, runtime_port=args.runtime_port, key=args.key)
 
@@ -265,13 +265,13 @@ def cmd_site_keygen(args) -> int:
 
 
 def cmd_server_start(args) -> int:
-    from server.secure_deploy import server_start
+    from server.ops.deploy import server_start
 
     return server_start(args.kit, database=args.database)
 
 
 def cmd_run(args) -> int:
-    from server.submit import submit_run
+    from server.ops.submit import submit_run
 
     overrides = _with_features(args)
     if args.resume:
@@ -296,7 +296,7 @@ def _with_features(args) -> list[str]:
 def cmd_schema(args) -> int:
     """Ask every center for its columns (names and counts), propose the federation's feature file."""
     from server.schema import FEATURES_YAML
-    from server.simulation import RunFailed, run_simulation
+    from server.ops.simulation import RunFailed, run_simulation
 
     if bool(args.data) == bool(args.kit):
         err_console.print("[red]schema needs exactly one of --data COHORT (simulation) or --kit KIT (deployment)[/red]")
@@ -307,7 +307,7 @@ def cmd_schema(args) -> int:
             result = run_simulation(Path(args.data), out, args.overrides, console=console, stream=False,
                                     mode="schema", verbose=args.verbose)
         else:
-            from server.submit import submit_run
+            from server.ops.submit import submit_run
 
             result = submit_run(Path(args.kit), out, args.overrides, console=console, stream=False,
                                 mode="schema", verbose=args.verbose)
@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.set_defaults(func=cmd_run)
 
-    from common.cli_evaluator import register  # the evaluator's verbs: evaluate, report, screen
+    from common.cli.evaluator import register  # the evaluator's verbs: evaluate, report, screen
 
     register(sub)
     return parser
@@ -506,11 +506,11 @@ def expected_error(exc: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from common.evaluate import EvaluationError
-    from common.site_data import SiteDataError
-    from common.site_policy import PolicyError
-    from server.secure_deploy import KitError
-    from server.simulation import RunFailed
+    from common.reports.evaluate import EvaluationError
+    from common.data.site import SiteDataError
+    from common.data.policy import PolicyError
+    from server.ops.deploy import KitError
+    from server.ops.simulation import RunFailed
 
     return isinstance(exc, (OSError, tomllib.TOMLDecodeError, yaml.YAMLError, HydraException, OmegaConfBaseException,
                             SiteDataError, PolicyError, EvaluationError, KitError, RunFailed, ValueError, KeyError))

@@ -28,7 +28,7 @@ from typing import Iterable
 import yaml
 from omegaconf import OmegaConf
 
-from common import reply_schema as W
+from common.federation import reply_schema as W
 from common.config import CONF_DIR, load_config, to_plain
 
 POLICY_FILE = "policy.toml"
