@@ -38,7 +38,8 @@ SMALL = ["model=small", "train.epochs=1", "train.n_boot=20", "train.min_patients
 
 
 def base_cohort(work: Path) -> Path:
-    from common.data.cohort import discover_sites, ensure_caches
+    from common.data.cohort import discover_sites
+    from common.preprocess.cache import ensure_caches
     from common.config import load_config, to_plain
     from common.synth import generate_cohort
 
@@ -116,7 +117,8 @@ def bench_long(args) -> dict:
     work = Path(args.work)
     from common.config import load_config, to_plain
     from common.synth import generate_cohort
-    from common.data.cohort import discover_sites, ensure_caches
+    from common.data.cohort import discover_sites
+    from common.preprocess.cache import ensure_caches
 
     cfg = load_config([])
     demo = cfg.demo

@@ -96,7 +96,8 @@ def score(model, cfg, cohort: Path) -> dict:
 def run_seed(seed: int, work: Path, rounds: int, quiet: bool) -> dict:
     from rich.console import Console
 
-    from common.data.cohort import discover_sites, ensure_caches
+    from common.data.cohort import discover_sites
+    from common.preprocess.cache import ensure_caches
     from common.config import feature_overrides, load_config
     from common.learn.dataset import ConcatSites, site_dataset
     from common.learn.engine import train_model

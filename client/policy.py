@@ -22,7 +22,6 @@ on every message; a malformed one makes the site refuse everything.
 from __future__ import annotations
 
 import logging
-import tomllib
 from pathlib import Path
 from typing import Callable
 
@@ -147,10 +146,9 @@ def site_identity(run_config, node_config) -> tuple[Path, str]:
 
         site_dir, _role, center = _resolve_site(run_config, node_config)
         if not center:
-            toml = {}
-            if (site_dir / "site.toml").exists():
-                toml = tomllib.loads((site_dir / "site.toml").read_text())
-            center = str(toml.get("center_id", site_dir.name))
+            from common.data.identity import site_identity as read
+
+            center = read(site_dir).center_id
         _IDENTITY[key] = (Path(site_dir), str(center))
     return _IDENTITY[key]
 

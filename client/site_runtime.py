@@ -10,12 +10,12 @@ only ``partition-id``; it indexes the sorted site folders of the run config's
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import split_overrides
+from common.data.identity import site_identity
 from common.data.policy import site_config
 from common.learn.dataset import SiteDataset, site_dataset
 from common.preprocess.cache import preprocess_site
@@ -67,11 +67,9 @@ def site_settings(run_config, node_config) -> tuple[Path, str, str, object]:
     site_dir, role, center = _resolve_site(run_config, node_config)
     # defaults + the run's allowed overrides + the site's own [config] (a disallowed key raises, naming it)
     cfg, _ = site_config(site_dir, overrides_of(run_config))
-    toml = {}
-    if (site_dir / "site.toml").exists():
-        toml = tomllib.loads((site_dir / "site.toml").read_text())
-    role = str(role or toml.get("role", "train"))
-    center = str(center or toml.get("center_id", site_dir.name))
+    ident = site_identity(site_dir)               # site.toml, [site] table or top-level keys
+    role = str(role or ident.role)
+    center = str(center or ident.center_id)
     return site_dir, center, role, cfg
 
 

@@ -56,7 +56,8 @@ def test_cfg():
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory, test_cfg) -> Path:
     """Seven sites (six train + external) of ~8-12 patients, with every site's cache built."""
-    from common.data.cohort import discover_sites, ensure_caches
+    from common.data.cohort import discover_sites
+    from common.preprocess.cache import ensure_caches
     from common.config import to_plain
     from common.synth import generate_cohort
 

@@ -10,105 +10,31 @@ Layout::
       mri/<patient_id>/tumor_mask.nii.gz  optional
       pathology/<patient_id>.<svs|tif|tiff|ndpi>
 
-``SiteData.open`` parses the tables and lists the image files; it never decodes an
-image (``read_volume`` / ``open_slide`` do, and ``common.data.validation`` uses them).
-Every problem found is a :class:`Problem` naming the file (relative to the site
-folder), the 1-based CSV line and the column.  Nothing here writes to the folder.
+``SiteData.open`` parses the tables (``common/data/tables.py``) and the site's identity
+(``common/data/identity.py``), assigns the splits (``common/data/splits.py``) and lists the
+image files; it never decodes an image (``common/data/images.py`` does, and validation
+uses it).  Nothing here writes to the folder.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import math
-import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import numpy as np
+from common.data.contract import (  # noqa: F401 - re-exported: the contract's names, where the reader is
+    CLINICAL_CSV, DEFAULT_CACHE_DIR, DEFAULT_PHASES, GENOMICS_CSV, NIFTI_SUFFIXES, PATIENT_ID_RE, RESERVED_CLINICAL,
+    ROLES, SITE_TOML, SLIDE_EXTENSIONS, SPLITS, TUMOR_MASK, HasProblems, Problem, SiteDataError, _err, _listdir,
+    _rel, _warn)
+from common.data.identity import read_identity
+from common.data.splits import assign_splits
+from common.data.images import open_slide, read_volume, slide_mpp  # noqa: F401 - re-exported
+from common.data.tables import _decode_csv, _is_missing, _parse_float, _read_csv  # noqa: F401
 
-__all__ = [
-    "DEFAULT_PHASES",
-    "SLIDE_EXTENSIONS",
-    "Problem",
-    "SiteDataError",
-    "PatientRecord",
-    "SiteData",
-    "assign_split",
-    "read_volume",
-    "open_slide",
-    "PATIENT_ID_RE",
-]
+AUTO = "auto"   # a split still to assign (common/data/splits.py)
 
-DEFAULT_PHASES: tuple[str, ...] = ("arterial", "portal", "delayed")
-DEFAULT_CACHE_DIR = ".newadj-cache"
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-TUMOR_MASK = "tumor_mask"
-PATIENT_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-SPLITS = ("train", "val", "test")
-ROLES = ("train", "external")
-RESERVED_CLINICAL = ("patient_id", "benefit", "dfs_months", "dfs_event", "split")
-SITE_TOML_KEYS = ("center_id", "display_name", "role", "notes")
-# Cells read as "missing" besides the empty cell (what common tools write for NaN).
-MISSING_TOKENS = frozenset({"", "na", "nan", "n/a", "null", "none"})
-
-CLINICAL_CSV = "clinical.csv"
-GENOMICS_CSV = "genomics.csv"
-SITE_TOML = "site.toml"
-
-
-# --------------------------------------------------------------------------- problems
-
-
-@dataclass(frozen=True)
-class Problem:
-    severity: str  # "error" | "warning"
-    file: str  # relative to the site folder
-    row: int | None  # 1-based line in the CSV (header = 1); None if n/a
-    field: str | None  # column / phase / key
-    message: str
-
-    def __str__(self) -> str:
-        loc = self.file if self.row is None else f"{self.file}:{self.row}"
-        if self.field:
-            loc += f" [{self.field}]"
-        return f"{loc} {self.message}"
-
-    @property
-    def is_error(self) -> bool:
-        return self.severity == "error"
-
-
-class SiteDataError(Exception):
-    """Raised when site data cannot be used; ``.problems`` lists every problem found."""
-
-    def __init__(self, problems: Problem | Iterable[Problem], header: str | None = None):
-        if isinstance(problems, Problem):
-            problems = [problems]
-        self.problems: list[Problem] = list(problems)
-        self.header = header
-        super().__init__(self._text())
-
-    def _text(self) -> str:
-        errors = [p for p in self.problems if p.severity == "error"]
-        lines = [self.header or f"{len(errors)} error(s) in site data"]
-        lines += [f"  {p.severity}: {p}" for p in self.problems]
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self._text()
-
-
-def _err(file: str, row: int | None, fld: str | None, msg: str) -> Problem:
-    return Problem("error", file, row, fld, msg)
-
-
-def _warn(file: str, row: int | None, fld: str | None, msg: str) -> Problem:
-    return Problem("warning", file, row, fld, msg)
+__all__ = ["DEFAULT_PHASES", "SLIDE_EXTENSIONS", "Problem", "SiteDataError", "PatientRecord", "SiteData",
+           "read_volume", "open_slide", "PATIENT_ID_RE"]
 
 
 # --------------------------------------------------------------------------- records
@@ -141,20 +67,6 @@ class PatientRecord:
     @property
     def has_survival(self) -> bool:
         return self.dfs_months is not None and self.dfs_event is not None
-
-
-class HasProblems:
-    """``errors`` / ``warnings`` views of a ``problems`` list (site data and validation reports)."""
-
-    problems: list
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
 
 
 @dataclass
@@ -206,280 +118,6 @@ class SiteData(HasProblems):
         return site
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def assign_split(patient_id: str, val_fraction: float) -> str:
-    """Deterministic train/val assignment from sha256(patient_id)."""
-    digest = hashlib.sha256(patient_id.encode("utf-8")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
-    return "val" if u < val_fraction else "train"
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name.startswith("~$") or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
-
-
-def _listdir(path: Path) -> list[Path]:
-    return sorted((p for p in path.iterdir() if not _is_hidden(p.name)), key=lambda p: p.name)
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _decode_csv(data: bytes, file: str) -> tuple[str | None, Problem | None]:
-    """utf-8 / utf-8-sig only; anything else is an error naming the line of the bad byte."""
-    try:
-        return data.decode("utf-8-sig"), None
-    except UnicodeDecodeError as e:
-        # utf-8-sig reports offsets in the data after the BOM
-        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
-        line = data[:start].count(b"\n") + 1
-        col = start - (data.rfind(b"\n", 0, start) + 1) + 1
-        bad = data[start : start + 1].hex()
-        hint = ""
-        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-            hint = " (looks like UTF-16)"
-        return None, _err(
-            file,
-            line,
-            None,
-            f"not valid UTF-8{hint}: byte 0x{bad} at line {line}, column {col}; "
-            "save the file as UTF-8 (other encodings are not guessed)",
-        )
-
-
-@dataclass
-class _Table:
-    columns: list[str]
-    rows: list[tuple[int, dict[str, str]]]  # (line number, column -> stripped cell)
-
-
-def _read_csv(path: Path, file: str, problems: list[Problem]) -> _Table | None:
-    """Read a CSV file; returns None (and records an error) when it is unusable."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        problems.append(_err(file, None, None, f"cannot read file: {e.strerror or e}"))
-        return None
-    text, prob = _decode_csv(data, file)
-    if prob is not None:
-        problems.append(prob)
-        return None
-    assert text is not None
-    if not text.strip():
-        problems.append(_err(file, 1, None, "file is empty (no header line)"))
-        return None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header: list[str] | None = None
-    rows: list[tuple[int, dict[str, str]]] = []
-    last_line = 0
-    try:
-        for record in reader:
-            start = last_line + 1
-            last_line = reader.line_num
-            if not record or all(not c.strip() for c in record):
-                continue  # blank line
-            if header is None:
-                header = [c.strip() for c in record]
-                bad = False
-                seen: set[str] = set()
-                for i, name in enumerate(header):
-                    if not name:
-                        problems.append(_err(file, start, None, f"column {i + 1} has an empty name"))
-                        bad = True
-                    elif name in seen:
-                        problems.append(_err(file, start, name, f"duplicated column name '{name}'"))
-                        bad = True
-                    seen.add(name)
-                if bad:
-                    return None
-                continue
-            if len(record) != len(header):
-                problems.append(
-                    _err(file, start, None, f"expected {len(header)} fields (as in the header), got {len(record)}")
-                )
-                continue
-            rows.append((start, {k: v.strip() for k, v in zip(header, record)}))
-    except csv.Error as e:
-        problems.append(_err(file, reader.line_num or None, None, f"malformed CSV: {e}"))
-        return None
-    if header is None:
-        problems.append(_err(file, 1, None, "file has no header line"))
-        return None
-    return _Table(header, rows)
-
-
-def _is_missing(cell: str) -> bool:
-    return cell.strip().lower() in MISSING_TOKENS
-
-
-def _parse_float(cell: str) -> float:
-    v = float(cell)
-    if not math.isfinite(v):
-        raise ValueError(cell)
-    return v
-
-
-def _toml_line(e: Exception) -> int | None:
-    m = re.search(r"line (\d+)", str(e))
-    return int(m.group(1)) if m else None
-
-
-# --------------------------------------------------------------------------- volumes and slides
-
-
-def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a whole volume: a .nii / .nii.gz file or a DICOM series folder.
-
-    Returns ``(data, affine)`` where ``affine`` is the 4x4 voxel -> RAS+ (mm) matrix.
-    Raises :class:`SiteDataError` naming the offending file.
-    """
-    path = Path(path)
-    if path.is_dir():
-        return _read_dicom_series(path)
-    name = path.name.lower()
-    if not name.endswith(NIFTI_SUFFIXES):
-        raise SiteDataError(_err(str(path), None, None, "not a NIfTI file (.nii / .nii.gz) or a DICOM folder"))
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as e:  # nibabel / gzip / zlib / EOF errors
-        raise SiteDataError(
-            _err(str(path), None, None, f"cannot decode NIfTI volume ({type(e).__name__}: {e})")
-        ) from e
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    return data, affine
-
-
-def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    files = [p for p in _listdir(folder)]
-    if not files:
-        raise SiteDataError(_err(str(folder), None, None, "DICOM series folder is empty"))
-    slices = []
-    for f in files:
-        if f.is_dir():
-            raise SiteDataError(_err(str(f), None, None, "unexpected sub-folder inside a DICOM series folder"))
-        try:
-            ds = pydicom.dcmread(str(f))
-        except InvalidDicomError as e:
-            raise SiteDataError(_err(str(f), None, None, f"not a DICOM file ({e})")) from e
-        except Exception as e:
-            raise SiteDataError(_err(str(f), None, None, f"cannot read DICOM file ({type(e).__name__}: {e})")) from e
-        try:
-            ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
-            iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
-            spacing = [float(v) for v in ds.PixelSpacing]
-        except (AttributeError, TypeError, ValueError) as e:
-            raise SiteDataError(
-                _err(
-                    str(f),
-                    None,
-                    None,
-                    "DICOM file lacks ImagePositionPatient / ImageOrientationPatient / PixelSpacing",
-                )
-            ) from e
-        try:
-            arr = ds.pixel_array.astype(np.float32)
-        except Exception as e:
-            raise SiteDataError(
-                _err(str(f), None, None, f"cannot decode DICOM pixel data ({type(e).__name__}: {e})")
-            ) from e
-        if arr.ndim != 2:
-            raise SiteDataError(_err(str(f), None, None, f"expected one 2-D slice per file, got shape {arr.shape}"))
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        arr = arr * slope + intercept
-        slices.append((f, ipp, iop, spacing, arr, getattr(ds, "SliceThickness", None)))
-
-    f0, _, iop0, sp0, arr0, thick0 = slices[0]
-    row_dir, col_dir = iop0[:3], iop0[3:]
-    normal = np.cross(row_dir, col_dir)
-    for f, _, iop, sp, arr, _ in slices[1:]:
-        if arr.shape != arr0.shape:
-            raise SiteDataError(
-                _err(str(f), None, None, f"slice shape {arr.shape} differs from {arr0.shape} of {f0.name}")
-            )
-        if not np.allclose(iop, iop0, atol=1e-3):
-            raise SiteDataError(_err(str(f), None, None, f"ImageOrientationPatient differs from {f0.name}"))
-        if not np.allclose(sp, sp0, atol=1e-4):
-            raise SiteDataError(_err(str(f), None, None, f"PixelSpacing differs from {f0.name}"))
-    slices.sort(key=lambda s: float(np.dot(s[1], normal)))
-    pos = [float(np.dot(s[1], normal)) for s in slices]
-    for i in range(1, len(pos)):
-        if abs(pos[i] - pos[i - 1]) < 1e-4:
-            raise SiteDataError(
-                _err(str(slices[i][0]), None, None, f"same slice position as {slices[i - 1][0].name} (duplicate slice)")
-            )
-    # volume indexed (column, row, slice) so that axis 0 follows the DICOM row direction
-    data = np.stack([s[4].T for s in slices], axis=-1)
-    if len(slices) > 1:
-        step = (slices[-1][1] - slices[0][1]) / (len(slices) - 1)
-    else:
-        thick = float(thick0) if thick0 not in (None, "") else 1.0
-        step = normal * thick
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * sp0[1]  # column spacing
-    lps[:3, 1] = col_dir * sp0[0]  # row spacing
-    lps[:3, 2] = step
-    lps[:3, 3] = slices[0][1]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
-    return data, affine
-
-
-def open_slide(path: str | Path):
-    """Open a whole-slide image with tiffslide (OpenSlide as a fallback, if installed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SiteDataError(_err(str(path), None, None, "slide file does not exist"))
-    first_error: Exception | None = None
-    try:
-        import tiffslide
-
-        return tiffslide.TiffSlide(str(path))
-    except Exception as e:  # tifffile.TiffFileError, NotImplementedError, ...
-        first_error = e
-    try:
-        import openslide  # type: ignore[import-not-found]
-    except Exception:
-        openslide = None
-    if openslide is not None:
-        try:
-            return openslide.OpenSlide(str(path))
-        except Exception:
-            pass
-    e = first_error
-    raise SiteDataError(
-        _err(str(path), None, None, f"cannot open whole-slide image ({type(e).__name__}: {e})")
-    ) from e
-
-
-def slide_mpp(slide) -> tuple[float, float] | None:
-    """Level-0 microns per pixel from tiffslide / OpenSlide properties, or None."""
-    props = slide.properties
-    for prefix in ("tiffslide", "openslide"):
-        x, y = props.get(f"{prefix}.mpp-x"), props.get(f"{prefix}.mpp-y")
-        try:
-            if x not in (None, "") and y not in (None, ""):
-                fx, fy = float(x), float(y)
-                if fx > 0 and fy > 0 and math.isfinite(fx) and math.isfinite(fy):
-                    return fx, fy
-        except (TypeError, ValueError):
-            pass
-    return None
-
-
 # --------------------------------------------------------------------------- the reader
 
 
@@ -497,7 +135,9 @@ class _SiteReader:
         if not root.is_dir():
             self.problems.append(_err(".", None, None, f"site folder {root} does not exist or is not a folder"))
             return SiteData(root, center_id, center_id, role, [], [], [], self.problems, self.phases)
-        center_id, display_name, role, notes = self._read_site_toml()
+        ident, problems = read_identity(root)
+        self.problems.extend(problems)
+        center_id, display_name, role, notes = ident.center_id, ident.display_name, ident.role, ident.notes
         self._check_top_level()
         patients, clinical_columns, clinical_ok = self._read_clinical(role)
         by_id = {p.patient_id: p for p in patients}
@@ -518,65 +158,6 @@ class _SiteReader:
             phases=self.phases,
             notes=notes,
         )
-
-    # -- site.toml
-    def _read_site_toml(self) -> tuple[str, str | None, str, str | None]:
-        center_id, display_name, role, notes = self.root.name, None, "train", None
-        path = self.root / SITE_TOML
-        if not path.exists():
-            return center_id, display_name, role, notes
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            self.problems.append(_err(SITE_TOML, None, None, f"cannot read file: {e.strerror or e}"))
-            return center_id, display_name, role, notes
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            _, prob = _decode_csv(raw, SITE_TOML)
-            self.problems.append(prob)  # type: ignore[arg-type]
-            return center_id, display_name, role, notes
-        try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            self.problems.append(_err(SITE_TOML, _toml_line(e), None, f"invalid TOML: {e}"))
-            return center_id, display_name, role, notes
-        if isinstance(doc.get("site"), dict):  # accept a [site] table too
-            table = dict(doc["site"])
-            for k, v in doc.items():
-                if k != "site":
-                    table.setdefault(k, v)
-            doc = table
-        for key in doc:
-            if key not in SITE_TOML_KEYS:
-                self.problems.append(_warn(SITE_TOML, None, key, f"unknown key '{key}' ignored"))
-
-        def get_str(key: str) -> str | None:
-            if key not in doc:
-                return None
-            v = doc[key]
-            if not isinstance(v, str):
-                self.problems.append(_err(SITE_TOML, None, key, f"{key} must be a string, got {v!r}"))
-                return None
-            return v
-
-        cid = get_str("center_id")
-        if cid is not None:
-            if PATIENT_ID_RE.fullmatch(cid):
-                center_id = cid
-            else:
-                self.problems.append(
-                    _err(SITE_TOML, None, "center_id", f"center_id must match [A-Za-z0-9._-]{{1,64}}, got {cid!r}")
-                )
-        display_name = get_str("display_name")
-        r = get_str("role")
-        if r is not None:
-            if r in ROLES:
-                role = r
-            else:
-                self.problems.append(_err(SITE_TOML, None, "role", f"role must be 'train' or 'external', got {r!r}"))
-        notes = get_str("notes")
-        return center_id, display_name, role, notes
 
     # -- folder
     def _check_top_level(self) -> None:
@@ -652,6 +233,12 @@ class _SiteReader:
             rec.split = self._split(cells, F, line, pid, role)
             rec.clinical = {c: self._float(cells, c, F, line) for c in covariates}
             patients.append(rec)
+        # rows without a split: an exact-size, label-stratified, deterministic validation share
+        auto = [p for p in patients if p.split == AUTO]
+        chosen = assign_splits(((p.patient_id, p.benefit if p.benefit is not None else f"dfs{p.dfs_event}")
+                                for p in auto), self.val_fraction)
+        for p in auto:
+            p.split = chosen[p.patient_id]
         if not patients and not any(p.severity == "error" and p.file == F for p in self.problems):
             self.problems.append(_warn(F, None, None, "no patient rows"))
         return patients, covariates, True
@@ -708,10 +295,10 @@ class _SiteReader:
         raw = cells.get("split", "")
         value = raw.strip().lower()
         if value == "" or _is_missing(value):
-            return "test" if role == "external" else assign_split(pid, self.val_fraction)
+            return "test" if role == "external" else AUTO
         if value not in SPLITS:
             self.problems.append(_err(file, line, "split", f"split must be train, val, test or empty, got '{raw}'"))
-            return "test" if role == "external" else assign_split(pid, self.val_fraction)
+            return "test" if role == "external" else AUTO
         if role == "external" and value != "test":
             self.problems.append(
                 _warn(file, line, "split", f"external site: split '{raw}' given; external patients are only evaluated")

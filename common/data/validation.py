@@ -189,27 +189,12 @@ def _check_mri(root: Path, rec: PatientRecord, problems: list[Problem]) -> None:
             ref = (phase, path, shape, affine)
             continue
         ref_phase, ref_path, ref_shape, ref_affine = ref
-        if shape != ref_shape:
-            problems.append(
-                Problem(
-                    "error",
-                    _rel(path, root),
-                    None,
-                    phase,
-                    f"shape {shape} differs from {ref_phase} shape {ref_shape} "
-                    f"({_rel(ref_path, root)}); all phases of a patient must have the same shape",
-                )
-            )
-        elif not np.allclose(affine, ref_affine, atol=GRID_ATOL):
-            problems.append(
-                Problem(
-                    "warning",
-                    _rel(path, root),
-                    None,
-                    phase,
-                    f"voxel grid (affine) differs from {ref_phase}; the phases will be resampled onto one grid",
-                )
-            )
+        if shape != ref_shape or not np.allclose(affine, ref_affine, atol=GRID_ATOL):
+            what = f"shape {shape} differs from {ref_phase} shape {ref_shape}" if shape != ref_shape else \
+                f"voxel grid (affine) differs from {ref_phase}"
+            problems.append(Problem("warning", _rel(path, root), None, phase,
+                                    f"{what} ({_rel(ref_path, root)}); preprocessing resamples it onto the "
+                                    f"{ref_phase} grid (MONAI ResampleToMatchd)"))
         del data
     if rec.tumor_mask is not None:
         loaded = _load(root, rec.tumor_mask, TUMOR_MASK, problems)
@@ -220,29 +205,12 @@ def _check_mri(root: Path, rec: PatientRecord, problems: list[Problem]) -> None:
         if ref is not None:
             ref_phase, ref_path, ref_shape, ref_affine = ref
             shape = tuple(int(x) for x in mask.shape)
-            if shape != ref_shape:
-                problems.append(
-                    Problem(
-                        "error",
-                        rel,
-                        None,
-                        TUMOR_MASK,
-                        f"tumor mask shape {shape} differs from {ref_phase} shape {ref_shape}; "
-                        "the mask must be on the same grid as the phases",
-                    )
-                )
-                return
-            if not np.allclose(affine, ref_affine, atol=GRID_ATOL):
-                problems.append(
-                    Problem(
-                        "error",
-                        rel,
-                        None,
-                        TUMOR_MASK,
-                        f"tumor mask affine differs from {ref_phase}; the mask must be on the same grid as the phases",
-                    )
-                )
-                return
+            if shape != ref_shape or not np.allclose(affine, ref_affine, atol=GRID_ATOL):
+                what = f"tumor mask shape {shape} differs from {ref_phase} shape {ref_shape}" if shape != ref_shape \
+                    else f"tumor mask affine differs from {ref_phase}"
+                problems.append(Problem("warning", rel, None, TUMOR_MASK,
+                                        f"{what}; preprocessing resamples it onto the {ref_phase} grid "
+                                        f"(nearest neighbour)"))
         finite = np.isfinite(mask) if np.issubdtype(mask.dtype, np.floating) else None
         if finite is not None and not finite.all():
             problems.append(Problem("warning", rel, None, TUMOR_MASK, "tumor mask contains NaN or infinite values"))

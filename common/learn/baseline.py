@@ -16,7 +16,8 @@ import numpy as np
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from common.data.cohort import discover_sites, ensure_caches
+from common.data.cohort import discover_sites
+from common.preprocess.cache import ensure_caches
 from common.config import config_hash, save_config
 from common.learn.dataset import ConcatSites, site_dataset
 from common.learn.engine import baseline_hazard, evaluate_model, train_model

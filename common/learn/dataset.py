@@ -9,6 +9,7 @@ model consumes: ``mri``/``has_mri``, ``path_feats``/``path_mask``/``has_path``,
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 from common.preprocess.cache import load_manifest
 
 log = logging.getLogger(__name__)
-_SITE_TILE_STATS: dict = {}  # cache_dir -> (mean, std) of the site's tile features
+_SITE_TILE_STATS: dict = {}  # (stats file, mtime) -> (mean, std) of the site's tile features
 
 
 def _nan(v) -> float:
@@ -30,7 +31,7 @@ class SiteDataset(Dataset):
     """Patients of one site (optionally one or more splits), all arrays held in memory."""
 
     def __init__(self, cache_dir: Path, splits: Iterable[str] | None = None, max_tiles: int | None = None,
-                 path_norm: str = "site", scaling: dict | None = None):
+                 path_norm: str = "site", scaling: dict | None = None, mri_shape: Sequence[int] | None = None):
         self.cache_dir = Path(cache_dir)
         self.manifest = load_manifest(self.cache_dir)
         self.center_id = self.manifest["center_id"]
@@ -38,7 +39,9 @@ class SiteDataset(Dataset):
         wanted = set(splits) if splits else None
         patients = [p for p in self.manifest["patients"] if wanted is None or p["split"] in wanted]
         n_phases = len(self.manifest["phases"])
-        self.mri_shape = tuple(self.manifest["mri_shape"] or (n_phases, 8, 8, 8))
+        # a site without any MRI still batches with those that have one: the run's shape, not a guess
+        self.has_mri_shape = bool(self.manifest["mri_shape"])
+        self.mri_shape = tuple(self.manifest["mri_shape"] or mri_shape or (n_phases, 8, 8, 8))
         self.path_dim = int(self.manifest["path_dim"] or 1)
         self.n_genes = len(self.manifest["genomic_features"])
         self.n_clinical = len(self.manifest["clinical_features"])
@@ -71,29 +74,10 @@ class SiteDataset(Dataset):
             raise ValueError(f"path_norm={path_norm!r}: choose site or none")
 
     def _standardise_bags(self) -> None:
-        """Per-feature z-score of tile embeddings with this site's own statistics.
-
-        Computed over every tile of the site (all splits, no labels involved), so
-        the external center does the same at evaluation time; it removes the
-        site's stain/scanner offset and puts hand-crafted features of very
-        different scales on one footing.
-        """
-        key = (str(self.cache_dir), self.manifest.get("created"))
-        stats = _SITE_TILE_STATS.get(key)
+        """Per-feature z-score of tile embeddings with this site's own statistics (:func:`tile_stats`)."""
+        stats = tile_stats(self.cache_dir, self.manifest)
         if stats is None:
-            bags = []
-            for p in self.manifest["patients"]:
-                if p.get("pathology"):
-                    try:
-                        with np.load(self.cache_dir / p["pathology"]) as z:
-                            bags.append(z["features"].astype(np.float64))
-                    except Exception:  # unreadable bags are reported by _load
-                        continue
-            tiles = np.concatenate([b for b in bags if len(b)]) if any(len(b) for b in bags) else None
-            if tiles is None:
-                return
-            stats = (tiles.mean(0), np.maximum(tiles.std(0), 1e-6))
-            _SITE_TILE_STATS[key] = stats
+            return
         mean, std = stats
         for it in self.items:
             if it["path"] is not None:
@@ -129,6 +113,47 @@ class SiteDataset(Dataset):
         }
 
 
+TILE_STATS = "tile_stats.npz"   # <cache>/tile_stats-<pathology config>.npz
+
+
+def tile_stats(cache_dir: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) of every tile embedding of the site, frozen in ``<cache>/tile_stats.npz`` the first time.
+
+    Label-free and the site's own, so the external center does the same at evaluation
+    time; it removes the site's stain/scanner offset and puts hand-crafted features of
+    very different scales on one footing.  Frozen: a patient screened later, or added to
+    the site, is scored with the same statistics (delete the file to recompute them).
+    """
+    # one file per pathology configuration (another encoder makes other embeddings)
+    enc = str((manifest.get("config") or {}).get("pathology", ""))[:12]
+    path = Path(cache_dir) / (TILE_STATS.replace(".npz", f"-{enc}.npz") if enc else TILE_STATS)
+    key = (str(path), path.stat().st_mtime_ns if path.exists() else None)
+    if key in _SITE_TILE_STATS:
+        return _SITE_TILE_STATS[key]
+    if path.exists():
+        with np.load(path) as z:
+            stats = (z["mean"], z["std"])
+    else:
+        bags = []
+        for p in manifest["patients"]:
+            if p.get("pathology"):
+                try:
+                    with np.load(Path(cache_dir) / p["pathology"]) as z:
+                        bags.append(z["features"].astype(np.float64))
+                except Exception:  # unreadable bags are reported when loaded
+                    continue
+        if not any(len(b) for b in bags):
+            return None
+        tiles = np.concatenate([b for b in bags if len(b)])
+        stats = (tiles.mean(0), np.maximum(tiles.std(0), 1e-6))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, mean=stats[0], std=stats[1], n_tiles=len(tiles), n_patients=len(bags))
+        os.replace(tmp, path)
+        key = (str(path), path.stat().st_mtime_ns)
+    _SITE_TILE_STATS[key] = stats
+    return stats
+
+
 def feature_scaling(names: Sequence[str], scaling: dict | None):
     """A function from one patient's tabular values (None = missing) to the model's inputs (0 = missing).
 
@@ -158,8 +183,9 @@ def feature_scaling(names: Sequence[str], scaling: dict | None):
 
 def site_dataset(cache_dir: Path, splits: Iterable[str] | None, cfg) -> SiteDataset:
     """A site's dataset with the run config's loading options (the one way the code opens one)."""
+    roi = [int(v) for v in cfg.preprocess.mri.roi_size]
     return SiteDataset(cache_dir, splits, max_tiles=cfg.train.max_tiles, path_norm=str(cfg.train.path_norm),
-                       scaling=cfg.data.get("scaling"))
+                       scaling=cfg.data.get("scaling"), mri_shape=(len(cfg.data.phases), *roi))
 
 
 class ConcatSites(Dataset):
@@ -169,7 +195,9 @@ class ConcatSites(Dataset):
         self.datasets = list(datasets)
         self.items = [it for d in self.datasets for it in d.items]
         first = self.datasets[0]
-        self.mri_shape, self.path_dim = first.mri_shape, first.path_dim
+        # the MRI shape of a site that has MRI (an MRI-less site's shape is only the config's fallback)
+        self.mri_shape = next((d.mri_shape for d in self.datasets if d.has_mri_shape), first.mri_shape)
+        self.path_dim = next((d.path_dim for d in self.datasets if d.manifest.get("path_dim")), first.path_dim)
         self.n_genes, self.n_clinical = first.n_genes, first.n_clinical
         self.center_id = "+".join(d.center_id for d in self.datasets)
 

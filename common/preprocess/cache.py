@@ -338,3 +338,15 @@ def load_manifest(cache_dir: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no preprocessed cache here; run `newadj preprocess SITE_DIR` first")
     return json.loads(path.read_text())
+
+
+def ensure_caches(sites, cfg, console=None, progress: bool = True, workers: int | None = None) -> dict[str, Path]:
+    """Preprocess every site of a cohort (``common.data.cohort.SiteRef``; a no-op where its cache is current);
+    returns site name -> cache dir."""
+    out = {}
+    for s in sites:
+        res = preprocess_site(s.path, cfg, workers=workers, console=console, progress=progress)
+        if not (res.cache_dir / MANIFEST).exists():
+            raise RuntimeError(f"{s.path}: preprocessing wrote no manifest")
+        out[s.name] = res.cache_dir
+    return out

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.data import ImageReader, NibabelReader, PydicomReader
+from common.data.images import MedicalImageReader
 from monai.transforms import (
     BorderPad,
     Compose,
@@ -69,68 +68,16 @@ def _plain(cfg: Any) -> dict:
 
 # --- reading -------------------------------------------------------------------------
 
-class MedicalImageReader(ImageReader):
-    """NIfTI/Analyze through nibabel, DICOM (series folder or ``.dcm`` file) through pydicom.
-
-    LoadImage tries the user's reader first; choosing by path here keeps the
-    error for a bad file about that file instead of a list of reader failures.
-    """
-
-    _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
-
-    def __init__(self):
-        super().__init__()
-        self.nibabel = NibabelReader()
-        # fname_regex=None: only files that really are DICOM (preamble check) are read.
-        self.pydicom = PydicomReader(fname_regex=None)
-        self._active: ImageReader | None = None
-
-    def _pick(self, name: str) -> ImageReader:
-        if Path(name).is_dir() or name.lower().endswith((".dcm", ".dicom", ".ima")):
-            return self.pydicom
-        return self.nibabel
-
-    def verify_suffix(self, filename) -> bool:
-        return True
-
-    def read(self, data, **kwargs):
-        names = [str(n) for n in (data if isinstance(data, (list, tuple)) else [data])]
-        readers = {type(self._pick(n)) for n in names}
-        if len(readers) != 1:
-            raise ValueError(f"cannot stack NIfTI and DICOM inputs in one image: {names}")
-        self._active = self._pick(names[0])
-        for n in names:
-            p = Path(n)
-            if p.is_dir():
-                import pydicom
-
-                if not any(pydicom.misc.is_dicom(str(f)) for f in p.iterdir() if f.is_file()):
-                    raise ValueError(f"{n}: folder holds no DICOM files")
-        return self._active.read(data, **kwargs)
-
-    def get_data(self, img):
-        if self._active is None:
-            raise RuntimeError("get_data() called before read()")
-        return self._active.get_data(img)
-
-
 # --- cropping --------------------------------------------------------------------------
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1-D sample (between-class variance maximum)."""
+    """Otsu's threshold of a 1-D sample (scikit-image)."""
+    from skimage.filters import threshold_otsu
+
     values = np.asarray(values, dtype=np.float64).ravel()
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        return lo
-    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centers[int(np.argmax(between[:-1]))]) if bins > 1 else lo
+    if values.size == 0 or values.max() <= values.min():
+        return float(values.min()) if values.size else 0.0
+    return float(threshold_otsu(values, nbins=int(bins)))
 
 
 class RoiCropd(MapTransform):
@@ -218,10 +165,6 @@ class RoiCropd(MapTransform):
 
 # --- pipeline --------------------------------------------------------------------------
 
-# MONAI 1.6 logs "nvImageCodec is not available" (a logging call, not a warning) from every
-# LoadImage it builds: a GPU decoder a CPU site never has.  Its own logger is quieted here, at
-# the source; real errors of that module still show.
-logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
 def _loader(keys: Sequence[str]) -> LoadImaged:

@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 from scipy import ndimage
 
-MPP_KEYS = ("tiffslide.mpp-x", "openslide.mpp-x")
+from common.data.images import MPP_KEYS, open_slide, slide_mpp
+
 
 
 def _plain(cfg: Any) -> dict:
@@ -41,22 +42,6 @@ def _plain(cfg: Any) -> dict:
 
 # --- opening -----------------------------------------------------------------------
 
-def open_slide(path: str | Path):
-    """A ``tiffslide.TiffSlide`` for ``path``; a clear ``ValueError`` naming it if it is not a slide."""
-    import tiffslide
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: slide file not found")
-    try:
-        slide = tiffslide.TiffSlide(str(path))
-        _ = slide.level_dimensions, slide.properties
-    except Exception as exc:  # tifffile raises several types for non-TIFF input
-        raise ValueError(f"{path}: not a readable whole-slide image ({type(exc).__name__}: {exc})") from exc
-    slide._newadj_path = str(path)  # for error messages from functions given the slide object
-    return slide
-
-
 def _name(slide) -> str:
     return getattr(slide, "_newadj_path", None) or str(getattr(getattr(slide, "ts_tifffile", None), "filename", "slide"))
 
@@ -64,14 +49,9 @@ def _name(slide) -> str:
 def level0_mpp(slide, cfg: Mapping | None = None) -> float:
     """Microns per pixel at level 0 from the slide metadata, else ``cfg.default_mpp`` (with a warning)."""
     cfg = _plain(cfg)
-    props = slide.properties
-    for key in MPP_KEYS:
-        v = props.get(key)
-        try:
-            if v is not None and float(v) > 0:
-                return float(v)
-        except (TypeError, ValueError):
-            pass
+    mpp = slide_mpp(slide)
+    if mpp is not None:
+        return mpp
     default = cfg.get("default_mpp")
     if default:
         warnings.warn(f"{_name(slide)}: no microns-per-pixel in the metadata; assuming default_mpp={default}")
@@ -83,15 +63,13 @@ def level0_mpp(slide, cfg: Mapping | None = None) -> float:
 # --- tissue detection --------------------------------------------------------------
 
 def _otsu(values: np.ndarray, bins: int = 256, value_range=(0.0, 1.0)) -> float:
+    """Otsu's threshold (scikit-image) of values in ``value_range``."""
+    from skimage.filters import threshold_otsu
+
     hist, edges = np.histogram(values, bins=bins, range=value_range)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centers[int(np.argmax(between[:-1]))])
+    if (hist > 0).sum() < 2:
+        return float(edges[int(np.argmax(hist))])
+    return float(threshold_otsu(hist=(hist, (edges[:-1] + edges[1:]) / 2)))
 
 
 def _thumbnail_level(slide, cfg: Mapping) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from common.data.cohort import discover_sites, ensure_caches
+from common.data.cohort import discover_sites
+from common.preprocess.cache import ensure_caches
 from common.config import join_overrides, load_config, save_config
 from server.ops.processes import ProcessGroup, flwr_run, flwr_status, start_superlink, write_flwr_config
 
