@@ -60,7 +60,6 @@ byte-identical files whatever the number of workers.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -69,7 +68,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -13,10 +13,10 @@ from common.data.site import (
     Problem,
     SiteData,
     SiteDataError,
-    assign_split,
     open_slide,
     read_volume,
 )
+from common.data.splits import assign_splits
 from tests import sitebuilder as sb
 
 
@@ -58,7 +58,8 @@ def test_open_valid_site(site):
     assert p2.benefit is None and p2.clinical["afp_ng_ml"] is None
     assert p2.genomics == {"TP53_mut": 1.0, "CTNNB1_mut": None, "CCND1_cnv": None, "CD274_expr": 2.0}
     assert not p2.mri_complete() and p2.mri_complete(["arterial", "portal"])
-    assert p2.split == assign_split("P002", 0.2)
+    # the one patient with an empty split cell among this site's 2 training patients: round(2 * 0.2) = 0 validate
+    assert p2.split == assign_splits([("P002", None), ("P000", 1)], 0.2)["P002"] == "train"
 
     assert p3.genomics is None and p3.mri == {} and p3.slide is None and p3.tumor_mask is None
     assert p3.dfs_months is None and p3.dfs_event is None and p3.split == "test"
@@ -90,17 +91,24 @@ def test_external_site_empty_split_means_test(site):
     assert s.patient("P002").split == "test"
 
 
-def test_assign_split_is_deterministic():
-    ids = [f"HCC-{i:05d}" for i in range(4000)]
-    a = [assign_split(i, 0.2) for i in ids]
-    assert a == [assign_split(i, 0.2) for i in ids]
-    assert set(a) == {"train", "val"}
-    assert 0.17 < a.count("val") / len(a) < 0.23
-    assert all(assign_split(i, 0.0) == "train" for i in ids[:200])
-    assert all(assign_split(i, 1.0) == "val" for i in ids[:200])
-    # growing the fraction only moves patients from train to val
-    b = [assign_split(i, 0.3) for i in ids]
-    assert all(y == "val" for x, y in zip(a, b) if x == "val")
+def test_the_validation_split_is_exact_stratified_and_deterministic():
+    rng = np.random.default_rng(0)
+    ids = [f"HCC-{i:05d}" for i in range(403)]
+    labels = {i: int(rng.random() < 0.3) for i in ids}
+    a = assign_splits(((i, labels[i]) for i in ids), 0.2)
+    assert a == assign_splits(((i, labels[i]) for i in reversed(ids)), 0.2)      # row order does not matter
+    val = [i for i in ids if a[i] == "val"]
+    assert len(val) == round(403 * 0.2)                                        # exactly 81, not about 81
+    pos = sum(labels.values())
+    assert abs(sum(labels[i] for i in val) - pos * 0.2) <= 1                    # the label share is kept
+    assert all(v == "train" for v in assign_splits(((i, 0) for i in ids), 0.0).values())
+    assert all(v == "val" for v in assign_splits(((i, 0) for i in ids), 1.0).values())
+    # one more patient moves at most two others (its stratum's quota, and the remainder between strata)
+    b = assign_splits([*((i, labels[i]) for i in ids), ("HCC-99999", 0)], 0.2)
+    assert sum(a[i] != b[i] for i in ids) <= 2
+    # a small center: 18 patients, 20 % -> 4 validate (the old independent draw gave 10)
+    small = assign_splits(((f"E{i:03d}", i % 2) for i in range(18)), 0.2)
+    assert sum(v == "val" for v in small.values()) == 4
 
 
 def test_strict_raises_with_every_problem(site):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from monai.data import ImageReader, NibabelReader, PydicomReader
 
-from common.data.contract import NIFTI_SUFFIXES, SiteDataError, _err
+from common.data.contract import NIFTI_SUFFIXES, SiteDataError, _err, _listdir
 
 # MONAI 1.6 logs "nvImageCodec is not available" (a logging call, not a warning) from every
 # LoadImage / reader it builds: a GPU decoder a CPU site never has.  Quieted at its logger, at the
@@ -76,7 +76,7 @@ def not_dicom(folder: Path) -> Path | None:
     """The first entry of a DICOM series folder that is not a DICOM file (or a sub-folder), else None."""
     import pydicom
 
-    entries = sorted(folder.iterdir())
+    entries = _listdir(folder)           # hidden files (.DS_Store, ._x) are not the site's data
     if not entries:
         return folder
     for f in entries:

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from common.data.contract import (  # noqa: F401 - re-exported: the contract's names, where the reader is
     CLINICAL_CSV, DEFAULT_CACHE_DIR, DEFAULT_PHASES, GENOMICS_CSV, NIFTI_SUFFIXES, PATIENT_ID_RE, RESERVED_CLINICAL,
-    ROLES, SITE_TOML, SLIDE_EXTENSIONS, SPLITS, TUMOR_MASK, HasProblems, Problem, SiteDataError, _err, _listdir,
+    ROLES, SITE_TOML, SLIDE_EXTENSIONS, SPLITS, TUMOR_MASK, HasProblems, Problem, SiteDataError, _err, _is_hidden, _listdir,
     _rel, _warn)
 from common.data.identity import read_identity
 from common.data.splits import assign_splits

@@ -34,7 +34,6 @@ modality dropout).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from typing import Any

@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping

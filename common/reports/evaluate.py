@@ -448,7 +448,7 @@ def _subgroup_rows(rows: list[dict], first: str):
 
 
 def render_html(m: dict, figs: dict[str, str]) -> str:
-    from common.reports.html import esc, figure, fmt_num, metric_cell, not_computable, page, table
+    from common.reports.html import esc, figure, fmt_num, metric_cell, not_computable, table
 
     card = m["model_card"]
     site = m["site"]

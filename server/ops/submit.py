@@ -15,7 +15,7 @@ from rich.console import Console
 
 from common.config import join_overrides, load_config, save_config
 from server.ops.processes import flwr_env
-from server.ops.deploy import CONNECTION, KitError, load_kit
+from server.ops.deploy import CONNECTION, load_kit
 from server.ops.simulation import RESULT_FILE, RUN_SPEC, RunFailed, follow_run, read_run_spec, run_budget
 
 
