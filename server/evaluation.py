@@ -158,3 +158,38 @@ def selection_basis(pooled: dict, metric: str) -> tuple[int, int]:
         return int(pooled.get("n", 0)), int(pooled.get("n_centers", 0))
     return max(int(pooled.get("n", 0)), int(pooled.get("n_dfs", 0))), max(int(pooled.get("n_centers", 0)),
                                                                            int(pooled.get("n_centers_dfs", 0)))
+
+
+def decision_threshold(pooled: dict) -> dict:
+    """The decision threshold: Youden's on the pooled validation cells when they rank models, else 0.5."""
+    if "auc" in pooled and pooled["auc_upper"] - pooled["auc_lower"] < 1.0:
+        return {"threshold": float(pooled["youden_threshold"]), "threshold_source": "Youden on pooled validation"}
+    return {"threshold": 0.5, "threshold_source": "default 0.5: the validation cells do not rank models"}
+
+
+def selection_summary(best: dict, metric: str, fed) -> dict:
+    """Which round was selected, on what, and whether that rests on enough validation data (warned if not)."""
+    n, k = selection_basis(best["val"], metric)
+    out = {"round": best["round"], "metric": metric, "value": None if best["key"] == -np.inf else best["key"],
+           "patients": n, "centers": k, "warning": None}
+    if best["key"] == -np.inf:
+        out["warning"] = ("no training center released validation metrics that rank the rounds (each abstained "
+                          "under its site's floors, or released one cell); the last round's model is used, not "
+                          "one selected on validation")
+    elif n < int(fed.selection_warn_patients) or k < int(fed.selection_warn_centers):
+        short = [f"{k} center(s) < selection_warn_centers {fed.selection_warn_centers}"] if k < int(
+            fed.selection_warn_centers) else []
+        short += [f"{n} patients < selection_warn_patients {fed.selection_warn_patients}"] if n < int(
+            fed.selection_warn_patients) else []
+        out["warning"] = (f"round {best['round']} was selected on {metric} over the validation of {k} center(s) "
+                          f"and {n} patients ({'; '.join(short)}): a noisy choice")
+    if out["warning"]:
+        log.warning("%s", out["warning"])
+    return out
+
+
+def endpoints_of(roles) -> dict:
+    """Which endpoints the training centers can train and validate (their role replies' counts)."""
+    train = [i for i in roles.values() if i.get("role") != "external"]
+    return {"benefit": sum(int(i.get("n-benefit", 0)) for i in train),
+            "dfs": sum(int(i.get("n-dfs", 0)) for i in train)}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
@@ -28,179 +28,19 @@ from common.config import config_hash, load_config, save_config, split_overrides
 from common.learn.engine import seed_everything
 from common.federation.model_io import save_model_package
 from common.learn.task import model_from_config
-from common.federation.wire import content_bytes, from_arrays, state_dict_bytes, to_arrays, upcast, weights_sha256
+from common.federation.wire import from_arrays, state_dict_bytes, to_arrays, weights_sha256
 from server.progress import Events
-from server.evaluation import (center_entry, decide_auto, pool, resolve_select_metric, selection_basis,
+from server.rounds import (centers_of, evaluate_centers, membership, merge_failures, plain_round,
+                           secure_round)
+from server.evaluation import (endpoints_of, selection_summary, decision_threshold, decide_auto, resolve_select_metric,
                                selection_key)
 from server.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from server.messaging import NO_REPLY, send_and_collect
 from server.roles import NodeView, admit_new_nodes, query_roles, wait_for_nodes
-from server.secure_aggregation import average_as_reply, check_secure_config, secure_train_round
+from server.secure_aggregation import check_secure_config
 from server.strategies import DP_WEIGHT, build_strategy, is_dp, privacy_spent, restore_strategy_state, strategy_state
-from server.update_checks import screen_updates
 
 log = logging.getLogger("newadj.server")
 app = ServerApp()
-
-
-def _send(grid, node_ids, arrays: ArrayRecord, config: dict, timeout: float, mtype=MessageType.EVALUATE):
-    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), message_type=mtype,
-                    dst_node_id=n) for n in node_ids]
-    return send_and_collect(grid, msgs, timeout), arrays.count_bytes() * len(msgs)
-
-
-_LAST_NOTICE: dict[str, str] = {}
-
-
-def _evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[dict, int, int]:
-    """Per-center aggregate metrics and the pooled metrics from what the centers released."""
-    replies, sent = _send(grid, node_ids, arrays, config, timeout)
-    received = 0
-    per_center, released, failures, notices = {}, {}, {}, {}
-    for nid, r in replies.items():
-        center = _center(roles, nid)
-        if r is None:
-            failures[center] = NO_REPLY
-            continue
-        if r.has_error():
-            failures[center] = r.error.reason
-            log.error("center %s failed evaluation: %s", center, r.error.reason)
-            continue
-        received += content_bytes(r.content)
-        if "info" in r.content and r.content["info"].get("notice"):
-            notices[center] = str(r.content["info"]["notice"])
-            # abstaining under a site's floors is counted in the round's line; a clamp or a moved threshold
-            # is worth a warning, once per center and text
-            parts = [n for n in notices[center].split("; ") if " withheld" not in n and " moved to " not in n]
-            level = logging.INFO if not parts or _LAST_NOTICE.get(center) == notices[center] else logging.WARNING
-            _LAST_NOTICE[center] = notices[center]
-            log.log(level, "center %s: %s", center, "; ".join(parts) if level == logging.WARNING else notices[center])
-        per_center[center], released[center] = center_entry(dict(r.content["metrics"]))
-    return {"centers": per_center, "pooled": pool(per_center, released), "failures": failures,
-            "notices": notices}, sent, received
-
-
-def _threshold(pooled: dict) -> dict:
-    """The decision threshold: Youden's on the pooled validation cells when they rank models, else 0.5."""
-    if "auc" in pooled and pooled["auc_upper"] - pooled["auc_lower"] < 1.0:
-        return {"threshold": float(pooled["youden_threshold"]), "threshold_source": "Youden on pooled validation"}
-    return {"threshold": 0.5, "threshold_source": "default 0.5: the validation cells do not rank models"}
-
-
-def _selection_summary(best: dict, metric: str, fed) -> dict:
-    """Which round was selected, on what, and whether that rests on enough validation data (warned if not)."""
-    n, k = selection_basis(best["val"], metric)
-    out = {"round": best["round"], "metric": metric, "value": None if best["key"] == -np.inf else best["key"],
-           "patients": n, "centers": k, "warning": None}
-    if best["key"] == -np.inf:
-        out["warning"] = ("no training center released validation metrics that rank the rounds (each abstained "
-                          "under its site's floors, or released one cell); the last round's model is used, not "
-                          "one selected on validation")
-    elif n < int(fed.selection_warn_patients) or k < int(fed.selection_warn_centers):
-        short = [f"{k} center(s) < selection_warn_centers {fed.selection_warn_centers}"] if k < int(
-            fed.selection_warn_centers) else []
-        short += [f"{n} patients < selection_warn_patients {fed.selection_warn_patients}"] if n < int(
-            fed.selection_warn_patients) else []
-        out["warning"] = (f"round {best['round']} was selected on {metric} over the validation of {k} center(s) "
-                          f"and {n} patients ({'; '.join(short)}): a noisy choice")
-    if out["warning"]:
-        log.warning("%s", out["warning"])
-    return out
-
-
-def _endpoints(roles) -> dict:
-    """Which endpoints the training centers can train and validate (their role replies' counts)."""
-    train = [i for i in roles.values() if i.get("role") != "external"]
-    return {"benefit": sum(int(i.get("n-benefit", 0)) for i in train),
-            "dfs": sum(int(i.get("n-dfs", 0)) for i in train)}
-
-
-def _centers(roles) -> dict:
-    return {i["center-id"]: {"role": i["role"], "n_train": i.get("n-train"), "n_val": i.get("n-val"),
-                             "n_test": i.get("n-test")} for i in roles.values()}
-
-
-def _merge_failures(train: dict, evaluate: dict) -> dict:
-    """{center: reason} of a round; a center that failed both phases keeps both reasons."""
-    out = dict(train)
-    for c, why in evaluate.items():
-        out[c] = f"{out[c]}; evaluate: {why}" if c in out else f"evaluate: {why}"
-    return out
-
-
-def _membership(grid, roles) -> tuple[list[int], list[int]]:
-    """(training, external) node ids among the nodes the SuperLink lists as connected now."""
-    online = set(grid.get_node_ids())
-    train = sorted(n for n, i in roles.items() if i.get("role") != "external" and n in online)
-    return train, sorted(n for n, i in roles.items() if i.get("role") == "external" and n in online)
-
-
-def _center(roles, nid) -> str:
-    return roles.get(nid, {}).get("center-id", str(nid))
-
-
-def _plain_round(grid, roles, rnd, msgs, global_state: dict, fed, fp16: bool) -> dict:
-    """Send the train messages, screen every reply (server/update_checks), keep the good ones in center order."""
-    sent = sum(m.content["arrays"].count_bytes() for m in msgs)
-    replies = send_and_collect(grid, msgs, float(fed.round_timeout))
-    received, failures, ok = 0, {}, {}
-    for nid, r in replies.items():
-        center = _center(roles, nid)
-        if r is None:
-            failures[center] = NO_REPLY
-            log.error("round %d: center %s sent no reply within %ss (dead, disconnected or too slow)",
-                      rnd, center, fed.round_timeout)
-            continue
-        if r.has_error():
-            failures[center] = r.error.reason
-            log.error("round %d: center %s failed: %s", rnd, center, r.error.reason)
-            continue
-        received += content_bytes(r.content)
-        ok[center] = r
-    reference = {k: v.numpy() for k, v in global_state.items()}
-    checks = fed.update_checks
-    rejected, norms = screen_updates({c: r.content["arrays"] for c, r in ok.items()}, reference, fp16,
-                                     None if checks.max_norm_ratio in (None, "") else float(checks.max_norm_ratio),
-                                     int(checks.min_for_norm))
-    for center, why in rejected.items():
-        log.error("round %d: rejected the update of center %s: %s", rnd, center, why)
-        failures[center] = f"update rejected: {why}"
-    # a fixed order (by center) makes the floating-point sum, hence the run, reproducible
-    good = [ok[c] for c in sorted(ok) if c not in rejected]
-    for r in good:
-        r.content["arrays"] = upcast(r.content["arrays"])
-    return {"good": good, "n_good": len(good), "sent": sent, "received": received, "failures": failures,
-            "rejected": rejected, "norms": norms,
-            "client_seconds": {c: float(ok[c].content["metrics"]["train-seconds"]) for c in sorted(ok)},
-            "client_rss": {c: float(ok[c].content["metrics"]["rss-mb"]) for c in sorted(ok)
-                           if "rss-mb" in ok[c].content["metrics"]},
-            "n_skipped": {c: n for c in sorted(ok) if (n := int(ok[c].content["metrics"].get("n-skipped", 0)))}}
-
-
-def _secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed) -> dict:
-    """SecAgg+: the server gets the weighted average of the updates, never one center's."""
-    config = msgs[0].content["config"] if msgs else ConfigRecord({})
-    sr = secure_train_round(grid, context, train_ids, rnd, send_arrays, config, fed.secure_aggregation,
-                            float(fed.round_timeout))
-    failures = {}
-    for nid, why in sr.failures.items():
-        failures[_center(roles, nid)] = why
-        log.error("round %d: center %s failed in secure aggregation: %s", rnd, _center(roles, nid), why)
-    good = []
-    if sr.average is not None:
-        reference = {k: v.numpy() for k, v in from_arrays(send_arrays).items()}
-        rejected, _ = screen_updates({"(secure sum)": sr.average}, reference, False, None)
-        problem = rejected.get("(secure sum)")
-        if problem:
-            log.error("round %d: the securely aggregated update is unusable: %s", rnd, problem)
-            failures["(secure aggregate)"] = problem
-        else:
-            good = [average_as_reply(sr.average, sr.num_examples, sr.train_loss)]
-    else:
-        log.error("round %d: secure aggregation halted (too few centers to unmask); global model unchanged", rnd)
-    return {"good": good, "n_good": sr.n_results if good else 0, "sent": sr.bytes_sent,
-            "received": sr.bytes_received, "failures": failures,
-            "client_seconds": {"slowest (secure)": sr.slowest_client_seconds} if sr.slowest_client_seconds else {}}
 
 
 @app.main()
@@ -246,10 +86,10 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     node_ids = wait_for_nodes(grid, expected, float(fed.wait_nodes_timeout))
     roles, role_errors = query_roles(grid, node_ids, float(fed.query_timeout))
     unanswered = set(role_errors)
-    train_ids, ext_ids = _membership(grid, roles)
-    centers = _centers(roles)
+    train_ids, ext_ids = membership(grid, roles)
+    centers = centers_of(roles)
     log.info("roles: %s", {i["center-id"]: i["role"] for i in roles.values()})
-    endpoints = _endpoints(roles)
+    endpoints = endpoints_of(roles)
     select_metric = resolve_select_metric(str(fed.select_metric), endpoints)   # None: auto, decided below
     log.info("endpoints at the training centers: %d patients with a benefit label, %d with DFS; selecting "
              "rounds on %s", endpoints["benefit"], endpoints["dfs"], select_metric or "auto")
@@ -297,7 +137,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         # centers that (re)connected since the last round join; nodes the SuperLink no longer lists are skipped
         for event in admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered):
             log.warning("round %d: %s", rnd, event)
-        train_ids, ext_ids = _membership(grid, roles)
+        train_ids, ext_ids = membership(grid, roles)
         train_view = NodeView(grid, train_ids)
         send_arrays = to_arrays(from_arrays(arrays), fp16)
         config = ConfigRecord({"local-epochs": int(fed.local_epochs), "fp16": fp16})
@@ -308,9 +148,9 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
             log.warning("%s; stopping", stopped_early)
             break
         if secure:
-            rt = _secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed)
+            rt = secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed)
         else:
-            rt = _plain_round(grid, roles, rnd, msgs, from_arrays(arrays), fed, fp16)
+            rt = plain_round(grid, roles, rnd, msgs, from_arrays(arrays), fed, fp16)
         sent, received, train_fail = rt["sent"], rt["received"], rt["failures"]
         good = rt["good"]
         if is_dp(strategy):
@@ -330,7 +170,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         if dropped:
             log.error("round %d dropped: %s; global model unchanged", rnd, dropped)
         t_train, t_agg = time.perf_counter() - t0, time.perf_counter() - t_agg
-        val, s2, r2 = _evaluate_centers(grid, train_ids, roles, to_arrays(from_arrays(arrays), fp16),
+        val, s2, r2 = evaluate_centers(grid, train_ids, roles, to_arrays(from_arrays(arrays), fp16),
                                         {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5},
                                         float(fed.round_timeout))
         sent, received = sent + s2, received + r2
@@ -340,7 +180,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
                "val_centers": {c: {"auc": e.get("auc_cells"), **{k: e.get(k) for k in (
                                    "n", "c_index", "n_dfs", "loss", "abstained", "dfs_abstained")}}
                                for c, e in val["centers"].items()},
-               "failures": _merge_failures(train_fail, val["failures"]),
+               "failures": merge_failures(train_fail, val["failures"]),
                "rejected_updates": rt.get("rejected", {}), "update_norms": rt.get("norms", {}),
                "n_skipped_train": rt.get("n_skipped", {}),
                "bytes_sent": sent, "bytes_received": received, "n_train_replies": rt["n_good"], "dropped": dropped,
@@ -349,7 +189,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         if (spent := privacy_spent(strategy)) is not None:
             rec["privacy"] = spent
         if int(fed.external_every) > 0 and rnd % int(fed.external_every) == 0 and ext_ids:
-            mon, s3, r3 = _evaluate_centers(grid, ext_ids, roles, to_arrays(from_arrays(arrays), fp16),
+            mon, s3, r3 = evaluate_centers(grid, ext_ids, roles, to_arrays(from_arrays(arrays), fp16),
                                             {"split": "test", "bins": int(fed.histogram_bins), "threshold": 0.5},
                                             float(fed.round_timeout))
             rec["external_monitoring"] = {"auc": mon["pooled"].get("auc"), "used_for_selection": False}
@@ -366,7 +206,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         key = selection_key(val["pooled"], select_metric) if select_metric else -np.inf
         # no center released validation metrics yet (all abstained under their floors): the latest model
         if best is None or key > best["key"] or (key == -np.inf and best["key"] == -np.inf):
-            best = {"round": rnd, "key": key, **_threshold(val["pooled"]), "val": rec["val"]}
+            best = {"round": rnd, "key": key, **decision_threshold(val["pooled"]), "val": rec["val"]}
         rec["best_round"] = best["round"]
         history.append(rec)
         events("round", of=num_rounds, **{k: rec.get(k) for k in ("round", "train_loss", "val", "failures", "dropped",
@@ -388,17 +228,17 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     if best is None:
         raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
     select_metric = select_metric or "val_loss"     # nothing was ever released: the last round, on no metric
-    selection = _selection_summary(best, select_metric, fed)
+    selection = selection_summary(best, select_metric, fed)
     events("selected", **selection, threshold=best["threshold"],
            threshold_source=best.get("threshold_source", "Youden on pooled validation"))
     best_state, best_meta, _ = load_checkpoint(run_dir / "checkpoints" / f"round_{best['round']:03d}.pt")
     best_arrays = ArrayRecord(best_state)
     admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered)
-    train_ids, ext_ids = _membership(grid, roles)
+    train_ids, ext_ids = membership(grid, roles)
     # the selected model's baseline hazard, from the training centers' training splits (DFS probabilities)
     baseline_hazard = None
     if endpoints["dfs"] and train_ids:
-        bh, s5, r5 = _evaluate_centers(grid, train_ids, roles, best_arrays,
+        bh, s5, r5 = evaluate_centers(grid, train_ids, roles, best_arrays,
                                        {"split": "train", "bins": int(fed.histogram_bins), "threshold": 0.5,
                                         "baseline-hazard": True}, float(fed.round_timeout))
         comm["bytes_sent"] += s5
@@ -418,11 +258,11 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
             cuts = (baseline_hazard.get("risk_groups") or {}).get("cuts")
             if cuts and all(np.isfinite(c) for c in cuts):
                 request["risk-cuts"] = [float(c) for c in cuts]
-        ext, s4, r4 = _evaluate_centers(grid, ext_ids, roles, best_arrays, request, float(fed.round_timeout))
+        ext, s4, r4 = evaluate_centers(grid, ext_ids, roles, best_arrays, request, float(fed.round_timeout))
         comm["bytes_sent"] += s4
         comm["bytes_received"] += r4
         external = ext
-    centers.update(_centers(roles))   # late joiners too
+    centers.update(centers_of(roles))   # late joiners too
     dp_spent = privacy_spent(strategy)
     privacy = {"secure_aggregation": secure, "differential_privacy": dp_spent,
                "secure_aggregation_settings": to_plain(fed.secure_aggregation) if secure else None}

@@ -1,0 +1,6 @@
+"""``python -m common.cli``: the ``newadj`` command."""
+import sys
+
+from common.cli import main
+
+sys.exit(main())

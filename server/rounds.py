@@ -1,0 +1,143 @@
+"""One federated round, message by message: train (plain or SecAgg+), screen the updates, evaluate.
+
+``plain_round`` / ``secure_round`` send the round's train messages and return the usable
+updates with what failed and why; ``evaluate_centers`` sends an evaluate request and pools
+what the centers released (``server/evaluation.py``).  Replies are matched to centers by
+``reply_to`` (``server/messaging.py``); every failure is logged with the center's name.
+"""
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from common.federation.wire import content_bytes, from_arrays, upcast
+from server.evaluation import (center_entry, pool)
+from server.messaging import NO_REPLY, send_and_collect
+from server.secure_aggregation import average_as_reply, secure_train_round
+from server.update_checks import screen_updates
+
+log = logging.getLogger("newadj.server")
+_LAST_NOTICE: dict[str, str] = {}
+
+
+def send_to(grid, node_ids, arrays: ArrayRecord, config: dict, timeout: float, mtype=MessageType.EVALUATE):
+    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), message_type=mtype,
+                    dst_node_id=n) for n in node_ids]
+    return send_and_collect(grid, msgs, timeout), arrays.count_bytes() * len(msgs)
+
+
+def evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[dict, int, int]:
+    """Per-center aggregate metrics and the pooled metrics from what the centers released."""
+    replies, sent = send_to(grid, node_ids, arrays, config, timeout)
+    received = 0
+    per_center, released, failures, notices = {}, {}, {}, {}
+    for nid, r in replies.items():
+        center = center_name(roles, nid)
+        if r is None:
+            failures[center] = NO_REPLY
+            continue
+        if r.has_error():
+            failures[center] = r.error.reason
+            log.error("center %s failed evaluation: %s", center, r.error.reason)
+            continue
+        received += content_bytes(r.content)
+        if "info" in r.content and r.content["info"].get("notice"):
+            notices[center] = str(r.content["info"]["notice"])
+            # abstaining under a site's floors is counted in the round's line; a clamp or a moved threshold
+            # is worth a warning, once per center and text
+            parts = [n for n in notices[center].split("; ") if " withheld" not in n and " moved to " not in n]
+            level = logging.INFO if not parts or _LAST_NOTICE.get(center) == notices[center] else logging.WARNING
+            _LAST_NOTICE[center] = notices[center]
+            log.log(level, "center %s: %s", center, "; ".join(parts) if level == logging.WARNING else notices[center])
+        per_center[center], released[center] = center_entry(dict(r.content["metrics"]))
+    return {"centers": per_center, "pooled": pool(per_center, released), "failures": failures,
+            "notices": notices}, sent, received
+
+
+def centers_of(roles) -> dict:
+    return {i["center-id"]: {"role": i["role"], "n_train": i.get("n-train"), "n_val": i.get("n-val"),
+                             "n_test": i.get("n-test")} for i in roles.values()}
+
+
+def merge_failures(train: dict, evaluate: dict) -> dict:
+    """{center: reason} of a round; a center that failed both phases keeps both reasons."""
+    out = dict(train)
+    for c, why in evaluate.items():
+        out[c] = f"{out[c]}; evaluate: {why}" if c in out else f"evaluate: {why}"
+    return out
+
+
+def membership(grid, roles) -> tuple[list[int], list[int]]:
+    """(training, external) node ids among the nodes the SuperLink lists as connected now."""
+    online = set(grid.get_node_ids())
+    train = sorted(n for n, i in roles.items() if i.get("role") != "external" and n in online)
+    return train, sorted(n for n, i in roles.items() if i.get("role") == "external" and n in online)
+
+
+def center_name(roles, nid) -> str:
+    return roles.get(nid, {}).get("center-id", str(nid))
+
+
+def plain_round(grid, roles, rnd, msgs, global_state: dict, fed, fp16: bool) -> dict:
+    """Send the train messages, screen every reply (server/update_checks), keep the good ones in center order."""
+    sent = sum(m.content["arrays"].count_bytes() for m in msgs)
+    replies = send_and_collect(grid, msgs, float(fed.round_timeout))
+    received, failures, ok = 0, {}, {}
+    for nid, r in replies.items():
+        center = center_name(roles, nid)
+        if r is None:
+            failures[center] = NO_REPLY
+            log.error("round %d: center %s sent no reply within %ss (dead, disconnected or too slow)",
+                      rnd, center, fed.round_timeout)
+            continue
+        if r.has_error():
+            failures[center] = r.error.reason
+            log.error("round %d: center %s failed: %s", rnd, center, r.error.reason)
+            continue
+        received += content_bytes(r.content)
+        ok[center] = r
+    reference = {k: v.numpy() for k, v in global_state.items()}
+    checks = fed.update_checks
+    rejected, norms = screen_updates({c: r.content["arrays"] for c, r in ok.items()}, reference, fp16,
+                                     None if checks.max_norm_ratio in (None, "") else float(checks.max_norm_ratio),
+                                     int(checks.min_for_norm))
+    for center, why in rejected.items():
+        log.error("round %d: rejected the update of center %s: %s", rnd, center, why)
+        failures[center] = f"update rejected: {why}"
+    # a fixed order (by center) makes the floating-point sum, hence the run, reproducible
+    good = [ok[c] for c in sorted(ok) if c not in rejected]
+    for r in good:
+        r.content["arrays"] = upcast(r.content["arrays"])
+    return {"good": good, "n_good": len(good), "sent": sent, "received": received, "failures": failures,
+            "rejected": rejected, "norms": norms,
+            "client_seconds": {c: float(ok[c].content["metrics"]["train-seconds"]) for c in sorted(ok)},
+            "client_rss": {c: float(ok[c].content["metrics"]["rss-mb"]) for c in sorted(ok)
+                           if "rss-mb" in ok[c].content["metrics"]},
+            "n_skipped": {c: n for c in sorted(ok) if (n := int(ok[c].content["metrics"].get("n-skipped", 0)))}}
+
+
+def secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed) -> dict:
+    """SecAgg+: the server gets the weighted average of the updates, never one center's."""
+    config = msgs[0].content["config"] if msgs else ConfigRecord({})
+    sr = secure_train_round(grid, context, train_ids, rnd, send_arrays, config, fed.secure_aggregation,
+                            float(fed.round_timeout))
+    failures = {}
+    for nid, why in sr.failures.items():
+        failures[center_name(roles, nid)] = why
+        log.error("round %d: center %s failed in secure aggregation: %s", rnd, center_name(roles, nid), why)
+    good = []
+    if sr.average is not None:
+        reference = {k: v.numpy() for k, v in from_arrays(send_arrays).items()}
+        rejected, _ = screen_updates({"(secure sum)": sr.average}, reference, False, None)
+        problem = rejected.get("(secure sum)")
+        if problem:
+            log.error("round %d: the securely aggregated update is unusable: %s", rnd, problem)
+            failures["(secure aggregate)"] = problem
+        else:
+            good = [average_as_reply(sr.average, sr.num_examples, sr.train_loss)]
+    else:
+        log.error("round %d: secure aggregation halted (too few centers to unmask); global model unchanged", rnd)
+    return {"good": good, "n_good": sr.n_results if good else 0, "sent": sr.bytes_sent,
+            "received": sr.bytes_received, "failures": failures,
+            "client_seconds": {"slowest (secure)": sr.slowest_client_seconds} if sr.slowest_client_seconds else {}}
