@@ -51,7 +51,7 @@ class Problem:
         return self.severity == "error"
 
 
-class SiteDataError(Exception):
+class SiteDataError(ValueError):
     """Raised when site data cannot be used; ``.problems`` lists every problem found."""
 
     def __init__(self, problems: Problem | Iterable[Problem], header: str | None = None):

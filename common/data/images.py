@@ -119,7 +119,7 @@ def open_slide(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise SiteDataError(_err(str(path), None, None, "slide file does not exist"))
+        raise FileNotFoundError(2, "slide file not found", str(path))
     try:
         slide = tiffslide.TiffSlide(str(path))
         _ = slide.level_dimensions, slide.properties

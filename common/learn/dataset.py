@@ -42,6 +42,7 @@ class SiteDataset(Dataset):
         # a site without any MRI still batches with those that have one: the run's shape, not a guess
         self.has_mri_shape = bool(self.manifest["mri_shape"])
         self.mri_shape = tuple(self.manifest["mri_shape"] or mri_shape or (n_phases, 8, 8, 8))
+        self.has_path_dim = bool(self.manifest["path_dim"])
         self.path_dim = int(self.manifest["path_dim"] or 1)
         self.n_genes = len(self.manifest["genomic_features"])
         self.n_clinical = len(self.manifest["clinical_features"])
@@ -196,8 +197,10 @@ class ConcatSites(Dataset):
         self.items = [it for d in self.datasets for it in d.items]
         first = self.datasets[0]
         # the MRI shape of a site that has MRI (an MRI-less site's shape is only the config's fallback)
+        self.has_mri_shape = any(d.has_mri_shape for d in self.datasets)
         self.mri_shape = next((d.mri_shape for d in self.datasets if d.has_mri_shape), first.mri_shape)
-        self.path_dim = next((d.path_dim for d in self.datasets if d.manifest.get("path_dim")), first.path_dim)
+        self.has_path_dim = any(d.has_path_dim for d in self.datasets)
+        self.path_dim = next((d.path_dim for d in self.datasets if d.has_path_dim), first.path_dim)
         self.n_genes, self.n_clinical = first.n_genes, first.n_clinical
         self.center_id = "+".join(d.center_id for d in self.datasets)
 

@@ -1,0 +1,106 @@
+"""One reader, one parser, one schema: the fixes that came with the layout (issue 15)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LOCAL_OVERRIDES, TEST_OVERRIDES
+from tests.test_policy_audit import _copy_cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("toml", ['[site]\ncenter_id = "hospital-7"\nrole = "external"\n',
+                                  'center_id = "hospital-7"\nrole = "external"\n'], ids=["table", "top-level"])
+def test_site_identity_is_the_same_everywhere(tiny_cohort, tmp_path, toml):
+    from client.policy import site_identity as policy_identity
+    from client.site_runtime import site_settings
+    from common.data.cohort import discover_sites
+    from common.data.identity import site_identity
+    from common.data.site import SiteData
+    from common.data.validation import validate_site
+
+    site = tmp_path / "cohort" / "center_a"
+    shutil.copytree(tiny_cohort / "center_a", site)
+    (site / "site.toml").write_text(toml)
+    node = {"data-dir": str(site)}
+    assert site_identity(site).center_id == "hospital-7" and site_identity(site).role == "external"
+    assert (SiteData.open(site).center_id, SiteData.open(site).role) == ("hospital-7", "external")
+    assert [s.role for s in discover_sites(tmp_path / "cohort")] == ["external"]
+    assert site_settings({}, node)[1:3] == ("hospital-7", "external")
+    assert policy_identity({}, node)[1] == "hospital-7"
+    summary = validate_site(site, deep=False).summary
+    assert (summary["center_id"], summary["role"]) == ("hospital-7", "external")
+
+
+def test_pooled_baseline_runs_when_the_first_site_has_no_mri(tiny_cohort, tmp_path):
+    from common.config import load_config
+    from common.learn.baseline import run_baseline
+
+    cohort = _copy_cohort(tiny_cohort, tmp_path / "cohort")
+    shutil.rmtree(cohort / "center_a" / "mri")                 # alphabetically first, and no MRI at all
+    cfg = load_config(LOCAL_OVERRIDES + ["train.epochs=1"])
+    summary = run_baseline(cohort, tmp_path / "b", cfg, arms=("pooled",))
+    pooled = summary["arms"]["pooled"]
+    assert pooled["n_train"] > 0 and "mri" in summary["modalities"]
+    assert pooled["external"]["auc"].get("value") is not None or pooled["external"]["auc"].get("abstained")
+
+
+def test_screening_one_patient_does_not_depend_on_the_other_patients(tiny_cohort, tmp_path):
+    from common.reports.screening import screen_patient
+    from tests.test_evaluate import make_package
+
+    site = tmp_path / "external"
+    shutil.copytree(tiny_cohort / "external", site, ignore=shutil.ignore_patterns(".newadj-cache"))
+    rows = (site / "clinical.csv").read_text().splitlines()
+    genes = (site / "genomics.csv").read_text().splitlines()
+    first, last = rows[1].split(",")[0], rows[-1].split(",")[0]
+    late = tmp_path / "late"                                    # a patient who arrives after the first screening
+    late.mkdir()
+    moved = [(f, late / f.name) for sub in ("mri", "pathology") for f in (site / sub).glob(f"{last}*")]
+
+    def arrive(arrived: bool) -> None:
+        (site / "clinical.csv").write_text("\n".join(rows if arrived else rows[:-1]) + "\n")
+        (site / "genomics.csv").write_text("\n".join(g for g in genes if arrived or not g.startswith(last)) + "\n")
+        for there, away in moved:
+            shutil.move(str(away if arrived else there), str(there if arrived else away))
+
+    arrive(False)
+    pkg = make_package(tmp_path / "model.pt")
+    before = screen_patient(pkg, site, first, passes=3, expected_sha256=None)
+    arrive(True)
+    after = screen_patient(pkg, site, first, passes=3, expected_sha256=None)
+    assert screen_patient(pkg, site, last, passes=3, expected_sha256=None)["patient_id"] == last
+    assert after["prob"] == pytest.approx(before["prob"], abs=1e-7)
+    assert (after["prob_lo"], after["prob_hi"]) == pytest.approx((before["prob_lo"], before["prob_hi"]), abs=1e-7)
+
+
+@pytest.mark.deployment
+def test_a_non_editable_install_runs_a_federation_from_another_folder(tiny_cohort, tmp_path):
+    """`pip install .` (a wheel, not the checkout) then a federation from another folder: the config and
+    the Flower app come with the installed packages."""
+    target = tmp_path / "site-packages"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                        "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (target / "conf" / "config.yaml").exists() and (target / "conf" / "flwr_app.toml").exists()
+    assert not (target / "tests").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    code = "import common.config as c, server.ops.processes as p; print(c.CONF_DIR); print(p.app_dir())"
+    where = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
+                           timeout=120)
+    conf_dir, app = where.stdout.split()
+    assert Path(conf_dir) == target / "conf" and (Path(app) / "pyproject.toml").exists()
+    cohort = _copy_cohort(tiny_cohort, tmp_path / "cohort")
+    run = subprocess.run([sys.executable, "-m", "common.cli", "simulate", "--data", str(cohort), "--out", "run",
+                          "--quiet", *TEST_OVERRIDES, "federation.num_rounds=1"], cwd=elsewhere, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert (elsewhere / "run" / "metrics.json").exists() and "best model: run/best_model.pt" in run.stdout
