@@ -69,6 +69,24 @@ def tiny_cohort(tmp_path_factory, test_cfg) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def template(tmp_path_factory) -> Path:
+    """A small site folder from tests/sitebuilder.py (NIfTI, DICOM, pyramidal TIFF), built once."""
+    from tests import sitebuilder as sb
+
+    return sb.build_site(tmp_path_factory.mktemp("template") / "site")
+
+
+@pytest.fixture
+def site(template, tmp_path) -> Path:
+    """A fresh copy of the template site for one test to change."""
+    import shutil
+
+    dst = tmp_path / "site"
+    shutil.copytree(template, dst)
+    return dst
+
+
 @pytest.fixture()
 def flwr_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "flwr-home"

@@ -1,7 +1,6 @@
 """Whole-slide tiling and tile encoders on real pyramidal JPEG TIFFs written to tmp_path."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np

@@ -1,7 +1,6 @@
 """MRI preprocessing on real files written to tmp_path (NIfTI via nibabel, DICOM via pydicom)."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import nibabel as nib
@@ -49,7 +48,6 @@ def write_nifti(path: Path, vol: np.ndarray, affine: np.ndarray) -> Path:
 
 def write_dicom_series(folder: Path, vol: np.ndarray, affine: np.ndarray, series_uid: str | None = None) -> Path:
     """Axial DICOM series of ``vol`` (indexed [i, j, k] like the NIfTI) with LPS geometry matching ``affine`` (RAS)."""
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 

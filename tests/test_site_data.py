@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +17,6 @@ from common.data.site import (
 )
 from common.data.splits import assign_splits
 from tests import sitebuilder as sb
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory) -> Path:
-    return sb.build_site(tmp_path_factory.mktemp("template") / "site")
-
-
-@pytest.fixture
-def site(template, tmp_path) -> Path:
-    dst = tmp_path / "site"
-    shutil.copytree(template, dst)
-    return dst
 
 
 def test_open_valid_site(site):

@@ -15,18 +15,6 @@ from tests import sitebuilder as sb
 BASELINE_WARNING = ("mri/P002", None, "delayed")  # the builder's incomplete phase set
 
 
-@pytest.fixture(scope="session")
-def template(tmp_path_factory) -> Path:
-    return sb.build_site(tmp_path_factory.mktemp("template") / "site")
-
-
-@pytest.fixture
-def site(template, tmp_path) -> Path:
-    dst = tmp_path / "site"
-    shutil.copytree(template, dst)
-    return dst
-
-
 def errors(report: ValidationReport) -> list[tuple[str, int | None, str | None]]:
     return [(p.file, p.row, p.field) for p in report.errors]
 

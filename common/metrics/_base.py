@@ -63,3 +63,15 @@ def _ci_entry(value: float, lo: float, hi: float, method: str, undefined_reason:
     if not math.isfinite(value):
         return _abstain(undefined_reason)
     return {"value": value, "lo": lo, "hi": hi, "method": method}
+
+
+def finite_rows(names: str, *arrays: Any) -> list[np.ndarray]:
+    """The arrays as floats, keeping only the rows where every one of them is finite.
+
+    ``names`` ("time, event and risk") names them in the error raised when their lengths differ.
+    """
+    xs = [_as_float(a) for a in arrays]
+    if any(x.shape != xs[0].shape for x in xs[1:]):
+        raise ValueError(f"{names} must have the same length")
+    keep = np.all([np.isfinite(x) for x in xs], axis=0) if xs[0].size else np.zeros(0, bool)
+    return [x[keep] for x in xs]

@@ -8,7 +8,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from common.metrics._base import _NAN, _as_float, _finite_pair, _safe_div, _two_classes  # noqa: F401
+from common.metrics._base import _NAN, _as_float, _finite_pair, _safe_div, _two_classes, finite_rows  # noqa: F401
 
 
 # --------------------------------------------------------------------------- #
@@ -128,13 +128,8 @@ def delong_test(y_true: Any, score_a: Any, score_b: Any) -> tuple[float, float]:
     If the variance of the difference is zero, returns ``(0, 1)`` when the AUCs
     are equal and ``(+-inf, 0)`` otherwise.  ``(NaN, NaN)`` with one class.
     """
-    y = _as_float(y_true)
-    a = _as_float(score_a)
-    b = _as_float(score_b)
-    if not (y.shape == a.shape == b.shape):
-        raise ValueError("y_true, score_a and score_b must have the same length")
-    keep = np.isfinite(y) & np.isfinite(a) & np.isfinite(b)
-    y, a, b = y[keep].astype(int), a[keep], b[keep]
+    y, a, b = finite_rows("y_true, score_a and score_b", y_true, score_a, score_b)
+    y = y.astype(int)
     if not _two_classes(y):
         return (_NAN, _NAN)
     aucs, cov = _delong_components(y, np.vstack([a, b]))

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-from common.metrics._base import _NAN, _abstain, _as_float, _ci_entry, _jsonify  # noqa: F401
+from common.metrics._base import _NAN, _abstain, _as_float, _ci_entry, _jsonify, finite_rows  # noqa: F401
 from common.metrics.bootstrap import _bootstrap_values, _percentiles, bootstrap_ci
 
 
@@ -24,13 +24,8 @@ def c_index(time: Any, event: Any, risk: Any) -> float:
     """
     from lifelines.utils import concordance_index
 
-    t = _as_float(time)
-    e = _as_float(event)
-    r = _as_float(risk)
-    if not (t.shape == e.shape == r.shape):
-        raise ValueError("time, event and risk must have the same length")
-    keep = np.isfinite(t) & np.isfinite(e) & np.isfinite(r)
-    t, e, r = t[keep], e[keep] != 0, r[keep]
+    t, e, r = finite_rows("time, event and risk", time, event, risk)
+    e = e != 0
     if t.size < 2 or not e.any():
         return _NAN
     try:
@@ -43,13 +38,8 @@ def _c_index_entry(y_prob, time, event, risk, n_boot, seed, min_patients, alpha)
     if time is None or event is None:
         return _abstain("no survival data")
     try:
-        t = _as_float(time)
-        e = _as_float(event)
-        r = _as_float(y_prob if risk is None else risk)
-        if not (t.shape == e.shape == r.shape):
-            raise ValueError("time, event and risk must have the same length")
-        keep = np.isfinite(t) & np.isfinite(e) & np.isfinite(r)
-        t, e, r = t[keep], (e[keep] != 0).astype(int), r[keep]
+        t, e, r = finite_rows("time, event and risk", time, event, y_prob if risk is None else risk)
+        e = (e != 0).astype(int)
         if t.size < min_patients:
             return _abstain(f"only {t.size} patients with survival data (< min_patients={min_patients})")
         if not e.any():
@@ -83,11 +73,8 @@ def concordance_pairs(time: Any, event: Any, risk: Any, block: int = 1024) -> di
     centers' counts can be summed into a pooled C with a confidence interval
     (:func:`pooled_c_index`).  Rows with a non-finite value are dropped.
     """
-    t, e, r = _as_float(time), _as_float(event), _as_float(risk)
-    if not (t.shape == e.shape == r.shape):
-        raise ValueError("time, event and risk must have the same length")
-    keep = np.isfinite(t) & np.isfinite(e) & np.isfinite(r)
-    t, e, r = t[keep], e[keep] != 0, r[keep]
+    t, e, r = finite_rows("time, event and risk", time, event, risk)
+    e = e != 0
     n = t.size
     n_i, d_i = np.zeros(n), np.zeros(n)
     conc = disc = tied = 0.0
@@ -154,9 +141,8 @@ def td_auc_labels(time: Any, event: Any, horizon: float) -> np.ndarray:
 def hazard_cells(time: Any, event: Any, risk: Any, edges: Sequence[float]) -> dict:
     """Per interval of ``edges``: events, exposure ``sum_j exp(risk_j) * (time j spent at risk in it)``,
     and the number of patients at risk at its start (what a site needs to release the cells)."""
-    t, e, r = _as_float(time), _as_float(event), _as_float(risk)
-    ok = np.isfinite(t) & np.isfinite(e) & np.isfinite(r)
-    t, e, w = t[ok], e[ok] != 0, np.exp(r[ok])
+    t, e, r = finite_rows("time, event and risk", time, event, risk)
+    e, w = e != 0, np.exp(r)
     a, b = np.asarray(edges[:-1], float), np.asarray(edges[1:], float)
     inside = np.clip(np.minimum(t[:, None], b[None, :]) - a[None, :], 0.0, None)        # (patients, intervals)
     ev = e[:, None] & (t[:, None] >= a[None, :]) & (t[:, None] < b[None, :])
@@ -268,9 +254,8 @@ def dfs_report(time: Any, event: Any, risk: Any, horizons: Sequence[float] = (12
     DFS or ``min_events`` events, or when a horizon lies beyond follow-up.
     """
     out: dict[str, Any] = {}
-    t, e, r = _as_float(time), _as_float(event), _as_float(risk)
-    keep = np.isfinite(t) & np.isfinite(e) & np.isfinite(r)
-    t, e, r = t[keep], (e[keep] != 0).astype(int), r[keep]
+    t, e, r = finite_rows("time, event and risk", time, event, risk)
+    e = (e != 0).astype(int)
     hz = np.asarray(horizons, float)
     out["n"], out["n_events"] = int(t.size), int(e.sum())
     out["c_index"] = _c_index_entry(None, t, e, r, n_boot, seed, min_patients, alpha)

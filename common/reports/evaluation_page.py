@@ -18,7 +18,7 @@ def _subgroup_rows(rows: list[dict], first: str):
 
 
 def render_html(m: dict, figs: dict[str, str]) -> str:
-    from common.reports.html import esc, figure, fmt_num, metric_cell, not_computable, table
+    from common.reports.html import esc, fmt_num, metric_cell, not_computable, table
 
     card = m["model_card"]
     site = m["site"]
@@ -52,23 +52,24 @@ def render_html(m: dict, figs: dict[str, str]) -> str:
                    [[esc(_LABELS[k]), metric_cell(d[k])] for k in ("auc",) + CLS_KEYS], raw=True),
              f'<p class="note">Classification metrics at threshold {m["threshold"]:.4f}; CIs: percentile bootstrap '
              "over patients (stratified by label), AUC: DeLong.</p>"]
-    if "roc" in figs:
-        parts.insert(0, figure(figs["roc"], "ROC curve with the checkpoint's operating point", fig_id="roc"))
-    else:
-        parts.insert(0, not_computable("ROC curve", d["auc"].get("not_computable", "")))
-    body.append('<div class="figs">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>")
+    body.append(_figure_row(figs, "roc", "ROC curve with the checkpoint's operating point", "ROC curve",
+                            d["auc"].get("not_computable", ""), parts))
 
     c = m["calibration"]
     body.append("<h2>Calibration</h2>")
     parts = [table(["metric", "value (95% CI)"], [[esc(_LABELS[k]), metric_cell(c[k])] for k in CAL_KEYS], raw=True)]
-    if "reliability" in figs:
-        parts.insert(0, figure(figs["reliability"], "Reliability curve (10 equal-width bins) and bin counts",
-                               fig_id="reliability"))
-    else:
-        parts.insert(0, not_computable("reliability curve", c["reliability"].get("not_computable", "")))
-    body.append('<div class="figs">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>")
+    body.append(_figure_row(figs, "reliability", "Reliability curve (10 equal-width bins) and bin counts",
+                            "reliability curve", c["reliability"].get("not_computable", ""), parts))
 
     return _render_rest(m, figs, body)
+
+
+def _figure_row(figs: dict, key: str, caption: str, what: str, why: str, parts: list[str]) -> str:
+    """A row of the page: the figure ``key`` (or why it is not drawn) beside its tables."""
+    from common.reports.html import figure, not_computable
+
+    first = figure(figs[key], caption, fig_id=key) if key in figs else not_computable(what, why)
+    return '<div class="figs">' + "".join(f"<div>{p}</div>" for p in [first, *parts]) + "</div>"
 
 
 def _h(key: str) -> str:
@@ -77,7 +78,7 @@ def _h(key: str) -> str:
 
 def _render_rest(m: dict, figs: dict[str, str], body: list[str]) -> str:
     """The DFS, subgroup and model-card sections of the evaluation page."""
-    from common.reports.html import esc, figure, fmt_num, metric_cell, not_computable, page, table
+    from common.reports.html import esc, fmt_num, metric_cell, not_computable, page, table
 
     card = m["model_card"]
     site = m["site"]
@@ -115,11 +116,8 @@ def _render_rest(m: dict, figs: dict[str, str], body: list[str]) -> str:
                             "observed DFS (Kaplan-Meier, 95% CI)"], crow, raw=True))
     else:
         parts.append(not_computable("calibration of predicted DFS", cal.get("not_computable", "")))
-    if "km" in figs:
-        parts.insert(0, figure(figs["km"], "Kaplan-Meier DFS by predicted group, number at risk below", fig_id="km"))
-    else:
-        parts.insert(0, not_computable("Kaplan-Meier curves", s["km"].get("not_computable", "")))
-    body.append('<div class="figs">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>")
+    body.append(_figure_row(figs, "km", "Kaplan-Meier DFS by predicted group, number at risk below",
+                            "Kaplan-Meier curves", s["km"].get("not_computable", ""), parts))
 
     sg = m["subgroups"]
     body.append("<h2>Subgroups</h2><h3>By modality availability</h3>")
