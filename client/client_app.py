@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
+from client import timing
+
+timing.mark("app_import_start")
+
+import numpy as np  # noqa: E402
 import psutil
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -22,11 +26,13 @@ from common.learn.engine import predict, train_model
 from common.learn.task import model_from_config
 from common.federation.wire import from_arrays, to_arrays
 
+timing.mark("imports_done")
 log = logging.getLogger(__name__)
 # audit outermost: it logs exactly what leaves the site (masked vectors under SecAgg+, refusals of the
 # policy).  Fault injection (tests only, off unless NEWADJ_FAULTS is set) acts on what is sent.  Secure
 # aggregation and DP clipping wrap the same policy-checked handlers as a plain run.
-app = ClientApp(mods=[audit_mod, fault_injection_mod, secure_aggregation_mod, dp_clipping_mod, policy_mod])
+app = ClientApp(mods=[timing.timing_mod, audit_mod, fault_injection_mod, secure_aggregation_mod, dp_clipping_mod,
+                      policy_mod])
 
 ERR_REFUSED = 403
 

@@ -90,6 +90,9 @@ def site_runtime(run_config, node_config) -> SiteRuntime:
         train = site_dataset(res.cache_dir, ["train"], cfg)
         val = site_dataset(res.cache_dir, ["val"], cfg)
     rt = SiteRuntime(center, role, site_dir, cfg, dims, train, val, test)
+    from client import timing
+
+    timing.mark("site_loaded")
     _RUNTIMES[key] = rt
     while len(_RUNTIMES) > max(1, int(cfg.federation.client_site_cache)):
         _RUNTIMES.popitem(last=False)

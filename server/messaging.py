@@ -12,6 +12,11 @@
 """
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
+
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
 
@@ -19,15 +24,49 @@ NO_REPLY = "no reply before the round timeout"
 EXPIRED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
-def send_and_collect(grid, msgs: list[Message], timeout: float | None) -> dict[int, Message | None]:
-    """{destination node id: its reply, or None when none came before ``timeout``}."""
+POLL_SECONDS = 0.5   # between pulls of the replies (Flower's own Grid.send_and_receive waits 3 s)
+
+
+def send_and_collect(grid, msgs: list[Message], timeout: float | None,
+                     poll: float = POLL_SECONDS) -> dict[int, Message | None]:
+    """{destination node id: its reply, or None when none came before ``timeout``}.
+
+    Pushes the messages and pulls their replies every ``poll`` seconds until all came or the
+    timeout passed (Flower's ``send_and_receive`` sleeps 3 s between pulls, a fixed cost on
+    every round trip).  With ``NEWADJ_TIMING_LOG`` set, when each reply arrived is logged
+    (``benchmarks/bench_deployment.py``).
+    """
+    if not msgs:
+        return {}
     if timeout is not None:
         for m in msgs:
             m.metadata.ttl = float(timeout)
-    replies = list(grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
-    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+    ids = list(grid.push_messages(msgs))
+    dst_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs)}
     out: dict[int, Message | None] = {m.metadata.dst_node_id: None for m in msgs}
-    for r in replies:
-        dst = dst_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
-        out[dst] = None if r.has_error() and r.error.code in EXPIRED else r
+    arrived: dict[int, float] = {}
+    pending = set(ids)
+    end = None if timeout is None else time.monotonic() + float(timeout)
+    while pending:
+        for r in grid.pull_messages(list(pending)):
+            rid = r.metadata.reply_to_message_id
+            pending.discard(rid)
+            dst = dst_of.get(rid, r.metadata.src_node_id)
+            out[dst] = None if r.has_error() and r.error.code in EXPIRED else r
+            arrived[dst] = time.time()
+        if not pending or (end is not None and time.monotonic() >= end):
+            break
+        time.sleep(poll)
+    if os.environ.get("NEWADJ_TIMING_LOG"):
+        _log_arrivals(msgs, arrived)
     return out
+
+
+def _log_arrivals(msgs: list[Message], arrived: dict[int, float]) -> None:
+    folder = Path(os.environ["NEWADJ_TIMING_LOG"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "server.jsonl", "a") as f:
+        for m in msgs:
+            f.write(json.dumps({"type": str(m.metadata.message_type), "node": int(m.metadata.dst_node_id),
+                                "created": float(m.metadata.created_at),
+                                "arrived": arrived.get(m.metadata.dst_node_id)}) + "\n")

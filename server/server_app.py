@@ -29,6 +29,7 @@ from common.learn.engine import seed_everything
 from common.federation.model_io import save_model_package
 from common.learn.task import model_from_config
 from common.federation.wire import from_arrays, state_dict_bytes, to_arrays, weights_sha256
+from server import messaging
 from server.progress import Events
 from server.rounds import (centers_of, evaluate_centers, membership, merge_failures, plain_round,
                            secure_round)
@@ -71,6 +72,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     """Roles, rounds, selection, the baseline hazard and the external center's report of one run."""
     rc = context.run_config
     fed = cfg.federation
+    messaging.POLL_SECONDS = float(fed.reply_poll_seconds)
     events("start", run_id=int(context.run_id), run_dir=str(run_dir), strategy=str(fed.strategy),
            rounds=int(fed.num_rounds), resume=bool(rc.get("resume", False)))
     check_secure_config(fed)
