@@ -72,6 +72,9 @@ def endpoint_counts(rt, policy) -> dict:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Train from the received global model; with ``evaluate`` (a split) in the config, first score that
+    model there and release what the site's rules allow in an ``evaluation`` record -- the validation of
+    the previous round comes back with this round's update, one message per center per round."""
     rt = site_runtime(context.run_config, context.node_config)
     if rt.role == "external":
         return _refuse(msg, f"center {rt.center_id} is the external validation center and never trains")
@@ -80,6 +83,20 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(conf.get("server-round", 0))
     model = model_from_config(cfg, dims=rt.dims)
     model.load_state_dict(from_arrays(msg.content["arrays"]))
+    content: dict = {}
+    if conf.get("evaluate"):
+        try:
+            terms = evaluate_terms(msg, context)
+        except PermissionError as exc:
+            return _refuse(msg, f"policy of {rt.center_id}: {exc}")
+        notices = list(terms.notices)
+        ds = rt.split(str(conf["evaluate"]))
+        pred = predict(model, ds, int(cfg.train.eval_batch_size))
+        released = release_metrics(pred, terms, load_policy(rt.site_dir), cfg, notices)
+        released["n-skipped"] = len(ds.skipped)
+        content["evaluation"] = MetricRecord(released)
+        if notices:
+            content["info"] = ConfigRecord({"notice": "; ".join(notices)})
     res = train_model(model, rt.train, rt.val, cfg.train, cfg.model.loss,
                       seed=round_seed(int(cfg.seed), rt.center_id, rnd),
                       epochs=int(conf.get("local-epochs", cfg.federation.local_epochs)),
@@ -89,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
                "train-seconds": float(res.seconds), "samples-per-s": float(res.samples_per_s),
                "n-skipped": len(rt.train.skipped), "rss-mb": psutil.Process().memory_info().rss / 2**20}
     return Message(RecordDict({"arrays": to_arrays(res.state_dict, bool(conf.get("fp16", False))),
-                               "metrics": MetricRecord(metrics)}), reply_to=msg)
+                               "metrics": MetricRecord(metrics), **content}), reply_to=msg)
 
 
 def _with_notices(metrics: dict, notices: list[str]) -> RecordDict:

@@ -81,6 +81,13 @@ def check_request(policy: Policy, msg: Message, default_epochs: Callable[[], int
     return None
 
 
+def asks_evaluation(msg: Message) -> bool:
+    """An evaluate message, or a train message that asks the center to score the received model first
+    (``evaluate`` = the split; one message per center per round)."""
+    cat = message_category(msg)
+    return cat == "evaluate" or (cat == "train" and bool(_config(msg).get("evaluate")))
+
+
 def requested_split(msg: Message) -> str | None:
     """The split a train / evaluate message works on (as client_app.py picks it)."""
     cat = message_category(msg)
@@ -214,13 +221,18 @@ def policy_mod(msg: Message, context: Context, call_next) -> Message:
     reason = check_run(policy, context.run_config)
     if reason is None:
         reason = check_request(policy, msg, default_epochs=lambda: _default_epochs(context))
-    if reason is None and (split := requested_split(msg)) is not None:
+    splits = [requested_split(msg)]
+    if message_category(msg) == "train" and _config(msg).get("evaluate"):
+        splits.append(str(_config(msg).get("evaluate")))
+    for split in (s for s in splits if s is not None):
+        if reason is not None:
+            break
         if split not in ("train", "val", "test"):
             reason = f"unknown split `{split}`"
         else:
             reason = check_cohort(policy, split, _split_size(context, split))
     terms = None
-    if reason is None and message_category(msg) == "evaluate":
+    if reason is None and asks_evaluation(msg):
         try:
             terms, reason = disclosure.admit_evaluate(policy, ledger_path(site_dir, context.node_config),
                                                       int(context.run_id), _config(msg))
@@ -235,8 +247,12 @@ def policy_mod(msg: Message, context: Context, call_next) -> Message:
     finally:
         _TERMS.pop(msg.metadata.message_id, None)
     reason = check_reply(policy, reply)
-    if reason is None and terms is not None and not reply.has_error() and "metrics" in reply.content:
-        reason = disclosure.check_released(policy, dict(reply.content["metrics"]), terms.bins)
+    released = "metrics" if message_category(msg) == "evaluate" else "evaluation"
+    if reason is None and not reply.has_error() and released in reply.content:
+        if terms is None:    # aggregates released without the site agreeing to terms: never
+            reason = f"`{released}` record in a reply to a message that asked for no evaluation"
+        else:
+            reason = disclosure.check_released(policy, dict(reply.content[released]), terms.bins)
     if reason is not None:
         return refuse(msg, center, f"reply refused: {reason}")
     return reply

@@ -58,6 +58,17 @@ def save_checkpoint(run_dir: Path, rnd: int, state_dict: dict, meta: dict, serve
     return path
 
 
+def annotate_checkpoint(run_dir: Path, rnd: int, fields: dict) -> None:
+    """Add to a round's metadata what was learnt after it was written (its validation arrives with the next
+    round's replies); the weights file and its SHA-256 stay as they are."""
+    side = Path(run_dir) / "checkpoints" / f"round_{rnd:03d}.json"
+    if not side.exists():
+        return
+    meta = {**json.loads(side.read_text()), **fields}
+    side.with_suffix(".json.tmp").write_text(json.dumps(meta, indent=1))
+    os.replace(side.with_suffix(".json.tmp"), side)
+
+
 def _restore_state(blob: dict) -> dict:
     state = json.loads(bytes(blob["server_state_json"].numpy()).decode())
     if state.get("py_random") is not None:   # random.setstate needs tuples

@@ -30,8 +30,7 @@ def send_to(grid, node_ids, arrays: ArrayRecord, config: dict, timeout: float, m
 def evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[dict, int, int]:
     """Per-center aggregate metrics and the pooled metrics from what the centers released."""
     replies, sent = send_to(grid, node_ids, arrays, config, timeout)
-    received = 0
-    per_center, released, failures, notices = {}, {}, {}, {}
+    received, released, failures = 0, {}, {}
     for nid, r in replies.items():
         center = center_name(roles, nid)
         if r is None:
@@ -42,6 +41,17 @@ def evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[di
             log.error("center %s failed evaluation: %s", center, r.error.reason)
             continue
         received += content_bytes(r.content)
+        released[center] = r
+    return pooled_evaluation(released, "metrics", failures), sent, received
+
+
+def pooled_evaluation(replies: dict, record: str, failures: dict | None = None) -> dict:
+    """{centers, pooled, failures, notices} from the ``record`` of each center's reply (``metrics`` of an
+    evaluate reply, ``evaluation`` of a train reply); a notice is logged as a warning when it is news."""
+    per_center, released, notices = {}, {}, {}
+    for center, r in replies.items():
+        if record not in r.content:
+            continue
         if "info" in r.content and r.content["info"].get("notice"):
             notices[center] = str(r.content["info"]["notice"])
             # abstaining under a site's floors is counted in the round's line; a clamp or a moved threshold
@@ -50,9 +60,9 @@ def evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[di
             level = logging.INFO if not parts or _LAST_NOTICE.get(center) == notices[center] else logging.WARNING
             _LAST_NOTICE[center] = notices[center]
             log.log(level, "center %s: %s", center, "; ".join(parts) if level == logging.WARNING else notices[center])
-        per_center[center], released[center] = center_entry(dict(r.content["metrics"]))
-    return {"centers": per_center, "pooled": pool(per_center, released), "failures": failures,
-            "notices": notices}, sent, received
+        per_center[center], released[center] = center_entry(dict(r.content[record]))
+    return {"centers": per_center, "pooled": pool(per_center, released), "failures": dict(failures or {}),
+            "notices": notices}
 
 
 def centers_of(roles) -> dict:
@@ -105,12 +115,18 @@ def plain_round(grid, roles, rnd, msgs, global_state: dict, fed, fp16: bool) -> 
     for center, why in rejected.items():
         log.error("round %d: rejected the update of center %s: %s", rnd, center, why)
         failures[center] = f"update rejected: {why}"
+    evaluation = pooled_evaluation(ok, "evaluation", {c: f for c, f in failures.items() if c not in ok})
+    for r in ok.values():          # Flower's strategies aggregate replies with one MetricRecord each
+        if "evaluation" in r.content:
+            del r.content["evaluation"]
     # a fixed order (by center) makes the floating-point sum, hence the run, reproducible
     good = [ok[c] for c in sorted(ok) if c not in rejected]
     for r in good:
         r.content["arrays"] = upcast(r.content["arrays"])
     return {"good": good, "n_good": len(good), "sent": sent, "received": received, "failures": failures,
             "rejected": rejected, "norms": norms,
+            # the centers' scores of the model they received (asked with `evaluate` in the train config)
+            "evaluation": evaluation,
             "client_seconds": {c: float(ok[c].content["metrics"]["train-seconds"]) for c in sorted(ok)},
             "client_rss": {c: float(ok[c].content["metrics"]["rss-mb"]) for c in sorted(ok)
                            if "rss-mb" in ok[c].content["metrics"]},

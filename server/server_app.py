@@ -35,7 +35,7 @@ from server.rounds import (centers_of, evaluate_centers, membership, merge_failu
                            secure_round)
 from server.evaluation import (endpoints_of, selection_summary, decision_threshold, decide_auto, resolve_select_metric,
                                selection_key)
-from server.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from server.checkpoints import annotate_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from server.roles import NodeView, admit_new_nodes, query_roles, wait_for_nodes
 from server.secure_aggregation import check_secure_config
 from server.strategies import DP_WEIGHT, build_strategy, is_dp, privacy_spent, restore_strategy_state, strategy_state
@@ -109,7 +109,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     # --- model and (maybe) resume -------------------------------------------------
     strategy = build_strategy(fed, n_train_centers=len(train_ids))
     model = model_from_config(cfg)
-    state, start_round, history, best = model.state_dict(), 1, [], None
+    state, start_round, history, best, pending = model.state_dict(), 1, [], None, None
     comm = {"bytes_sent": 0, "bytes_received": 0}
     resume = bool(rc.get("resume", False))
     last = latest_checkpoint(run_dir) if resume else None
@@ -120,6 +120,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
                                f"{cfg_hash[:12]}); resume with the same overrides")
         start_round = int(meta["round"]) + 1
         history, best, comm = server_state["history"], server_state["best"], server_state["comm"]
+        pending = server_state.get("pending")   # the last round's record, its validation still to come
         select_metric = select_metric or server_state.get("select_metric")
         restore_strategy_state(strategy, server_state.get("strategy", {}))
         random.setstate(server_state["py_random"])
@@ -132,8 +133,45 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     fp16 = bool(fed.fp16_weights) and not secure   # SecAgg+ quantises fp32 weights itself
 
     # --- rounds ---------------------------------------------------------------------
+    # One message per training center per round (plain runs): round r's train message carries the model of
+    # round r-1 and asks the center to score it on its validation split first, so round r-1's validation
+    # comes back with round r's update and completes round r-1's record; the last round's model is scored
+    # in a message of its own after the loop.  SecAgg+ rounds (four messages already) are scored right away.
     num_rounds = int(fed.num_rounds)
     stopped_early = None
+    eval_request = {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5}
+
+    def complete(rec: dict, val: dict) -> None:
+        """Round ``rec``'s model was scored: fill in its validation, select, write it down."""
+        nonlocal best, select_metric
+        rnd = rec["round"]
+        rec.update({"val": dict(val["pooled"]), "val_notices": val["notices"],
+                    "val_centers": {c: {"auc": e.get("auc_cells"), **{k: e.get(k) for k in (
+                        "n", "c_index", "n_dfs", "loss", "abstained", "dfs_abstained")}}
+                        for c, e in val["centers"].items()},
+                    "failures": merge_failures(rec["failures"], val["failures"])})
+        if select_metric is None:
+            select_metric, why = decide_auto(val["pooled"], endpoints)
+            if select_metric is not None:
+                log.info("round %d: rounds are selected on %s (select_metric auto: %s)", rnd, select_metric, why)
+                events("note", text=f"rounds are selected on {select_metric} (select_metric auto: {why})")
+        key = selection_key(val["pooled"], select_metric) if select_metric else -np.inf
+        # no center released validation metrics yet (all abstained under their floors): the latest model
+        if best is None or key > best["key"] or (key == -np.inf and best["key"] == -np.inf):
+            best = {"round": rnd, "key": key, **decision_threshold(val["pooled"]), "val": rec["val"]}
+        rec["best_round"] = best["round"]
+        history.append(rec)
+        events("round", of=num_rounds, **{k: rec.get(k) for k in ("round", "train_loss", "val", "failures", "dropped",
+                                                                 "bytes_sent", "seconds")},
+               abstained=sum(1 for e in rec["val_centers"].values() if e["abstained"] and e["dfs_abstained"]),
+               answered=len(rec["val_centers"]))
+        with history_path.open("a") as f:
+            f.write(json.dumps(json_safe(rec)) + "\n")
+        annotate_checkpoint(run_dir, rnd, {"metrics": json_safe(rec["val"]),
+                                           "threshold": best["threshold"] if best["round"] == rnd else None})
+        log.info("round %d/%d: train loss %s, val pooled AUC %.3f, C %.3f", rnd, num_rounds, rec["train_loss"],
+                 rec["val"].get("auc", float("nan")), rec["val"].get("c_index", float("nan")))
+
     for rnd in range(start_round, num_rounds + 1):
         t0 = time.perf_counter()
         # centers that (re)connected since the last round join; nodes the SuperLink no longer lists are skipped
@@ -142,7 +180,9 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         train_ids, ext_ids = membership(grid, roles)
         train_view = NodeView(grid, train_ids)
         send_arrays = to_arrays(from_arrays(arrays), fp16)
-        config = ConfigRecord({"local-epochs": int(fed.local_epochs), "fp16": fp16})
+        config = ConfigRecord({"local-epochs": int(fed.local_epochs), "fp16": fp16,
+                               **({} if secure or pending is None else {"evaluate": "val", **{
+                                   k: v for k, v in eval_request.items() if k != "split"}})})
         try:
             msgs = list(strategy.configure_train(rnd, send_arrays, config, train_view))
         except PrivacyBudgetExhausted as exc:
@@ -153,6 +193,9 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
             rt = secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed)
         else:
             rt = plain_round(grid, roles, rnd, msgs, from_arrays(arrays), fed, fp16)
+            if pending is not None:                  # these replies scored the model of round rnd - 1
+                complete(pending, rt["evaluation"])
+                pending = None
         sent, received, train_fail = rt["sent"], rt["received"], rt["failures"]
         good = rt["good"]
         if is_dp(strategy):
@@ -172,59 +215,48 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         if dropped:
             log.error("round %d dropped: %s; global model unchanged", rnd, dropped)
         t_train, t_agg = time.perf_counter() - t0, time.perf_counter() - t_agg
-        val, s2, r2 = evaluate_centers(grid, train_ids, roles, to_arrays(from_arrays(arrays), fp16),
-                                        {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5},
-                                        float(fed.round_timeout))
-        sent, received = sent + s2, received + r2
         rec = {"round": rnd, "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
-               "client_train_seconds": rt["client_seconds"],
-               "val": dict(val["pooled"]), "val_notices": val["notices"],
-               "val_centers": {c: {"auc": e.get("auc_cells"), **{k: e.get(k) for k in (
-                                   "n", "c_index", "n_dfs", "loss", "abstained", "dfs_abstained")}}
-                               for c, e in val["centers"].items()},
-               "failures": merge_failures(train_fail, val["failures"]),
+               "client_train_seconds": rt["client_seconds"], "failures": dict(train_fail),
                "rejected_updates": rt.get("rejected", {}), "update_norms": rt.get("norms", {}),
-               "n_skipped_train": rt.get("n_skipped", {}),
-               "bytes_sent": sent, "bytes_received": received, "n_train_replies": rt["n_good"], "dropped": dropped,
+               "n_skipped_train": rt.get("n_skipped", {}), "n_train_replies": rt["n_good"], "dropped": dropped,
                "aggregate_seconds": t_agg, "server_rss_mb": psutil.Process().memory_info().rss / 2**20,
                "client_rss_mb": rt.get("client_rss", {})}
         if (spent := privacy_spent(strategy)) is not None:
             rec["privacy"] = spent
+        if secure:                                   # SecAgg+: scored in a message of its own, now
+            val, s2, r2 = evaluate_centers(grid, train_ids, roles, to_arrays(from_arrays(arrays), fp16),
+                                           eval_request, float(fed.round_timeout))
+            sent, received = sent + s2, received + r2
         if int(fed.external_every) > 0 and rnd % int(fed.external_every) == 0 and ext_ids:
             mon, s3, r3 = evaluate_centers(grid, ext_ids, roles, to_arrays(from_arrays(arrays), fp16),
-                                            {"split": "test", "bins": int(fed.histogram_bins), "threshold": 0.5},
-                                            float(fed.round_timeout))
+                                           {"split": "test", "bins": int(fed.histogram_bins), "threshold": 0.5},
+                                           float(fed.round_timeout))
             rec["external_monitoring"] = {"auc": mon["pooled"].get("auc"), "used_for_selection": False}
             sent, received = sent + s3, received + r3
         comm["bytes_sent"] += sent
         comm["bytes_received"] += received
-        rec["seconds"] = time.perf_counter() - t0
-        rec["train_phase_seconds"] = t_train
-        if select_metric is None:
-            select_metric, why = decide_auto(val["pooled"], endpoints)
-            if select_metric is not None:
-                log.info("round %d: rounds are selected on %s (select_metric auto: %s)", rnd, select_metric, why)
-                events("note", text=f"rounds are selected on {select_metric} (select_metric auto: {why})")
-        key = selection_key(val["pooled"], select_metric) if select_metric else -np.inf
-        # no center released validation metrics yet (all abstained under their floors): the latest model
-        if best is None or key > best["key"] or (key == -np.inf and best["key"] == -np.inf):
-            best = {"round": rnd, "key": key, **decision_threshold(val["pooled"]), "val": rec["val"]}
-        rec["best_round"] = best["round"]
-        history.append(rec)
-        events("round", of=num_rounds, **{k: rec.get(k) for k in ("round", "train_loss", "val", "failures", "dropped",
-                                                                 "bytes_sent", "seconds")},
-               abstained=sum(1 for e in rec["val_centers"].values() if e["abstained"] and e["dfs_abstained"]),
-               answered=len(rec["val_centers"]))
-        with history_path.open("a") as f:
-            f.write(json.dumps(json_safe(rec)) + "\n")
+        n_msgs = len(msgs) + (len(train_ids) if secure else 0) + (len(ext_ids) if "external_monitoring" in rec else 0)
+        rec.update({"bytes_sent": sent, "bytes_received": received, "messages_out": n_msgs,
+                    "seconds": time.perf_counter() - t0, "train_phase_seconds": t_train})
         sd = from_arrays(arrays)
-        save_checkpoint(run_dir, rnd, sd, {"config_hash": cfg_hash, "metrics": json_safe(rec["val"]),
-                                           "threshold": best["threshold"] if best["round"] == rnd else None,
+        if secure:
+            complete(rec, val)
+        else:
+            pending = rec
+        save_checkpoint(run_dir, rnd, sd, {"config_hash": cfg_hash, "metrics": json_safe(rec.get("val")),
+                                           "threshold": best["threshold"] if best and best["round"] == rnd else None,
                                            "weights_sha256": weights_sha256(sd)},
                         {"history": history, "best": best, "comm": comm, "strategy": strategy_state(strategy),
-                         "py_random": random.getstate(), "select_metric": select_metric})
-        log.info("round %d/%d: train loss %s, val pooled AUC %.3f, %.1fs, %d bytes out", rnd, num_rounds,
-                 rec["train_loss"], rec["val"].get("auc", float("nan")), rec["seconds"], sent)
+                         "py_random": random.getstate(), "select_metric": select_metric, "pending": pending})
+    if pending is not None:                          # the last round's model: scored in a message of its own
+        t0 = time.perf_counter()
+        val, s2, r2 = evaluate_centers(grid, membership(grid, roles)[0], roles, to_arrays(from_arrays(arrays), fp16),
+                                       eval_request, float(fed.round_timeout))
+        comm["bytes_sent"] += s2
+        comm["bytes_received"] += r2
+        pending["final_evaluation_seconds"] = time.perf_counter() - t0
+        complete(pending, val)
+        pending = None
 
     # --- the selected model on the external center -----------------------------------
     if best is None:
@@ -279,7 +311,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
             "selection": f"{select_metric} on internal validation", "privacy": privacy,
             "endpoints": [k for k, v in endpoints.items() if v], "baseline_hazard": baseline_hazard}
     package = save_model_package(run_dir / "best_model.pt", best_state, cfg, float(best["threshold"]), card)
-    per_round = [h["bytes_sent"] / max(1, h["n_train_replies"] + len(h["val_centers"])) for h in history]
+    per_round = [h["bytes_sent"] / max(1, h.get("messages_out", 1)) for h in history]
     summary = {
         "status": "finished", "run_dir": str(run_dir), "config_hash": cfg_hash, "strategy": str(fed.strategy),
         "rounds": num_rounds, "centers": centers, "role_query_errors": role_errors,

@@ -19,14 +19,16 @@ TEST_OVERRIDES = [
 # offline work on the whole cohort (baselines, packages built in tests): its own floor
 LOCAL_OVERRIDES = TEST_OVERRIDES + ["train.min_patients=3"]
 
-# every tiny test site's own policy: floors low enough for 8-12 patients, cells merged below 2, and
-# one torch thread per client (the site's own setting; runs are bit-reproducible with it)
+# every tiny test site's own policy: floors low enough for 8-12 patients, cells merged below 2, one torch
+# thread per client (the site's own setting; runs are bit-reproducible with it), and 40 % of a training
+# site's patients validating (the exact split gives 3-4 of 8-10 patients, enough for the floors)
 TINY_SITE_POLICY = """# test site: floors for a tiny cohort (the site's decision, not the run's)
 min_patients = { benefit = 3, dfs = 3 }
 min_cell_count = 2
 
 [config]
 train.num_threads = 1
+data.val_fraction = 0.4
 """
 
 

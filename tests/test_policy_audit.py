@@ -85,7 +85,7 @@ def test_defaults_apply_without_policy_file(tmp_path):
     pol = load_policy(_site(tmp_path))
     assert set(pol.message_types) == {"query", "train", "evaluate"}
     assert pol.max_local_epochs >= 1 and pol.max_server_round >= 1 and pol.min_cohort_size >= 1
-    assert set(pol.reply_records) == {"arrays", "metrics", "info"}
+    assert set(pol.reply_records) == {"arrays", "metrics", "evaluation", "info"}
     # the whitelists are the project's reply schema (common/federation/reply_schema.py), patterns included
     from common.federation import reply_schema as W
     from common.data.policy import key_listed
@@ -292,7 +292,7 @@ def _is_cell_list(key: str, prefixes: tuple[str, ...]) -> bool:
 
     cell_keys = (*W.BENEFIT_CELLS, "td-*-edges", "td-*-neg", "td-*-pos", *W.HAZARD_CELLS, *W.RISK_CELLS)
     return key.startswith(prefixes) and key_listed(key, cell_keys)
-ALLOWED_REPLY_RECORDS = {"arrays", "metrics", "info"}
+ALLOWED_REPLY_RECORDS = {"arrays", "metrics", "evaluation", "info"}
 SECAGG_RECORD = RECORD_KEY_CONFIGS
 SECAGG_KEYS = {v for k, v in vars(SecAggKey).items() if not k.startswith("_") and isinstance(v, str)}
 
@@ -358,9 +358,11 @@ def check_disclosure(site: Path, outs: list[dict], ins: dict[str, dict]) -> None
     k = pol.min_cell_count
     grids, by_model, thresholds = set(), {}, set()
     for out in outs:
-        vals = (out["records"].get("metrics") or {}).get("values") or {}
+        # an evaluate reply's metrics, or a train reply's scores of the model it received (one message a round)
+        record = "metrics" if out["message_type"] == "evaluate" else "evaluation"
+        vals = (out["records"].get(record) or {}).get("values") or {}
         where = f"{site.name}: reply to {out['message_type']} {out['reply_to']}"
-        if out["message_type"] != "evaluate" or out.get("decision") != "accepted":
+        if out.get("decision") != "accepted" or not vals or out["message_type"] not in ("evaluate", "train"):
             continue
         req = ((ins[out["reply_to"]].get("records") or {}).get("config") or {}).get("values") or {}
         thresholds.add(float(req.get("threshold", 0.5)))
@@ -463,10 +465,13 @@ def test_federation_audit_replay_holds_no_patient_level_data(tiny_cohort, tmp_pa
         if role == "external":
             assert "train" not in types and types.count("evaluate") >= 1
         else:
-            assert types.count("train") == metrics["rounds"] and types.count("evaluate") == metrics["rounds"]
-            tr = next(ln for ln in outs if ln["message_type"] == "train")
-            assert set(tr["records"]) == {"arrays", "metrics"} and tr["records"]["arrays"]["arrays"]
-            assert all(len(a["sha256"]) == 64 for a in tr["records"]["arrays"]["arrays"].values())
+            # one message per round; then the last round's model scored, then the selected model's hazard cells
+            assert types.count("train") == metrics["rounds"] and types.count("evaluate") == 2
+            first, *later = [ln for ln in outs if ln["message_type"] == "train"]
+            assert set(first["records"]) == {"arrays", "metrics"} and first["records"]["arrays"]["arrays"]
+            assert all(len(a["sha256"]) == 64 for a in first["records"]["arrays"]["arrays"].values())
+            # from round 2 on, a train reply also scores the model it received: the previous round's validation
+            assert later and all({"arrays", "metrics", "evaluation"} <= set(ln["records"]) for ln in later)
 
 
 @pytest.mark.slow
