@@ -11,7 +11,6 @@ from client import timing
 
 timing.mark("app_import_start")
 
-import numpy as np  # noqa: E402
 import psutil
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -21,9 +20,7 @@ from client.fault_injection import fault_injection_mod
 from client.disclosure import release_metrics
 from client.policy import evaluate_terms, load_policy, policy_mod
 from client.secure_aggregation import dp_clipping_mod, secure_aggregation_mod
-from client.site_runtime import round_seed, site_runtime
-from common.learn.engine import predict, train_model
-from common.learn.task import model_from_config
+from client.site_runtime import round_seed, site_manifest, site_runtime
 from common.federation.wire import from_arrays, to_arrays
 
 timing.mark("imports_done")
@@ -52,20 +49,20 @@ def query(msg: Message, context: Context) -> Message:
 
         site_dir, center, role, cfg = site_settings(context.run_config, context.node_config)
         info = site_schema(site_dir, center, role, cfg, load_policy(site_dir))
-    else:
-        rt = site_runtime(context.run_config, context.node_config)
-        policy = load_policy(rt.site_dir)
-        info = {"role": rt.role, "center-id": rt.center_id,
-                "n-train": len(rt.train or []), "n-val": len(rt.val or []), "n-test": len(rt.test),
-                **endpoint_counts(rt, policy)}
+    else:                            # from the cache's manifest: no array loaded, no torch imported
+        center, role, site_dir, manifest = site_manifest(context.run_config, context.node_config)
+        pts = manifest["patients"]
+        n = {sp: sum(1 for p in pts if p["split"] == sp) for sp in ("train", "val")}
+        info = {"role": role, "center-id": center, "n-train": n["train"] if role != "external" else 0,
+                "n-val": n["val"] if role != "external" else 0, "n-test": len(pts),
+                **endpoint_counts(pts, load_policy(site_dir))}
     return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
 
 
-def endpoint_counts(rt, policy) -> dict:
+def endpoint_counts(patients: list[dict], policy) -> dict:
     """Patients with a benefit label / with DFS (the server's endpoint detection); 0 below the site's floor."""
-    ds = rt.test   # every patient of the site
-    n_b = sum(1 for it in ds.items if np.isfinite(it["benefit"]))
-    n_d = sum(1 for it in ds.items if np.isfinite(it["dfs_time"]) and np.isfinite(it["dfs_event"]))
+    n_b = sum(1 for p in patients if p["benefit"] is not None)
+    n_d = sum(1 for p in patients if p["dfs_months"] is not None and p["dfs_event"] is not None)
     return {"n-benefit": n_b if n_b >= int(policy.min_patients["benefit"]) else 0,
             "n-dfs": n_d if n_d >= int(policy.min_patients["dfs"]) else 0}
 
@@ -75,6 +72,9 @@ def train(msg: Message, context: Context) -> Message:
     """Train from the received global model; with ``evaluate`` (a split) in the config, first score that
     model there and release what the site's rules allow in an ``evaluation`` record -- the validation of
     the previous round comes back with this round's update, one message per center per round."""
+    from common.learn.engine import predict, train_model
+    from common.learn.task import model_from_config
+
     rt = site_runtime(context.run_config, context.node_config)
     if rt.role == "external":
         return _refuse(msg, f"center {rt.center_id} is the external validation center and never trains")
@@ -124,8 +124,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     ``threshold`` (from internal validation), ``bins`` (score histogram bins),
     ``full-report`` (metrics with CIs), ``baseline-hazard`` (the hazard cells of the model
     on this split), ``bh-times`` / ``bh-cumhaz`` / ``risk-cuts`` (the model's baseline hazard and
-    risk-group cut points, for the full report's calibration of predicted DFS).  Floors come from the site policy, never the run.
+    risk-group cut points, for the full report's calibration of predicted DFS).  Floors come from the site
+    policy, never the run.
     """
+    from common.learn.engine import predict
+    from common.learn.task import model_from_config
+
     rt = site_runtime(context.run_config, context.node_config)
     cfg = rt.cfg
     conf = msg.content["config"]

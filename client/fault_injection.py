@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType
 
 ENV = "NEWADJ_FAULTS"
@@ -83,8 +82,14 @@ def _corrupt(kind: str, value: float | None, sent: ArrayRecord, reply: ArrayReco
                 a = a.ravel()[:-1]
             elif kind == "dtype":
                 a = a.astype(np.float64)
-        out[k] = torch.from_numpy(np.ascontiguousarray(a))
-    return ArrayRecord(out)
+        out[k] = np.ascontiguousarray(a)
+    return ArrayRecord({k: _tensor(v) for k, v in out.items()})
+
+
+def _tensor(a: np.ndarray):
+    import torch   # only when a fault is injected (tests)
+
+    return torch.from_numpy(a)
 
 
 def fault_injection_mod(msg: Message, context: Context, call_next) -> Message:

@@ -161,17 +161,21 @@ def site_identity(run_config, node_config) -> tuple[Path, str]:
 
 
 def _split_size(context: Context, split: str) -> int | None:
-    """Patients in one split of this site (None: the site has no such split)."""
-    from client.site_runtime import site_runtime
+    """Patients in one split of this site (None: the site has no such split); from its cache's manifest."""
+    from client.site_runtime import site_manifest
 
-    ds = site_runtime(context.run_config, context.node_config).split(split)
-    return None if ds is None else len(ds)
+    _center, role, _dir, manifest = site_manifest(context.run_config, context.node_config)
+    if split == "test":
+        return len(manifest["patients"])        # every patient: what the external center scores
+    if role == "external":
+        return None
+    return sum(1 for p in manifest["patients"] if p["split"] == split)
 
 
 def _default_epochs(context: Context) -> int:
-    from client.site_runtime import site_runtime
+    from client.site_runtime import site_settings
 
-    return int(site_runtime(context.run_config, context.node_config).cfg.federation.local_epochs)
+    return int(site_settings(context.run_config, context.node_config)[3].federation.local_epochs)
 
 
 def run_overrides(run_config) -> list[str]:

@@ -20,7 +20,6 @@ import json
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.mod import fixedclipping_mod
@@ -45,6 +44,8 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message
 
 def _train_as_plain(msg: Message, context: Context, call_next) -> Message:
     """FitIns -> the plain train message -> the plain handler -> FitRes."""
+    import torch   # the training stage only: the other SecAgg+ stages never import torch
+
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)
     keys = json.loads(str(config.pop(PARAM_KEYS)))

@@ -17,9 +17,6 @@ from pathlib import Path
 from common.config import split_overrides
 from common.data.identity import site_identity
 from common.data.policy import site_config
-from common.learn.dataset import SiteDataset, site_dataset
-from common.preprocess.cache import preprocess_site
-from common.learn.task import check_dataset_matches, input_dims
 
 # a simulation worker serves many virtual centers: keep the most recently used ones only
 # (federation.client_site_cache); a deployment ClientApp serves its own center alone
@@ -33,11 +30,11 @@ class SiteRuntime:
     site_dir: Path
     cfg: object
     dims: dict
-    train: SiteDataset | None
-    val: SiteDataset | None
-    test: SiteDataset   # every patient: the external center's evaluation set
+    train: object | None          # common.learn.dataset.SiteDataset
+    val: object | None
+    test: object                  # every patient: the external center's evaluation set
 
-    def split(self, name: str) -> SiteDataset | None:
+    def split(self, name: str):
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
@@ -62,8 +59,24 @@ def _resolve_site(run_config, node_config) -> tuple[Path, str | None, str | None
     return sites[pid].path, None, None
 
 
+_SETTINGS: dict = {}
+_MANIFESTS: dict = {}
+
+
+def _key(run_config, node_config) -> tuple:
+    return (tuple(sorted((k, str(v)) for k, v in run_config.items())),
+            tuple(sorted((k, str(v)) for k, v in node_config.items())))
+
+
 def site_settings(run_config, node_config) -> tuple[Path, str, str, object]:
-    """(site folder, center id, role, config) of this ClientApp, without loading any data."""
+    """(site folder, center id, role, config) of this ClientApp, without loading any data (once a process)."""
+    key = _key(run_config, node_config)
+    if key not in _SETTINGS:
+        _SETTINGS[key] = _site_settings(run_config, node_config)
+    return _SETTINGS[key]
+
+
+def _site_settings(run_config, node_config) -> tuple[Path, str, str, object]:
     site_dir, role, center = _resolve_site(run_config, node_config)
     # defaults + the run's allowed overrides + the site's own [config] (a disallowed key raises, naming it)
     cfg, _ = site_config(site_dir, overrides_of(run_config))
@@ -73,13 +86,32 @@ def site_settings(run_config, node_config) -> tuple[Path, str, str, object]:
     return site_dir, center, role, cfg
 
 
+def site_manifest(run_config, node_config) -> tuple[str, str, Path, dict]:
+    """(center id, role, site folder, cache manifest) of this ClientApp, the cache built or refreshed if needed;
+    no torch, no array is loaded (what a role query needs)."""
+    import json
+
+    from common.preprocess.cache import MANIFEST, preprocess_site
+
+    key = _key(run_config, node_config)
+    if key not in _MANIFESTS:
+        site_dir, center, role, cfg = site_settings(run_config, node_config)
+        res = preprocess_site(site_dir, cfg, progress=False)
+        _MANIFESTS[key] = (center, role, site_dir, json.loads((res.cache_dir / MANIFEST).read_text()))
+    return _MANIFESTS[key]
+
+
 def site_runtime(run_config, node_config) -> SiteRuntime:
-    key = (tuple(sorted((k, str(v)) for k, v in run_config.items())),
-           tuple(sorted((k, str(v)) for k, v in node_config.items())))
+    key = _key(run_config, node_config)
     if key in _RUNTIMES:
         _RUNTIMES.move_to_end(key)
         return _RUNTIMES[key]
     site_dir, center, role, cfg = site_settings(run_config, node_config)
+    # torch and the site's arrays are loaded here, by the handlers that need them, not at the app's import
+    from common.learn.dataset import site_dataset
+    from common.learn.task import check_dataset_matches, input_dims
+    from common.preprocess.cache import preprocess_site
+
     # idempotent: reuses the cache that `newadj preprocess` built
     res = preprocess_site(site_dir, cfg, progress=False)
     dims = input_dims(cfg)

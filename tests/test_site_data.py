@@ -12,9 +12,8 @@ from common.data.site import (
     Problem,
     SiteData,
     SiteDataError,
-    open_slide,
-    read_volume,
 )
+from common.data.images import open_slide, read_volume
 from common.data.splits import assign_splits
 from tests import sitebuilder as sb
 

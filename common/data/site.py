@@ -28,13 +28,12 @@ from common.data.contract import (  # noqa: F401 - re-exported: the contract's n
     _rel, _warn)
 from common.data.identity import read_identity
 from common.data.splits import assign_splits
-from common.data.images import open_slide, read_volume, slide_mpp  # noqa: F401 - re-exported
 from common.data.tables import _decode_csv, _is_missing, _parse_float, _read_csv  # noqa: F401
 
 AUTO = "auto"   # a split still to assign (common/data/splits.py)
 
 __all__ = ["DEFAULT_PHASES", "SLIDE_EXTENSIONS", "Problem", "SiteDataError", "PatientRecord", "SiteData",
-           "read_volume", "open_slide", "PATIENT_ID_RE"]
+           "PATIENT_ID_RE"]
 
 
 # --------------------------------------------------------------------------- records

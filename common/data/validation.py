@@ -28,10 +28,8 @@ from common.data.site import (
     Problem,
     SiteData,
     SiteDataError,
-    open_slide,
-    read_volume,
-    slide_mpp,
 )
+from common.data.images import open_slide, read_volume, slide_mpp
 
 __all__ = ["ValidationReport", "validate_site"]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 
@@ -28,6 +27,8 @@ def from_arrays(arrays: ArrayRecord) -> dict:
 
 def upcast(arrays: ArrayRecord) -> ArrayRecord:
     """fp16 arrays as fp32 (server side, before aggregation)."""
+    import torch
+
     nd = arrays.to_numpy_ndarrays()
     if not any(a.dtype == np.float16 for a in nd):
         return arrays

@@ -85,6 +85,9 @@ def flwr_env(flwr_home: Path) -> dict:
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # SuperExec looks for a new task every second by default: a message waits less (Flower 1.41's own knob;
+    # the SuperNode's 3 s sleep when idle and the Grid's 3 s pull sleep have none -- we pull our own replies)
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     # the apps import this project: make sure they can, whatever their working directory
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
