@@ -211,3 +211,36 @@ def test_non_slide_and_missing_mpp(tmp_path, pcfg):
     with pytest.warns(UserWarning, match="default_mpp"):
         bag = slide_to_bag(nompp, c)
     assert bag["n_tiles"] == 1 and bag["mpp"] == 0.5  # 2 grid columns of 448 px; only the first is tissue
+
+
+def test_resnet_encoder_from_a_local_weights_file_and_a_cache_hit(site, tmp_path):
+    """A CNN tile encoder (MONAI's 2-D ResNet-18) built from a weights file the site supplies: features of the
+    encoder's size, and a second preprocessing run finds every bag in the cache."""
+    import torch
+    from monai.networks.nets import ResNet
+
+    from common.config import load_config
+    from common.preprocess.cache import preprocess_site
+    from common.preprocess.encoders import build_encoder
+
+    weights = tmp_path / "resnet18.pt"
+    net = ResNet(block="basic", layers=[2, 2, 2, 2], block_inplanes=[64, 128, 256, 512], spatial_dims=2,
+                 n_input_channels=3, num_classes=1000)
+    torch.save(net.state_dict(), weights)
+    enc_cfg = {"name": "resnet", "path": str(weights), "depth": 18, "input_size": 64}
+    enc = build_encoder(enc_cfg)
+    feats = enc(np.zeros((3, 96, 96, 3), np.uint8))
+    assert enc.dim == 512 and feats.shape == (3, 512) and np.isfinite(feats).all()
+    cfg = load_config(["preprocess.pathology.encoder.name=resnet", f"preprocess.pathology.encoder.path={weights}",
+                       "preprocess.pathology.encoder.input_size=64", "preprocess.pathology.max_tiles=6"])
+    first = preprocess_site(site, cfg, progress=False)
+    assert first.pathology["built"] >= 1 and first.failures == []
+    second = preprocess_site(site, cfg, progress=False)
+    assert second.pathology["built"] == 0 and second.pathology["cached"] == first.pathology["built"]
+    import json
+
+    manifest = json.loads((first.cache_dir / "manifest.json").read_text())
+    assert manifest["path_dim"] == 512 and manifest["encoder"].startswith("resnet-")
+    torch.save({"not": torch.zeros(2)}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="wrong.pt: weights do not fit a ResNet-18"):
+        build_encoder({**enc_cfg, "path": str(tmp_path / "wrong.pt")})

@@ -7,6 +7,9 @@
   optical density, then per-tile statistics (see :data:`STATS_FEATURES`).
   Stain-intensity shifts between centres are reduced by also describing each
   stain after per-tile normalisation to its own 99th percentile.
+* ``resnet``: a 2-D ResNet (MONAI's network, ``depth`` 18 / 34 / 50) whose weights come from a
+  local state-dict file (``path``; torchvision's layer names, e.g. ImageNet weights saved with
+  ``torch.save(model.state_dict())``), batched, on CUDA with mixed precision when present.
 * ``torchscript``: a local TorchScript file (``path``), ImageNet-normalised input.
 * ``timm`` / ``hf``: only when the package is importable, and only from a local
   ``path``; nothing is ever downloaded.
@@ -188,6 +191,7 @@ class TorchEncoder(Encoder):
         self.module = module.eval()
         self.name = name
         self.device = _device(cfg)
+        self.amp = str(cfg.get("amp", "auto")) != "off"
         self.module.to(self.device)
         self.input_size = int(cfg["input_size"]) if cfg.get("input_size") else None
         self.mean = torch.tensor(cfg.get("mean", [0.485, 0.456, 0.406]), dtype=torch.float32).view(1, 3, 1, 1)
@@ -218,13 +222,19 @@ class TorchEncoder(Encoder):
         import torch.nn.functional as F
 
         batch = _check_batch(batch)
+        cuda = self.device.type == "cuda"
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=cuda)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
             if self.input_size and x.shape[-1] != self.input_size:
                 x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                                   align_corners=False, antialias=True)
-            x = ((x - self.mean) / self.std).to(self.device)
-            y = self._forward(x)
+            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+            # mixed precision on a GPU (bf16 where supported), full precision on the CPU
+            amp = cuda and self.amp
+            dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+            with torch.autocast(device_type="cuda", dtype=dtype, enabled=amp):
+                y = self._forward(x)
         return y.float().cpu().numpy()
 
 
@@ -254,6 +264,37 @@ def _need(pkg: str, name: str):
                           f"Install `{pkg}` or use encoder.name=stats / torchscript")
 
 
+RESNET_LAYERS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]), 50: ("bottleneck", [3, 4, 6, 3])}
+
+
+def _resnet_encoder(cfg: Mapping) -> "TorchEncoder":
+    """A 2-D ResNet (MONAI's ``ResNet``, torchvision's layer names) from a local state-dict file; the pooled
+    features before the classifier are the embedding (512 for depth 18 / 34, 2048 for 50)."""
+    import torch
+    from monai.networks.nets import ResNet
+
+    p = _local_path(cfg, "resnet")
+    depth = int(cfg.get("depth", 18))
+    if depth not in RESNET_LAYERS:
+        raise ValueError(f"encoder resnet: depth {depth} not among {sorted(RESNET_LAYERS)}")
+    block, layers = RESNET_LAYERS[depth]
+    module = ResNet(block=block, layers=layers, block_inplanes=[64, 128, 256, 512], spatial_dims=2,
+                    n_input_channels=3, num_classes=1, feed_forward=False)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)   # tensors only: nothing in it runs
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, a corrupt file
+        raise ValueError(f"{p}: not a state dict of tensors ({type(exc).__name__}: {exc})") from exc
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(f"{p}: weights do not fit a ResNet-{depth} (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    return TorchEncoder(module, "resnet", {**cfg, "dim": cfg.get("dim") or (2048 if block == "bottleneck" else 512)},
+                        f"resnet{depth}:{_weights_id(p)}")
+
+
 def build_encoder(cfg: Any = None) -> Encoder:
     """An encoder from the ``pathology.encoder`` config node (``None`` -> ``stats``)."""
     cfg = _plain(cfg)
@@ -275,6 +316,8 @@ def build_encoder(cfg: Any = None) -> Encoder:
         except Exception as exc:
             raise ValueError(f"{p}: not a loadable TorchScript module ({type(exc).__name__}: {exc})") from exc
         return TorchEncoder(module, "torchscript", cfg, _weights_id(p))
+    if name == "resnet":
+        return _resnet_encoder(cfg)
     if name == "timm":
         _need("timm", name)
         p = _local_path(cfg, name)
@@ -293,4 +336,4 @@ def build_encoder(cfg: Any = None) -> Encoder:
 
         module = AutoModel.from_pretrained(str(p), local_files_only=True)
         return TorchEncoder(module, "hf", cfg, _weights_id(p))
-    raise ValueError(f"unknown pathology encoder {name!r} (stats, torchscript, timm, hf)")
+    raise ValueError(f"unknown pathology encoder {name!r} (stats, resnet, torchscript, timm, hf)")
