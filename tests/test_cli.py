@@ -114,9 +114,18 @@ def _tables():
     from common.cli import synth_table
     from common.reports.console import render_external, render_round_centers, render_rounds
 
+    from types import SimpleNamespace
+
+    from common.cli.data import add_preprocess_row, preprocess_table
+
     m = _metrics_fixture()
+    pre = preprocess_table()
+    res = SimpleNamespace(n_patients=1234, failures=[1, 2], seconds=1234.5,
+                          mri={"built": 1100, "cached": 134}, pathology={"built": 1200, "cached": 34, "tiles": 123456,
+                                                                        "tiles_per_s": 123.4})
+    add_preprocess_row(pre, "university-hospital-center-a", res)
     return [render_rounds(m), render_round_centers(m), *render_external(m), synth_table(_synth_summary(), "t"),
-            *render_table(_baseline_summary())]
+            *render_table(_baseline_summary()), pre]
 
 
 def test_every_table_fits_80_columns_with_no_number_cut():
@@ -126,6 +135,8 @@ def test_every_table_fits_80_columns_with_no_number_cut():
         con = Console(width=80, record=True, file=open(os.devnull, "w"))
         con.print(table)
         text = con.export_text()
+        first = table.columns[0]                            # the label column is never squeezed away
+        assert all(str(cell)[:4] in text for cell in first._cells), (first.header, text)
         assert all(len(ln) <= 80 for ln in text.splitlines()), text
         assert "…" not in text, text
         for cell in re.findall(r"\d+\.\d+", text):   # every number whole: 3 decimals or 2 in a CI, none cut

@@ -67,8 +67,7 @@ def cmd_preprocess(args) -> int:
 
     cfg = load_config(args.overrides)
     status = 0
-    table = compact_table("Preprocessing", [(c, "left" if c == "site" else "right") for c in (
-        "site", "pts", "MRI new", "cached", "slides new", "cached", "tiles", "tiles/s", "failed", "s")])
+    table = preprocess_table()
     for site_dir in _site_dirs(args.site_dir):
         try:
             res = preprocess_site(site_dir, cfg, workers=args.workers,
@@ -79,9 +78,7 @@ def cmd_preprocess(args) -> int:
             status = 1
             continue
         m, p = res.mri, res.pathology
-        table.add_row(site_dir.name, str(res.n_patients), str(m["built"]), str(m["cached"]), str(p["built"]),
-                      str(p["cached"]), str(p["tiles"]), "-" if p["tiles_per_s"] is None else f"{p['tiles_per_s']:.0f}",
-                      str(len(res.failures)), f"{res.seconds:.1f}")
+        add_preprocess_row(table, site_dir.name, res)
         for f in res.failures:
             err_console.print(f"[red]error[/red] {site_dir.name}/{f['file']} ({f['patient_id']}, {f['modality']}): {f['error']}")
         if res.failures:
@@ -111,3 +108,18 @@ def _with_features(args) -> list[str]:
     if not getattr(args, "features", None):
         return list(args.overrides)
     return list(args.overrides) + feature_overrides(args.features)
+
+
+def preprocess_table():
+    """One row per site (fits 80 columns): MRI volumes and slides as built/cached."""
+    t = compact_table("Preprocessing", [("site", "left"), ("pts", "right"), ("MRI", "right"), ("slides", "right"),
+                                        ("tiles", "right"), ("tiles/s", "right"), ("failed", "right"), ("s", "right")])
+    t.caption, t.caption_justify = "MRI and slides: built now / found in the cache", "left"
+    return t
+
+
+def add_preprocess_row(table, name: str, res) -> None:
+    m, p = res.mri, res.pathology
+    table.add_row(name, str(res.n_patients), f"{m['built']}/{m['cached']}", f"{p['built']}/{p['cached']}",
+                  str(p["tiles"]), "-" if p["tiles_per_s"] is None else f"{p['tiles_per_s']:.0f}",
+                  str(len(res.failures)), f"{res.seconds:.1f}")
