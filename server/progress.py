@@ -6,11 +6,16 @@ the terminal through this file instead, one JSON object a line, written as the r
 and ``log`` for every warning or error the server logs (a center that failed, an update
 rejected, a round dropped, a selection that rests on too little validation).  The CLI
 follows the file (``common/reports/console.py``) and prints one line per event.
+
+The same lines (INFO and above) also go to the ServerApp's standard error, Flower's own log
+stream: that is what ``flwr run --stream`` and ``flwr log`` show a deployment's operator
+(the CLI's simulations send that stream to ``RUN_DIR/logs/``, never to the terminal).
 """
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -28,8 +33,12 @@ class Events(logging.Handler):
         self.path = Path(run_dir) / EVENTS_FILE
         if not resume and self.path.exists():
             self.path.unlink()
+        self.stream = logging.StreamHandler(sys.stderr)
+        self.stream.setLevel(logging.INFO)
+        self.stream.setFormatter(logging.Formatter("%(levelname)-8s:      [newadj] %(message)s"))
         for name in LOGGERS:
             logging.getLogger(name).addHandler(self)
+            logging.getLogger(name).addHandler(self.stream)
             logging.getLogger(name).setLevel(min(logging.getLogger(name).level or logging.INFO, logging.INFO))
 
     def __call__(self, event: str, **fields) -> None:
@@ -45,4 +54,6 @@ class Events(logging.Handler):
     def close(self) -> None:
         for name in LOGGERS:
             logging.getLogger(name).removeHandler(self)
+            logging.getLogger(name).removeHandler(self.stream)
+        self.stream.close()
         super().close()
