@@ -255,8 +255,10 @@ def release_metrics(pred: dict, terms: "Terms", policy, cfg, notices: list[str],
         return out
     n_boot, seed = int(cfg.train.n_boot), int(cfg.seed)
     if benefit_ok:
-        rep = evaluate_predictions(y, p, out["threshold-used"], n_boot=n_boot, seed=seed, min_patients=floor_b)
-        for name in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece"):
+        rep = evaluate_predictions(y, p, out["threshold-used"], n_boot=n_boot, seed=seed, min_patients=floor_b,
+                                   calibration=terms.calibration)
+        for name in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece",
+                     *(("brier_calibrated", "ece_calibrated") if terms.calibration else ())):
             _entry_keys(out, name, rep.get(name))
     if dfs_ok:
         bh_times, bh_cumhaz, cuts = baseline
@@ -313,6 +315,7 @@ class Terms:
     release: bool = True                 # False: abstain on every endpoint
     full_report: bool = False
     notices: list[str] = field(default_factory=list)
+    calibration: dict | None = None      # Platt parameters for the full report's recalibrated Brier / ECE
 
 
 def admit_evaluate(policy, ledger_path: Path, run_id: int, conf) -> tuple[Terms | None, str | None]:
@@ -326,7 +329,24 @@ def admit_evaluate(policy, ledger_path: Path, run_id: int, conf) -> tuple[Terms 
     if not math.isfinite(threshold) or asked_bins < 1:
         return None, f"`bins` must be >= 1 and `threshold` finite, got {asked_bins} / {threshold}"
     full = bool(conf.get("full-report", False))
+    calibration = None
+    if "calibration-a" in conf or "calibration-b" in conf:
+        try:
+            calibration = {"a": float(conf.get("calibration-a")), "b": float(conf.get("calibration-b"))}
+        except (TypeError, ValueError):
+            return None, "`calibration-a` / `calibration-b` must both be numbers"
+        if not (math.isfinite(calibration["a"]) and math.isfinite(calibration["b"]) and calibration["a"] > 0):
+            return None, f"calibration {calibration} refused: needs a finite slope > 0 and a finite intercept"
+        if not full:
+            return None, "a calibration is accepted only with the full report"
     with ledger_entry(ledger_path, run_id) as entry:
+        if calibration is not None:   # one recalibration per run: a server cannot sweep maps over the same scores
+            fixed = entry.get("calibration")
+            if fixed is None:
+                entry["calibration"] = [calibration["a"], calibration["b"]]
+            elif [float(v) for v in fixed] != [calibration["a"], calibration["b"]]:
+                return None, (f"this run already used the calibration a={fixed[0]:g}, b={fixed[1]:g}; "
+                              f"a different one is refused")
         thresholds = [float(t) for t in entry["thresholds"]]
         if threshold not in thresholds:
             if len(thresholds) >= policy.max_thresholds:
@@ -354,7 +374,7 @@ def admit_evaluate(policy, ledger_path: Path, run_id: int, conf) -> tuple[Terms 
             else:
                 entry["final_released"] = True
     return Terms(bins=bins, threshold=threshold, release=release, full_report=full and release,
-                 notices=notices), None
+                 notices=notices, calibration=calibration), None
 
 
 # --------------------------------------------------------------------------- the check on every reply

@@ -10,7 +10,9 @@ baseline-hazard cells, and -- in a full report -- exact values with CIs.  Poolin
   (``common.metrics.pooled_c_index``): exactly Harrell's C within centers on the pooled
   predictions;
 * the time-dependent AUC at each horizon from the DFS cells, with bounds;
-* the validation loss, weighted by patients.
+* the validation loss, weighted by patients;
+* Platt scaling of the benefit probability fitted on the pooled cells
+  (``common.metrics.fit_platt_cells``), which the selected round's model carries.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import logging
 import numpy as np
 
 from common.federation import reply_schema as W
-from common.metrics import (auc_from_cells, baseline_hazard_from_cells, pooled_c_index, quantiles_from_cells,
-                            youden_from_cells)
+from common.metrics import (auc_from_cells, baseline_hazard_from_cells, fit_platt_cells, pooled_c_index,
+                            quantiles_from_cells, youden_from_cells)
 
 log = logging.getLogger("newadj.server")
 
@@ -88,6 +90,9 @@ def pool(per_center: dict, released: dict) -> dict:
                        "weighted_auc": (sum(a * n for a, n in w_auc) / max(1, sum(n for _, n in w_auc))
                                         if w_auc else float("nan")),
                        "youden_threshold": youden_from_cells(cells)})
+        platt = fit_platt_cells(cells)   # recalibration from the same cells (no patient's score)
+        if platt is not None:
+            pooled["platt"] = {"a": platt["a"], "b": platt["b"]}
     pairs = [r["pairs"] for r in released.values() if r["pairs"] is not None]
     if pairs:
         c, lo, hi = pooled_c_index(pairs)

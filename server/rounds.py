@@ -71,9 +71,12 @@ def centers_of(roles) -> dict:
 
 
 def merge_failures(train: dict, evaluate: dict) -> dict:
-    """{center: reason} of a round; a center that failed both phases keeps both reasons."""
+    """{center: reason} of a round; a center that failed both phases keeps both reasons, once if they are
+    the same (a policy refusal answers the train message that carried the evaluation with one reason)."""
     out = dict(train)
     for c, why in evaluate.items():
+        if out.get(c) == why:
+            continue
         out[c] = f"{out[c]}; evaluate: {why}" if c in out else f"evaluate: {why}"
     return out
 

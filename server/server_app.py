@@ -158,7 +158,8 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         key = selection_key(val["pooled"], select_metric) if select_metric else -np.inf
         # no center released validation metrics yet (all abstained under their floors): the latest model
         if best is None or key > best["key"] or (key == -np.inf and best["key"] == -np.inf):
-            best = {"round": rnd, "key": key, **decision_threshold(val["pooled"]), "val": rec["val"]}
+            best = {"round": rnd, "key": key, **decision_threshold(val["pooled"]), "val": rec["val"],
+                    "calibration": (val["pooled"].get("platt") if str(cfg.train.calibration) == "platt" else None)}
         rec["best_round"] = best["round"]
         history.append(rec)
         events("round", of=num_rounds, **{k: rec.get(k) for k in ("round", "train_loss", "val", "failures", "dropped",
@@ -283,10 +284,15 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         if baseline_hazard is None:
             log.warning("no training center released baseline-hazard cells: predicted DFS probabilities, their "
                         "calibration and the integrated Brier score are not available")
+    calibration = ({"method": "platt", **best["calibration"],
+                    "fitted_on": f"pooled validation cells of round {best['round']}"} if best.get("calibration") else None)
     external = {}
     if ext_ids:
         request = {"split": "test", "bins": int(fed.histogram_bins), "threshold": float(best["threshold"]),
                    "full-report": True}
+        if best.get("calibration"):
+            request.update({"calibration-a": float(best["calibration"]["a"]),
+                            "calibration-b": float(best["calibration"]["b"])})
         if baseline_hazard:
             request.update({"bh-times": baseline_hazard["times"], "bh-cumhaz": baseline_hazard["cumhaz"]})
             cuts = (baseline_hazard.get("risk_groups") or {}).get("cuts")
@@ -309,7 +315,8 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
             "strategy": str(fed.strategy), "rounds": num_rounds, "selected_round": best["round"],
             "local_epochs": int(fed.local_epochs), "config_hash": cfg_hash, "seed": int(cfg.seed),
             "selection": f"{select_metric} on internal validation", "privacy": privacy,
-            "endpoints": [k for k, v in endpoints.items() if v], "baseline_hazard": baseline_hazard}
+            "endpoints": [k for k, v in endpoints.items() if v], "baseline_hazard": baseline_hazard,
+            "calibration": calibration}
     package = save_model_package(run_dir / "best_model.pt", best_state, cfg, float(best["threshold"]), card)
     per_round = [h["bytes_sent"] / max(1, h.get("messages_out", 1)) for h in history]
     summary = {
@@ -317,7 +324,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         "rounds": num_rounds, "centers": centers, "role_query_errors": role_errors,
         "selected_round": best["round"], "selection_metric": select_metric, "selection": selection,
         "endpoints": endpoints, "baseline_hazard": baseline_hazard,
-        "threshold": best["threshold"], "selected_val": best["val"],
+        "threshold": best["threshold"], "calibration": calibration, "selected_val": best["val"],
         "best_model": {"file": "best_model.pt", "sha256": package["sha256"],
                        "checkpoint_sha256": best_meta["sha256"], "weights_sha256": best_meta.get("weights_sha256")},
         "external": external, "history": history, "privacy": privacy, "stopped_early": stopped_early,

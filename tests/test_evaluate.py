@@ -261,3 +261,17 @@ def test_report_on_real_federation_and_baseline(tiny_cohort, tmp_path, flwr_home
     sha = json.loads((run / "metrics.json").read_text())["best_model"]["sha256"]   # as the coordinator announced it
     assert cli(["evaluate", "--sha256", sha, "--model", str(run / "best_model.pt"), "--site",
                 str(tiny_cohort / "external"), "--out", str(tmp_path / "ev")]) == 0
+    # the recalibration the selected round's pooled validation cells fitted travels with the model: the
+    # external center reports calibration before and after it; the evaluator's report and screening use it
+    m = json.loads((run / "metrics.json").read_text())
+    platt = m["selected_val"].get("platt")
+    assert (m["calibration"] is None) == (platt is None)
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    if platt is not None:
+        assert m["calibration"]["a"] == pytest.approx(platt["a"]) and m["calibration"]["a"] > 0
+        ext = m["external"]["centers"]["external"]
+        assert ext.get("abstained") or ("ece_calibrated" in ext and "brier_calibrated" in ext)
+        assert ev["calibration"]["recalibration"]["a"] == pytest.approx(platt["a"])
+        assert "ece_calibrated" in ev["calibration"] and "reliability_calibrated" in ev["calibration"]
+    else:
+        assert "ece_calibrated" not in ev["calibration"]

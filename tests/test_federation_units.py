@@ -168,3 +168,12 @@ def test_expired_messages_count_as_no_reply_and_replies_are_matched_by_reply_to(
     assert out[1] is not None and not out[1].has_error()
     assert out[2] is None and out[4] is None                       # expired at the SuperLink / never answered
     assert out[3].has_error() and out[3].error.code == ErrorCode.NODE_UNAVAILABLE
+
+
+def test_merge_failures_keeps_each_reason_once():
+    from server.rounds import merge_failures
+
+    same = "policy of center_a: local-epochs 1 exceeds max_local_epochs 0"
+    merged = merge_failures({"center_a": same, "center_b": "no reply"}, {"center_a": same, "center_c": "timeout"})
+    assert merged == {"center_a": same, "center_b": "no reply", "center_c": "evaluate: timeout"}
+    assert merge_failures({"center_b": "no reply"}, {"center_b": "nan loss"}) == {"center_b": "no reply; evaluate: nan loss"}

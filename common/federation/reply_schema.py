@@ -31,7 +31,8 @@ def td_keys(horizon: float) -> tuple[str, str, str]:
 HAZARD_CELLS = ("hz-edges", "hz-events", "hz-exposure")
 RISK_CELLS = ("risk-edges", "risk-counts")
 # a full report (one per run, the external center): value, -lo, -hi of each
-FULL_REPORT = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece", "c_index", "ibs")
+FULL_REPORT = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece", "c_index", "ibs",
+               "brier_calibrated", "ece_calibrated")   # the last two: after the run's Platt scaling
 CAL_GROUPS = ("all", "low", "mid", "high")          # predicted-risk tertiles
 
 

@@ -47,16 +47,18 @@ def run_arm(name, cfg, train_ds, val_ds, test_ds, modalities=None, seed=0, model
     model = model_for(cfg, train_ds, modalities)
     res = train_model(model, train_ds, val_ds, cfg.train, cfg.model.loss, seed=seed)
     hazard = baseline_hazard(model, train_ds, cfg.train)
-    ext = evaluate_model(model, test_ds, res.threshold, cfg.train, seed=seed, hazard=hazard)
+    ext = evaluate_model(model, test_ds, res.threshold, cfg.train, seed=seed, hazard=hazard,
+                         calibration=res.calibration)
     if model_path is not None:
         arm_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         if modalities is not None:
             arm_cfg.model.modalities = list(modalities)
         save_model_package(model_path, res.state_dict, arm_cfg, res.threshold,
                            {"arm": name, "n_train": res.n_train, "n_val": res.n_val, "best_epoch": res.best_epoch,
-                            "endpoints": endpoints_of(train_ds), "baseline_hazard": hazard})
+                            "endpoints": endpoints_of(train_ds), "baseline_hazard": hazard,
+                            "calibration": res.calibration})
     return {"arm": name, "modalities": list(modalities or cfg.model.modalities), "external": ext,
-            "val": res.val, "threshold": res.threshold, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+            "val": res.val, "threshold": res.threshold, "calibration": res.calibration, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
             "n_train": res.n_train, "n_val": res.n_val, "seconds": res.seconds,
             "train_samples_per_s": res.samples_per_s}
 
@@ -189,14 +191,16 @@ def render_table(summary: dict) -> list:
              + (f", oracle AUC {oracle:.3f}" if oracle else "") + f"); modalities {', '.join(summary['modalities'])}")
     ext = compact_table(title, [("arm", "left"), ("n train", "right"), ("AUC (95% CI)", "right"),
                                 ("accuracy", "right"), ("C-index (95% CI)", "right")])
-    val = compact_table("Internal validation (selection) and training time",
-                        [("arm", "left"), ("val AUC", "right"), ("val C", "right"), ("epochs", "right"),
-                         ("s", "right")])
+    val = compact_table("External calibration (ECE raw, after Platt scaling fitted on internal validation); "
+                        "internal validation (selection); training time",
+                        [("arm", "left"), ("ECE", "right"), ("ECE cal", "right"), ("val AUC", "right"),
+                         ("val C", "right"), ("epochs", "right"), ("s", "right")])
     for name, r in summary["arms"].items():
         e = r["external"]
         ext.add_row(name, str(r["n_train"]), _fmt(e, "auc"), _num((e.get("accuracy") or {}).get("value")),
                     _fmt(e, "c_index"))
-        val.add_row(name, _num(r["val"].get("val_auc")), _num(r["val"].get("val_c_index")), str(r["best_epoch"]),
+        val.add_row(name, _num((e.get("ece") or {}).get("value")), _num((e.get("ece_calibrated") or {}).get("value")),
+                    _num(r["val"].get("val_auc")), _num(r["val"].get("val_c_index")), str(r["best_epoch"]),
                     f"{r['seconds']:.0f}")
     for name, why in (summary.get("skipped_arms") or {}).items():
         ext.add_row(name, "-", "skipped", "", why)

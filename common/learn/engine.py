@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from common.config import to_plain
 from common.learn.dataset import make_collate
 from common.learn.losses import multitask_loss
-from common.metrics import evaluate_predictions, youden_threshold
+from common.metrics import evaluate_predictions, fit_platt, youden_threshold
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class TrainResult:
     n_val: int = 0
     samples_per_s: float = 0.0
     seconds: float = 0.0
+    calibration: dict | None = None              # Platt scaling fitted on the validation split (train.calibration)
 
 
 @torch.no_grad()
@@ -213,7 +214,7 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
         best_epoch = len(history)
         best_val = {k: history[-1][k] for k in VAL_KEYS if history and k in history[-1]}
 
-    threshold = 0.5
+    threshold, calibration = 0.5, None
     n_val = len(val_ds) if val_ds is not None else 0
     if n_val and select_best:    # federated clients: the server selects and thresholds on pooled validation
         pred = predict(model, val_ds, int(tc["eval_batch_size"]), device, amp)
@@ -221,12 +222,15 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
         lab = ~np.isnan(y)
         if lab.sum() and len(np.unique(y[lab])) == 2:
             threshold = float(youden_threshold(y[lab], p[lab]))
+            if str(tc.get("calibration", "none")) == "platt":
+                calibration = fit_platt(y[lab], p[lab])
         best_val["n"] = int(lab.sum())
         best_val["n_pos"] = int(np.nansum(y[lab]))
     return TrainResult(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
                        threshold=threshold, best_epoch=best_epoch, epochs_run=len(history), history=history,
                        val=best_val, train_loss=train_loss, n_train=len(train_ds), n_val=n_val,
-                       samples_per_s=n_seen / seconds if seconds > 0 else 0.0, seconds=seconds)
+                       samples_per_s=n_seen / seconds if seconds > 0 else 0.0, seconds=seconds,
+                       calibration=calibration)
 
 
 def baseline_hazard(model: torch.nn.Module, dataset, train_cfg) -> dict | None:
@@ -249,9 +253,10 @@ def baseline_hazard(model: torch.nn.Module, dataset, train_cfg) -> dict | None:
 
 
 def evaluate_model(model: torch.nn.Module, dataset, threshold: float, train_cfg, seed: int = 0,
-                   hazard: dict | None = None) -> dict:
+                   hazard: dict | None = None, calibration: dict | None = None) -> dict:
     """Full metrics (with CIs) of ``model`` on ``dataset`` at a threshold fixed beforehand; ``dfs`` holds the
-    DFS report (C-index, time-dependent AUC, and with ``hazard`` the IBS and calibration of predicted DFS)."""
+    DFS report (C-index, time-dependent AUC, and with ``hazard`` the IBS and calibration of predicted DFS);
+    ``calibration`` (Platt parameters fitted on validation) adds the recalibrated Brier score and ECE."""
     from common.metrics import dfs_report
 
     tc = to_plain(train_cfg)
@@ -260,7 +265,7 @@ def evaluate_model(model: torch.nn.Module, dataset, threshold: float, train_cfg,
     pred = predict(model, dataset, int(tc["eval_batch_size"]), device, tc.get("amp", "auto"))
     out = evaluate_predictions(pred["benefit"], pred["prob"], threshold, time=pred["dfs_time"],
                                event=pred["dfs_event"], risk=pred["risk"], n_boot=int(tc["n_boot"]),
-                               seed=seed, min_patients=int(tc["min_patients"]))
+                               seed=seed, min_patients=int(tc["min_patients"]), calibration=calibration)
     out["dfs"] = dfs_report(pred["dfs_time"], pred["dfs_event"], pred["risk"], tc["dfs_horizons"],
                             (hazard or {}).get("times"), (hazard or {}).get("cumhaz"), n_boot=int(tc["n_boot"]),
                             seed=seed, min_patients=int(tc["min_patients"]))

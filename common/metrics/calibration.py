@@ -70,3 +70,59 @@ def expected_calibration_error(y_true: Any, y_prob: Any, n_bins: int = 10, strat
     nz = counts > 0
     gaps = np.abs(rc["prob_true"][nz] - rc["prob_pred"][nz])
     return float(np.sum(counts[nz] * gaps) / total)
+
+
+# --------------------------------------------------------------------------- #
+# recalibration: Platt scaling on the logit of the score
+# --------------------------------------------------------------------------- #
+_EPS = 1e-6
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), _EPS, 1.0 - _EPS)
+    return np.log(p / (1.0 - p))
+
+
+def fit_platt(y_true: Any, y_prob: Any, sample_weight: Any = None, min_slope: float = 1e-3) -> dict | None:
+    """Platt scaling ``q = sigmoid(a * logit(p) + b)`` by weighted maximum likelihood (scikit-learn's
+    logistic regression, a weak L2 penalty on ``a`` only, so a separable set stays finite); ``{"a", "b", "n"}``, or None without both labels.  ``a`` is kept >= ``min_slope`` so
+    that recalibration never reverses the model's ranking (AUC and the thresholded decision unchanged)."""
+    from sklearn.linear_model import LogisticRegression
+
+    y, p = np.asarray(y_true, dtype=float), np.asarray(y_prob, dtype=float)
+    w = np.ones_like(p) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+    keep = np.isfinite(y) & np.isfinite(p) & (w > 0)
+    y, p, w = y[keep].astype(int), p[keep], w[keep]
+    if y.size == 0 or w[y == 1].sum() == 0 or w[y == 0].sum() == 0:
+        return None
+    lr = LogisticRegression(C=10.0, solver="lbfgs", max_iter=1000)   # weak L2 on the slope: finite when separable
+    lr.fit(_logit(p)[:, None], y, sample_weight=w)
+    a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    if a < min_slope:   # a model that does not rank: keep the order, calibrate the level
+        a = min_slope
+        b = float(_logit(np.array([np.average(y, weights=w)]))[0] - a * np.average(_logit(p), weights=w))
+    return {"a": a, "b": b, "n": float(w.sum())}
+
+
+def fit_platt_cells(cells, points: int = 8) -> dict | None:
+    """Platt scaling from released score cells, no patient's score needed: every ``(edges, neg, pos)``
+    cell's counts are spread evenly over ``points`` scores inside it (the uniform-within-cell reading
+    of the pooled AUC, ``common.metrics.federated``), and :func:`fit_platt` is fitted on those weights."""
+    from common.metrics.federated import _cell_arrays
+
+    lo, hi, neg, pos = _cell_arrays(cells)
+    frac = (np.arange(points) + 0.5) / points
+    scores = lo[:, None] + (hi - lo)[:, None] * frac[None, :]            # (cells, points)
+    s = np.concatenate([scores.ravel(), scores.ravel()])
+    y = np.concatenate([np.zeros(scores.size), np.ones(scores.size)])
+    w = np.concatenate([np.repeat(neg / points, points), np.repeat(pos / points, points)])
+    return fit_platt(y, s, sample_weight=w)
+
+
+def apply_platt(y_prob: Any, params: dict | None) -> np.ndarray:
+    """Recalibrated probabilities (``params`` None: unchanged); NaN stays NaN."""
+    p = np.asarray(y_prob, dtype=float)
+    if not params:
+        return p
+    z = float(params["a"]) * _logit(p) + float(params["b"])
+    return np.where(np.isfinite(p), 1.0 / (1.0 + np.exp(-z)), np.nan)

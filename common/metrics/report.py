@@ -7,7 +7,7 @@ import numpy as np
 
 from common.metrics._base import _NAN, _abstain, _as_float, _ci_entry, _jsonify, _two_classes  # noqa: F401
 from common.metrics.bootstrap import _bootstrap_values, _percentiles
-from common.metrics.calibration import expected_calibration_error
+from common.metrics.calibration import apply_platt, expected_calibration_error
 from common.metrics.classification import binary_metrics, delong_auc_ci
 from common.metrics.survival import _c_index_entry
 
@@ -25,18 +25,22 @@ _UNDEFINED = {
     "brier": "undefined (no labelled patients)",
     "ece": "undefined (no labelled patients)",
 }
+# calibration after recalibration (Platt scaling fitted on internal validation): beside the raw ones
+_RECAL_KEYS = ("brier_calibrated", "ece_calibrated")
+_UNDEFINED.update({k: "undefined (no labelled patients)" for k in _RECAL_KEYS})
 
 
-def _cls_vector(y: np.ndarray, p: np.ndarray, threshold: float, n_bins: int) -> np.ndarray:
+def _calibration_pair(y: np.ndarray, p: np.ndarray, n_bins: int) -> list[float]:
+    # same value as brier() (sklearn brier_score_loss on clipped p), without
+    # sklearn's per-call validation overhead inside the bootstrap loop
+    return [float(np.mean((np.clip(p, 0.0, 1.0) - y) ** 2)) if y.size else _NAN,
+            expected_calibration_error(y, p, n_bins=n_bins)]
+
+
+def _cls_vector(y: np.ndarray, p: np.ndarray, threshold: float, n_bins: int, recal: dict | None = None) -> np.ndarray:
     m = binary_metrics(y, p, threshold)
-    return np.array(
-        [m[k] for k in _CLS_KEYS[:5]]
-        # same value as brier() (sklearn brier_score_loss on clipped p), without
-        # sklearn's per-call validation overhead inside the bootstrap loop
-        + [float(np.mean((np.clip(p, 0.0, 1.0) - y) ** 2)) if y.size else _NAN,
-           expected_calibration_error(y, p, n_bins=n_bins)],
-        dtype=float,
-    )
+    extra = _calibration_pair(y, apply_platt(p, recal), n_bins) if recal else []
+    return np.array([m[k] for k in _CLS_KEYS[:5]] + _calibration_pair(y, p, n_bins) + extra, dtype=float)
 
 
 def evaluate_predictions(
@@ -51,6 +55,7 @@ def evaluate_predictions(
     min_patients: int = 10,
     alpha: float = 0.05,
     ece_bins: int = 10,
+    calibration: dict | None = None,
 ) -> dict:
     """Full, JSON-serialisable evaluation report for one model on one cohort.
 
@@ -66,9 +71,16 @@ def evaluate_predictions(
     ``risk`` is None but ``time``/``event`` are given, ``y_prob`` is used as
     the risk score (higher = worse).  ``threshold=None`` means 0.5.  All
     values are Python floats/ints/None (NaN -> None); never raises on data.
+    ``calibration``: Platt parameters (``{"a", "b"}``, fitted on internal validation) adds
+    ``brier_calibrated`` and ``ece_calibrated``, the same scores of the recalibrated
+    probabilities (in the same bootstrap); the threshold metrics do not change (a monotone map
+    with the threshold mapped alike decides every patient the same way).
     """
     thr = 0.5 if threshold is None or not np.isfinite(threshold) else float(threshold)
     report: dict[str, Any] = {"threshold": thr}
+    keys = _CLS_KEYS + (_RECAL_KEYS if calibration else ())
+    if calibration:
+        report["calibration"] = {"method": "platt", "a": float(calibration["a"]), "b": float(calibration["b"])}
     try:
         y_all = _as_float(y_true)
         p_all = _as_float(y_prob)
@@ -85,7 +97,7 @@ def evaluate_predictions(
 
         if n < min_patients:
             reason = f"only {n} labelled patients (< min_patients={min_patients})"
-            for k in ("auc",) + _CLS_KEYS:
+            for k in ("auc",) + keys:
                 report[k] = _abstain(reason)
         else:
             # AUC with DeLong CI
@@ -99,20 +111,20 @@ def evaluate_predictions(
                     report["auc"] = _abstain(f"error: {exc}")
             # confusion-matrix + calibration metrics with one joint bootstrap
             try:
-                point = _cls_vector(y, p, thr, ece_bins)
+                point = _cls_vector(y, p, thr, ece_bins, calibration)
                 boot = _bootstrap_values(
-                    lambda yy, pp: _cls_vector(yy, pp, thr, ece_bins), [y, p], n_boot, seed, stratify=y
+                    lambda yy, pp: _cls_vector(yy, pp, thr, ece_bins, calibration), [y, p], n_boot, seed, stratify=y
                 )
                 lo, hi = _percentiles(boot, alpha)
-                for i, k in enumerate(_CLS_KEYS):
+                for i, k in enumerate(keys):
                     report[k] = _ci_entry(float(point[i]), float(lo[i]), float(hi[i]), "bootstrap", _UNDEFINED[k])
             except Exception as exc:  # pragma: no cover - defensive
-                for k in _CLS_KEYS:
+                for k in keys:
                     report[k] = _abstain(f"error: {exc}")
     except Exception as exc:
         report.setdefault("n", None)
         report.setdefault("n_pos", None)
-        for k in ("auc",) + _CLS_KEYS:
+        for k in ("auc",) + keys:
             report.setdefault(k, _abstain(f"error: {exc}"))
 
     report["c_index"] = _c_index_entry(y_prob, time, event, risk, n_boot, seed, min_patients, alpha)

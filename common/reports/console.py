@@ -188,7 +188,9 @@ def render_round_centers(metrics: dict) -> Table | None:
 
 EXTERNAL_ROWS = (("auc", "AUC (DeLong)"), ("accuracy", "accuracy"), ("sensitivity", "sensitivity"),
                  ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"), ("brier", "Brier score"),
-                 ("ece", "calibration error (ECE)"), ("c_index", "DFS C-index"), ("ibs", "integrated Brier (DFS)"))
+                 ("ece", "calibration error (ECE)"), ("brier_calibrated", "Brier, recalibrated"),
+                 ("ece_calibrated", "ECE, recalibrated"), ("c_index", "DFS C-index"),
+                 ("ibs", "integrated Brier (DFS)"))
 
 
 def render_external(metrics: dict) -> list[Table]:

@@ -30,12 +30,13 @@ import numpy as np
 
 from common.hashing import json_safe
 from common.learn.engine import predict
-from common.metrics import delong_auc_ci, evaluate_predictions, reliability_curve
+from common.metrics import apply_platt, delong_auc_ci, evaluate_predictions, reliability_curve
 
 SEED_STUDY = {"external_auc": 0.89, "accuracy": 0.86,
               "reference": "New-adj-Net seed study, external validation cohort (reported AUC 0.89, accuracy 0.86)"}
 CLS_KEYS = ("accuracy", "sensitivity", "specificity", "ppv", "npv")
 CAL_KEYS = ("brier", "ece")
+RECAL_KEYS = ("brier_calibrated", "ece_calibrated")
 MODALITY_NAMES = ("mri", "pathology", "genomics")
 
 # clinical strata: (field, subgroup label, predicate); a patient without the field is in none of them
@@ -285,12 +286,15 @@ def subgroup_analysis(y: np.ndarray, p: np.ndarray, modalities: list[list[str]],
 def compute_metrics(pred: dict, threshold: float, modalities: list[list[str]], clinical: list[dict], *,
                     n_boot: int = 500, seed: int = 0, min_patients: int = 10, min_patients_dfs: int | None = None,
                     ece_bins: int = 10, endpoints=("benefit", "dfs"), hazard: dict | None = None,
-                    horizons=(12, 24, 36)) -> dict:
+                    horizons=(12, 24, 36), calibration: dict | None = None) -> dict:
     """Every aggregate of the report from per-patient predictions (which never leave this function).
 
     ``endpoints``: the heads the model was trained for; a head it was not trained for is
     reported as not computable.  Patients are grouped for Kaplan-Meier by predicted
     benefit at the threshold (benefit models) or by predicted-risk tertile (DFS models).
+    ``calibration``: the model's Platt scaling (fitted on internal validation, in its package):
+    calibration is reported before and after it (``brier_calibrated``, ``ece_calibrated`` and a
+    second reliability curve); discrimination and the decision at the threshold do not change.
     """
     from common.metrics import dfs_report
 
@@ -302,7 +306,7 @@ def compute_metrics(pred: dict, threshold: float, modalities: list[list[str]], c
     r = np.asarray(pred["risk"], float)
     benefit_head = "benefit" in endpoints
     rep = evaluate_predictions(y, p, threshold, n_boot=n_boot, seed=seed, min_patients=min_patients,
-                               ece_bins=ece_bins)
+                               ece_bins=ece_bins, calibration=calibration)
     n_lab = int(np.isfinite(y).sum())
     n_surv = int((np.isfinite(t) & np.isfinite(e)).sum())
     no_labels = ("the model has no trained benefit head (it was trained for DFS only)" if not benefit_head else
@@ -318,12 +322,18 @@ def compute_metrics(pred: dict, threshold: float, modalities: list[list[str]], c
     out["discrimination"] = {"auc": _convert(rep.get("auc"), no_labels),
                              **{k: _convert(rep.get(k), no_labels) for k in CLS_KEYS}}
     lab = np.isfinite(y) & np.isfinite(p)
-    cal = {k: _convert(rep.get(k), no_labels) for k in CAL_KEYS}
+    cal = {k: _convert(rep.get(k), no_labels) for k in CAL_KEYS + (RECAL_KEYS if calibration else ())}
+    if calibration:
+        cal["recalibration"] = rep.get("calibration")
     if benefit_head and lab.sum() >= min_patients:
-        rc = reliability_curve(y[lab], p[lab], n_bins=ece_bins)
-        cal["reliability"] = {k: [None if not np.isfinite(v) else float(v) for v in np.asarray(rc[k], float)]
-                              for k in ("prob_pred", "prob_true", "bin_edges")}
-        cal["reliability"]["counts"] = [int(c) for c in rc["counts"]]
+        def curve(prob):
+            rc = reliability_curve(y[lab], prob, n_bins=ece_bins)
+            out_ = {k: [None if not np.isfinite(v) else float(v) for v in np.asarray(rc[k], float)]
+                    for k in ("prob_pred", "prob_true", "bin_edges")}
+            return {**out_, "counts": [int(c) for c in rc["counts"]]}
+        cal["reliability"] = curve(p[lab])
+        if calibration:
+            cal["reliability_calibrated"] = curve(apply_platt(p[lab], calibration))
     else:
         cal["reliability"] = _nc(no_labels or f"only {int(lab.sum())} labelled patients (< min_patients={min_patients})")
     out["calibration"] = cal
@@ -397,7 +407,8 @@ def evaluate_site(model_path: Path, site_dir: Path, out_dir: Path, *, splits=Non
     clinical = [clinical_by_id.get(it["patient_id"], {}) for it in ds.items]
     metrics = compute_metrics(pred, threshold, modalities, clinical, n_boot=n_boot, seed=seed,
                               min_patients=int(floors["benefit"]), min_patients_dfs=int(floors["dfs"]),
-                              endpoints=endpoints, hazard=hazard, horizons=list(tc.get("dfs_horizons", (12, 24, 36))))
+                              endpoints=endpoints, hazard=hazard, horizons=list(tc.get("dfs_horizons", (12, 24, 36))),
+                              calibration=(pkg.get("card") or {}).get("calibration"))
     card = model_card(pkg, model_path)
     metrics = {"site": {"dir": str(site_dir), "center_id": ds.center_id, "role": ds.role,
                         "splits": list(splits) if splits else "all",
@@ -413,8 +424,10 @@ def evaluate_site(model_path: Path, site_dir: Path, out_dir: Path, *, splits=Non
         figs["roc"] = roc_figure(y[lab], p[lab], auc, threshold)
     rel = metrics["calibration"]["reliability"]
     if not rel.get("not_computable"):
-        figs["reliability"] = reliability_figure(rel, metrics["calibration"]["brier"].get("value"),
-                                                 metrics["calibration"]["ece"].get("value"))
+        cal = metrics["calibration"]
+        figs["reliability"] = reliability_figure(rel, cal["brier"].get("value"), cal["ece"].get("value"),
+                                                 cal.get("reliability_calibrated"),
+                                                 (cal.get("ece_calibrated") or {}).get("value"))
     surv = metrics["survival"]
     if not surv["km"].get("not_computable"):
         t, e = np.asarray(pred["dfs_time"], float), np.asarray(pred["dfs_event"], float)

@@ -2,12 +2,13 @@
 ``common.reports.evaluate.compute_metrics`` computed at the site, figures embedded."""
 from __future__ import annotations
 
-from common.reports.evaluate import CAL_KEYS, CLS_KEYS, SEED_STUDY
+from common.reports.evaluate import CAL_KEYS, CLS_KEYS, RECAL_KEYS, SEED_STUDY
 
 
 _LABELS = {"auc": "AUC (DeLong 95% CI)", "accuracy": "accuracy", "sensitivity": "sensitivity",
            "specificity": "specificity", "ppv": "PPV", "npv": "NPV", "brier": "Brier score",
-           "ece": "expected calibration error (ECE)", "c_index": "Harrell's C-index"}
+           "ece": "expected calibration error (ECE)", "c_index": "Harrell's C-index",
+           "brier_calibrated": "Brier score, recalibrated", "ece_calibrated": "ECE, recalibrated"}
 
 
 def _subgroup_rows(rows: list[dict], first: str):
@@ -57,7 +58,13 @@ def render_html(m: dict, figs: dict[str, str]) -> str:
 
     c = m["calibration"]
     body.append("<h2>Calibration</h2>")
-    parts = [table(["metric", "value (95% CI)"], [[esc(_LABELS[k]), metric_cell(c[k])] for k in CAL_KEYS], raw=True)]
+    parts = [table(["metric", "value (95% CI)"], [[esc(_LABELS[k]), metric_cell(c[k])]
+                                                  for k in CAL_KEYS + RECAL_KEYS if k in c], raw=True)]
+    if c.get("recalibration"):
+        r = c["recalibration"]
+        parts.append(f"<p>Recalibration carried by the model: Platt scaling, q = sigmoid({r['a']:.3f} &middot; "
+                     f"logit(p) + {r['b']:.3f}), fitted on internal validation (never on this center). It changes "
+                     f"the probabilities, not their order nor the decision at the threshold.</p>")
     body.append(_figure_row(figs, "reliability", "Reliability curve (10 equal-width bins) and bin counts",
                             "reliability curve", c["reliability"].get("not_computable", ""), parts))
 

@@ -52,7 +52,10 @@ def roc_figure(y: np.ndarray, p: np.ndarray, auc: dict | None, threshold: float 
     return fig_to_data_uri(fig)
 
 
-def reliability_figure(rc: dict, brier: float | None, ece: float | None) -> str:
+def reliability_figure(rc: dict, brier: float | None, ece: float | None, rc_cal: dict | None = None,
+                       ece_cal: float | None = None) -> str:
+    """Reliability curve of the model's probabilities (and, when the model carries a recalibration, of the
+    recalibrated ones), with the number of patients per bin."""
     fig, (ax, axh) = plt.subplots(2, 1, figsize=(4.6, 5.0), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     pp = np.asarray(rc["prob_pred"], float)
     pt = np.asarray(rc["prob_true"], float)
@@ -66,6 +69,11 @@ def reliability_figure(rc: dict, brier: float | None, ece: float | None) -> str:
     if ece is not None:
         txt.append(f"ECE {ece:.3f}")
     ax.plot(pp[ok], pt[ok], "o-", color="#2ca02c", label="model" + (f" ({', '.join(txt)})" if txt else ""))
+    if rc_cal is not None:
+        cp, ct = np.asarray(rc_cal["prob_pred"], float), np.asarray(rc_cal["prob_true"], float)
+        ok_c = np.asarray(rc_cal["counts"], int) > 0
+        ax.plot(cp[ok_c], ct[ok_c], "s-", color="#1f77b4",
+                label="recalibrated" + (f" (ECE {ece_cal:.3f})" if ece_cal is not None else ""))
     ax.set_ylabel("observed benefit rate")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Reliability curve")

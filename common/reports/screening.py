@@ -139,6 +139,12 @@ def _prediction_rows(model, pkg, ds, passes: int, seed: int) -> list[dict]:
     rows = []
     if head == "benefit":
         point, samples = mc_dropout_outputs(model, ds, passes, seed, batch, "prob")
+        recal = (pkg.get("card") or {}).get("calibration")
+        if recal:   # the model's Platt scaling (internal validation): probabilities and threshold alike
+            from common.metrics import apply_platt
+
+            point, samples = apply_platt(point, recal), apply_platt(samples, recal)
+            threshold = float(apply_platt(np.array([threshold]), recal)[0])
     else:
         risk, samples = mc_dropout_outputs(model, ds, passes, seed, batch, "risk")
         hazard = (pkg.get("card") or {}).get("baseline_hazard") or {}
