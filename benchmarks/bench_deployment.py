@@ -10,7 +10,8 @@ Per message and center:
 * **wait+spawn**: created at the server -> the ClientApp process started (the SuperNode's pull
   interval, SuperExec's task poll, the process start);
 * **flower start**: process start -> our module's import begins (Flower's own start-up);
-* **imports**: our module's imports (torch, MONAI, ...);
+* **imports**: our module's imports, then the handler's (torch, ...; imported lazily since the
+  ClientApp's module stopped importing them);
 * **site load**: the site's configuration, cache check and datasets;
 * **compute**: the handler's work (evaluate, train);
 * **return**: work done -> the reply arrived at the ServerApp (push, the server's pull interval).
@@ -96,8 +97,10 @@ def analyse(timing: Path, run_dir: Path, wall: float) -> dict:
         for ln in f.read_text().splitlines():
             e = json.loads(ln)
             a = arrived.get(round(e["created"], 6))
-            marks = [e["created"], e["process_start"], e.get("app_import_start"), e.get("imports_done"),
-                     e.get("site_loaded", e.get("imports_done")), e["done"], a]
+            # imports: our module's and then the handler's (torch...: marked since the lazy imports)
+            imports_done = e.get("handler_imports_done", e.get("imports_done"))
+            marks = [e["created"], e["process_start"], e.get("app_import_start"), imports_done,
+                     e.get("site_loaded", imports_done), e["done"], a]
             if any(m is None for m in marks):
                 continue
             rows.append({"center": e["center"], "type": e["type"], "round": e.get("round", 0),

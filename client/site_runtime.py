@@ -111,7 +111,9 @@ def site_runtime(run_config, node_config) -> SiteRuntime:
     from common.learn.dataset import site_dataset
     from common.learn.task import check_dataset_matches, input_dims
     from common.preprocess.cache import preprocess_site
+    from client import timing
 
+    timing.mark("handler_imports_done")   # the handler's and the site's imports (torch...) are done
     # idempotent: reuses the cache that `newadj preprocess` built
     res = preprocess_site(site_dir, cfg, progress=False)
     dims = input_dims(cfg)
@@ -122,8 +124,6 @@ def site_runtime(run_config, node_config) -> SiteRuntime:
         train = site_dataset(res.cache_dir, ["train"], cfg)
         val = site_dataset(res.cache_dir, ["val"], cfg)
     rt = SiteRuntime(center, role, site_dir, cfg, dims, train, val, test)
-    from client import timing
-
     timing.mark("site_loaded")
     _RUNTIMES[key] = rt
     while len(_RUNTIMES) > max(1, int(cfg.federation.client_site_cache)):

@@ -1,12 +1,14 @@
 """One reader, one parser, one schema: the fixes that came with the layout (issue 15)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import LOCAL_OVERRIDES, TEST_OVERRIDES
@@ -104,3 +106,30 @@ def test_a_non_editable_install_runs_a_federation_from_another_folder(tiny_cohor
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     assert (elsewhere / "run" / "metrics.json").exists() and "best model: run/best_model.pt" in run.stdout
+
+
+def test_leave_one_center_out_cv_never_touches_the_external_center(tiny_cohort, tmp_path):
+    from common.config import load_config
+    from common.data.cohort import discover_sites
+    from common.learn.baseline import run_baseline
+
+    cfg = load_config(LOCAL_OVERRIDES + ["train.epochs=1"])
+    with pytest.raises(SystemExit, match="unknown arm"):
+        run_baseline(tiny_cohort, tmp_path / "x", cfg, arms=("pooled", "lcoo"))
+    summary = run_baseline(tiny_cohort, tmp_path / "b", cfg, arms=("loco",))
+    sites = {s.name: s for s in discover_sites(tiny_cohort)}
+    train = sorted(n for n, s in sites.items() if s.role != "external")
+    loco = summary["loco"]
+    assert sorted(loco["folds"]) == train and summary["arms"] == {}
+    for name, fold in loco["folds"].items():
+        n_site = len((sites[name].path / "clinical.csv").read_text().strip().splitlines()) - 1
+        assert fold["n_held_out"] == n_site                     # every patient of the held-out center
+        assert fold["n_train"] < sum(len((sites[o].path / "clinical.csv").read_text().strip().splitlines()) - 1
+                                     for o in train if o != name)   # the others' train splits only
+    for k, agg in loco["summary"].items():
+        vals = [f[k]["value"] for f in loco["folds"].values() if (f.get(k) or {}).get("value") is not None]
+        assert agg["folds"] == len(vals) and agg["abstained"] == len(train) - len(vals)
+        if vals:
+            assert agg["mean"] == pytest.approx(float(np.mean(vals)))
+    saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert saved["complete"] and sorted(saved["loco"]["folds"]) == train

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="pooled, local-only and unimodal reference arms, scored on the external center")
     p.add_argument("--data", required=True, help="cohort folder (one site folder per center)")
     p.add_argument("--out", required=True, help="run directory (metrics.json, config.yaml)")
-    p.add_argument("--arms", default="pooled,unimodal,local", help="comma list of pooled, unimodal, local")
+    p.add_argument("--arms", default="pooled,unimodal,local",
+                   help="comma list of pooled, unimodal, local, loco (leave-one-center-out CV over the training centers)")
     p.add_argument("--features", default=None, metavar="FILE", help="feature file from `newadj schema`")
     _add_overrides(p)
     p.set_defaults(func=cmd_baseline)

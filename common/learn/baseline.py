@@ -95,11 +95,17 @@ def oracle_auc(cohort_dir: Path, external: str) -> float | None:
     return float(roc_auc_score(df["benefit"], df["true_prob"]))
 
 
+ARMS = ("pooled", "unimodal", "local", "loco")
+
+
 def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", "unimodal"),
                  console: Console | None = None) -> dict:
     """Train and score every arm; ``out_dir/metrics.json`` is rewritten after each arm (valid JSON throughout,
     ``complete`` false until the last arm), so an interrupted table keeps what was done."""
     console = console or Console()
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     out_dir = Path(out_dir)
     save_config(cfg, out_dir)
     sites = discover_sites(cohort_dir)
@@ -152,11 +158,45 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
         a, c = (r["external"].get("auc") or {}), (r["external"].get("c_index") or {})
         console.print(f"  external AUC {_num(a.get('value'))}, C-index {_num(c.get('value'))}  "
                       f"({r['seconds']:.0f}s, {r['train_samples_per_s']:.0f} samples/s)")
+    if "loco" in arms:
+        summary["loco"] = leave_one_center_out(cfg, train_sites, caches, tr, va, wanted, seed, console)
+        summary["seconds"] = time.perf_counter() - t0
+        _write(out_dir, summary)
     summary["complete"] = True
     _write(out_dir, summary)
     for t in render_table(summary):
         console.print(t)
     return summary
+
+
+LOCO_KEYS = ("auc", "accuracy", "ece", "ece_calibrated", "c_index")
+
+
+def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, console) -> dict:
+    """Leave-one-center-out CV over the training centers, for development without the external center:
+    each fold trains the pooled model on the other centers' train splits (selection, threshold and
+    recalibration on their validation splits) and scores it on every patient of the held-out center,
+    which plays the external one.  Per fold the same full report as the external center; over folds the
+    mean and SD of each metric (folds where a metric abstains are left out of its mean, and counted)."""
+    folds: dict = {}
+    for s in train_sites:
+        others = [o.name for o in train_sites if o.name != s.name]
+        if not others:
+            break
+        held = site_dataset(caches[s.name], None, cfg)
+        trd, vad = ConcatSites([tr[o] for o in others]), ConcatSites([va[o] for o in others])
+        console.print(f"[bold]loco:{s.name}[/bold]: {len(trd)} train / {len(vad)} val patients, {len(held)} held out")
+        r = run_arm(f"loco:{s.name}", cfg, trd, vad, held, modalities, seed)
+        folds[s.name] = {"n_held_out": len(held), "n_train": r["n_train"], "val": r["val"],
+                         **{k: r["external"].get(k) for k in LOCO_KEYS}}
+    summary = {}
+    for k in LOCO_KEYS:
+        vals = [f[k]["value"] for f in folds.values() if isinstance(f.get(k), dict) and f[k].get("value") is not None]
+        summary[k] = {"mean": float(np.mean(vals)) if vals else None,
+                      "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                      "folds": len(vals), "abstained": len(folds) - len(vals)}
+    return {"folds": folds, "summary": summary,
+            "basis": "leave-one-center-out over the training centers; the external center is not used"}
 
 
 def _write(out_dir: Path, summary: dict) -> None:
@@ -204,4 +244,22 @@ def render_table(summary: dict) -> list:
                     f"{r['seconds']:.0f}")
     for name, why in (summary.get("skipped_arms") or {}).items():
         ext.add_row(name, "-", "skipped", "", why)
-    return [ext, val]
+    tables = [ext, val]
+    loco = summary.get("loco")
+    if loco:
+        cv = compact_table("Leave-one-center-out CV (training centers only; each fold's held-out center plays "
+                           "the external one)", [("held out", "left"), ("n", "right"), ("AUC", "right"),
+                                                 ("ECE", "right"), ("ECE cal", "right"), ("C-index", "right")])
+        for c, f in loco["folds"].items():
+            cv.add_row(c, str(f["n_held_out"]), *(_num((f.get(k) or {}).get("value"))
+                                                  for k in ("auc", "ece", "ece_calibrated", "c_index")))
+        sm = loco["summary"]
+        cv.add_row("mean +- SD", "", *(_mean_sd(sm[k]) for k in ("auc", "ece", "ece_calibrated", "c_index")))
+        tables.append(cv)
+    return tables
+
+
+def _mean_sd(e: dict) -> str:
+    if e.get("mean") is None:
+        return "n/a"
+    return f"{e['mean']:.3f}" + (f"+-{e['sd']:.2f}" if e.get("sd") is not None else "")

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import brier_score_loss
 
 from common.metrics._base import _NAN, _as_float, _finite_pair  # noqa: F401
 
@@ -14,6 +13,8 @@ from common.metrics._base import _NAN, _as_float, _finite_pair  # noqa: F401
 # --------------------------------------------------------------------------- #
 def brier(y_true: Any, y_prob: Any) -> float:
     """Brier score (sklearn ``brier_score_loss``) over finite entries; NaN if empty."""
+    from sklearn.metrics import brier_score_loss
+
     y, p = _finite_pair(y_true, y_prob)
     if y.size == 0:
         return _NAN

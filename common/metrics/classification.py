@@ -5,8 +5,6 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import stats
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from common.metrics._base import _NAN, _as_float, _finite_pair, _safe_div, _two_classes, finite_rows  # noqa: F401
 
@@ -25,6 +23,8 @@ def youden_threshold(y_true: Any, y_score: Any, default: float = 0.5) -> float:
     Returns ``default`` when the threshold is undefined (fewer than two classes
     among the finite entries).
     """
+    from sklearn.metrics import roc_curve
+
     y, s = _finite_pair(y_true, y_score)
     if not _two_classes(y):
         return float(default)
@@ -83,6 +83,8 @@ def _delong_components(y: np.ndarray, scores: np.ndarray):
     AUC = mean(V10) and Cov = S10/m + S01/n, where S10/S01 are the sample
     covariance matrices (ddof=1) of the components across the k scores.
     """
+    from scipy import stats
+
     scores = np.atleast_2d(scores)
     pos = y == 1
     m = int(pos.sum())
@@ -109,6 +111,9 @@ def delong_auc_ci(y_true: Any, y_score: Any, alpha: float = 0.05) -> tuple[float
     count 1/2).  All four values are ``NaN`` when fewer than two classes are
     present among the finite entries.
     """
+    from scipy import stats
+    from sklearn.metrics import roc_auc_score
+
     y, s = _finite_pair(y_true, y_score)
     if not _two_classes(y):
         return (_NAN, _NAN, _NAN, _NAN)
@@ -128,6 +133,8 @@ def delong_test(y_true: Any, score_a: Any, score_b: Any) -> tuple[float, float]:
     If the variance of the difference is zero, returns ``(0, 1)`` when the AUCs
     are equal and ``(+-inf, 0)`` otherwise.  ``(NaN, NaN)`` with one class.
     """
+    from scipy import stats
+
     y, a, b = finite_rows("y_true, score_a and score_b", y_true, score_a, score_b)
     y = y.astype(int)
     if not _two_classes(y):

@@ -6,7 +6,6 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import stats
 
 from common.metrics._base import _NAN, _abstain, _as_float, _ci_entry, _jsonify, finite_rows  # noqa: F401
 from common.metrics.bootstrap import _bootstrap_values, _percentiles, bootstrap_ci
@@ -112,6 +111,8 @@ def pooled_c_index(pairs: Sequence[dict], alpha: float = 0.05) -> tuple[float, f
     delta-method variance ``sum_k (var_n - 2 C cov_nd + C^2 var_d)_k / D^2`` (centers
     independent), clipped to [0, 1].  ``(nan, nan, nan)`` when no pair is comparable.
     """
+    from scipy import stats
+
     num = sum(p["concordant"] + 0.5 * p["tied_risk"] for p in pairs)
     den = sum(p["comparable"] for p in pairs)
     if den <= 0:
