@@ -13,6 +13,8 @@ Per message and center:
 * **imports**: our module's imports, then the handler's (torch, ...; imported lazily since the
   ClientApp's module stopped importing them);
 * **site load**: the site's configuration, cache check and datasets;
+* **model build**: the model from the run's config and the received weights (building it imports
+  MONAI, whose package imports all its sub-packages: ~2.7 s of CPU);
 * **compute**: the handler's work (evaluate, train);
 * **return**: work done -> the reply arrived at the ServerApp (push, the server's pull interval).
 
@@ -32,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PHASES = ("wait+spawn", "flower start", "imports", "site load", "compute", "return")
+PHASES = ("wait+spawn", "flower start", "imports", "site load", "model build", "compute", "return")
 
 
 def build_cohort(work: Path) -> Path:
@@ -99,8 +101,9 @@ def analyse(timing: Path, run_dir: Path, wall: float) -> dict:
             a = arrived.get(round(e["created"], 6))
             # imports: our module's and then the handler's (torch...: marked since the lazy imports)
             imports_done = e.get("handler_imports_done", e.get("imports_done"))
+            site_loaded = e.get("site_loaded", imports_done)
             marks = [e["created"], e["process_start"], e.get("app_import_start"), imports_done,
-                     e.get("site_loaded", imports_done), e["done"], a]
+                     site_loaded, e.get("model_ready", site_loaded), e["done"], a]
             if any(m is None for m in marks):
                 continue
             rows.append({"center": e["center"], "type": e["type"], "round": e.get("round", 0),
@@ -154,6 +157,7 @@ def main(argv=None) -> int:
     print(f"  {'message':<10}" + "".join(f"{p:>14}" for p in PHASES))
     for t, ph in res["phase_median_seconds"].items():
         print(f"  {t:<10}" + "".join(f"{ph[p]:>13.2f}s" for p in PHASES))
+    print("  (train: the validation of the previous round's model, then local training)")
     return 0
 
 

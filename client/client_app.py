@@ -83,6 +83,7 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(conf.get("server-round", 0))
     model = model_from_config(cfg, dims=rt.dims)
     model.load_state_dict(from_arrays(msg.content["arrays"]))
+    timing.mark("model_ready")   # MONAI's blocks are imported when the model is built
     content: dict = {}
     if conf.get("evaluate"):
         try:
@@ -145,6 +146,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     notices = list(terms.notices)
     model = model_from_config(cfg, dims=rt.dims)
     model.load_state_dict(from_arrays(msg.content["arrays"]))
+    timing.mark("model_ready")   # MONAI's blocks are imported when the model is built
     pred = predict(model, ds, int(cfg.train.eval_batch_size))
     out = release_metrics(pred, terms, policy, cfg, notices,
                           hazard=bool(conf.get("baseline-hazard", False)),
