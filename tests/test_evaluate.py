@@ -253,7 +253,7 @@ def test_report_on_real_federation_and_baseline(tiny_cohort, tmp_path, flwr_home
     from server.ops.simulation import run_simulation
 
     run = tmp_path / "run"
-    run_simulation(tiny_cohort, run, TEST_OVERRIDES, stream=False)
+    run_simulation(tiny_cohort, run, TEST_OVERRIDES + ["train.calibration=platt"], stream=False)
     run_baseline(tiny_cohort, tmp_path / "base", load_config(LOCAL_OVERRIDES), arms=("local",))
     assert cli(["report", str(run), "--baseline", str(tmp_path / "base")]) == 0  # cohort from run.json
     matrix = json.loads((run / "cross_site.json").read_text())
@@ -264,14 +264,13 @@ def test_report_on_real_federation_and_baseline(tiny_cohort, tmp_path, flwr_home
     # the recalibration the selected round's pooled validation cells fitted travels with the model: the
     # external center reports calibration before and after it; the evaluator's report and screening use it
     m = json.loads((run / "metrics.json").read_text())
-    platt = m["selected_val"].get("platt")
-    assert (m["calibration"] is None) == (platt is None)
+    platt = m["selected_val"]["platt"]
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    if platt is not None:
-        assert m["calibration"]["a"] == pytest.approx(platt["a"]) and m["calibration"]["a"] > 0
-        ext = m["external"]["centers"]["external"]
-        assert ext.get("abstained") or ("ece_calibrated" in ext and "brier_calibrated" in ext)
-        assert ev["calibration"]["recalibration"]["a"] == pytest.approx(platt["a"])
-        assert "ece_calibrated" in ev["calibration"] and "reliability_calibrated" in ev["calibration"]
-    else:
-        assert "ece_calibrated" not in ev["calibration"]
+    assert m["calibration"]["a"] == pytest.approx(platt["a"]) and m["calibration"]["a"] > 0
+    ext = m["external"]["centers"]["external"]
+    assert "ece_calibrated" in ext and "brier_calibrated" in ext and ext["ece_calibrated_lo"] <= ext["ece_calibrated"]
+    assert ev["calibration"]["recalibration"]["a"] == pytest.approx(platt["a"])
+    assert "ece_calibrated" in ev["calibration"] and "reliability_calibrated" in ev["calibration"]
+    # the baseline (train.calibration: none, the default) carries none
+    assert "ece_calibrated" not in json.loads((tmp_path / "base" / "metrics.json").read_text())[
+        "arms"]["local:center_a"]["external"]
