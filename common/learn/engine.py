@@ -160,6 +160,9 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp != "off"
                                   and not torch.cuda.is_bf16_supported()) if device.type == "cuda" else None
     start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    from common.learn.augment import build_mri_augmentation
+
+    augment_mri = build_mri_augmentation((tc.get("augment") or {}).get("mri"), seed)
 
     metric = str(tc.get("select_metric", "auto"))
     best_key, best_state, best_epoch, best_val = None, None, 0, {}
@@ -169,6 +172,8 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
         model.train()
         total, count = 0.0, 0
         for batch in loader:
+            if augment_mri is not None:
+                batch["mri"] = augment_mri(batch["mri"], batch["has_mri"])
             batch = _to(batch, device)
             with _autocast(device, amp):
                 out = model(batch)
