@@ -153,6 +153,8 @@ def test_round_lines_and_selection_fit_80_columns():
     con = Console(width=80, record=True, file=open(os.devnull, "w"))
     show = EventPrinter(con)
     m = _metrics_fixture()
+    run_dir = "demo/runs/20261202-093536"
+    show({"event": "start", "run_id": 7846488988231781526, "strategy": "fedavg", "rounds": 10, "run_dir": run_dir})
     for h in m["history"][:2]:
         show({"event": "round", "of": 10, "answered": 6, "abstained": 1, **h})
     show({"event": "selected", "round": 7, "metric": "pooled_auc", "value": 0.712, "patients": 120, "centers": 6,
@@ -162,3 +164,5 @@ def test_round_lines_and_selection_fit_80_columns():
     assert "1/10   1.235   0.712 [0.55-0.89]   0.665 (0.60-0.73)    5/0/1   12.3   123" in text
     assert "selected: round 7, pooled_auc 0.712 on 6 centers / 120 patients" in text
     assert "decision threshold 0.430" in text
+    assert "federation: run 7846488988231781526, fedavg, 10 rounds" in text.splitlines()
+    assert f"  run directory: {run_dir}" in text.splitlines()     # the path on its own line, never broken

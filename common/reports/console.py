@@ -73,8 +73,10 @@ class EventPrinter:
         kind = ev.get("event")
         if kind == "start":
             what = "resuming" if ev.get("resume") else "federation"
-            self.out.print(f"{what}: run {ev.get('run_id')}, {ev.get('strategy')}, {ev.get('rounds')} rounds; "
-                           f"run directory {shown(ev.get('run_dir'))}", soft_wrap=True)
+            self.out.print(f"{what}: run {ev.get('run_id')}, {ev.get('strategy')}, {ev.get('rounds')} rounds",
+                           soft_wrap=True)
+            # a path on a line of its own: an 80-column terminal never breaks it in the middle
+            self.out.print(f"  run directory: {shown(ev.get('run_dir'))}", soft_wrap=True)
         elif kind == "roles":
             roles = ev.get("centers") or {}
             train = sorted(c for c, r in roles.items() if r != "external")
