@@ -258,7 +258,7 @@ def release_metrics(pred: dict, terms: "Terms", policy, cfg, notices: list[str],
         rep = evaluate_predictions(y, p, out["threshold-used"], n_boot=n_boot, seed=seed, min_patients=floor_b,
                                    calibration=terms.calibration)
         for name in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece",
-                     *(("brier_calibrated", "ece_calibrated") if terms.calibration else ())):
+                     "brier_calibrated", "ece_calibrated"):   # the last two only with a calibration
             _entry_keys(out, name, rep.get(name))
     if dfs_ok:
         bh_times, bh_cumhaz, cuts = baseline

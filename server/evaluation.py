@@ -11,8 +11,8 @@ baseline-hazard cells, and -- in a full report -- exact values with CIs.  Poolin
   predictions;
 * the time-dependent AUC at each horizon from the DFS cells, with bounds;
 * the validation loss, weighted by patients;
-* Platt scaling of the benefit probability fitted on the pooled cells
-  (``common.metrics.fit_platt_cells``), which the selected round's model carries.
+* with ``train.calibration: platt``, Platt scaling of the benefit probability fitted on the
+  pooled cells (``common.metrics.fit_platt_cells``), which the selected round's model carries.
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ from common.metrics import (auc_from_cells, baseline_hazard_from_cells, fit_plat
 log = logging.getLogger("newadj.server")
 
 SELECT_METRICS = ("auto", "pooled_auc", "weighted_auc", "pooled_c_index", "val_loss")
+# set by the ServerApp from train.calibration: fit Platt scaling on pooled cells only when the run uses it
+# (the same pattern as messaging.POLL_SECONDS); off, no round pays for a logistic regression it discards
+RECALIBRATE = False
 
 
 def _cells(m: dict, keys) -> tuple | None:
@@ -90,7 +93,7 @@ def pool(per_center: dict, released: dict) -> dict:
                        "weighted_auc": (sum(a * n for a, n in w_auc) / max(1, sum(n for _, n in w_auc))
                                         if w_auc else float("nan")),
                        "youden_threshold": youden_from_cells(cells)})
-        platt = fit_platt_cells(cells)   # recalibration from the same cells (no patient's score)
+        platt = fit_platt_cells(cells) if RECALIBRATE else None   # from the same cells (no patient's score)
         if platt is not None:
             pooled["platt"] = {"a": platt["a"], "b": platt["b"]}
     pairs = [r["pairs"] for r in released.values() if r["pairs"] is not None]

@@ -29,7 +29,7 @@ from common.learn.engine import seed_everything
 from common.federation.model_io import save_model_package
 from common.learn.task import model_from_config
 from common.federation.wire import from_arrays, state_dict_bytes, to_arrays, weights_sha256
-from server import messaging
+from server import evaluation, messaging
 from server.progress import Events
 from server.rounds import (centers_of, evaluate_centers, membership, merge_failures, plain_round,
                            secure_round)
@@ -73,6 +73,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     rc = context.run_config
     fed = cfg.federation
     messaging.POLL_SECONDS = float(fed.reply_poll_seconds)
+    evaluation.RECALIBRATE = str(cfg.train.calibration) == "platt"
     events("start", run_id=int(context.run_id), run_dir=str(run_dir), strategy=str(fed.strategy),
            rounds=int(fed.num_rounds), resume=bool(rc.get("resume", False)))
     check_secure_config(fed)
@@ -159,7 +160,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         # no center released validation metrics yet (all abstained under their floors): the latest model
         if best is None or key > best["key"] or (key == -np.inf and best["key"] == -np.inf):
             best = {"round": rnd, "key": key, **decision_threshold(val["pooled"]), "val": rec["val"],
-                    "calibration": (val["pooled"].get("platt") if str(cfg.train.calibration) == "platt" else None)}
+                    "calibration": val["pooled"].get("platt")}
         rec["best_round"] = best["round"]
         history.append(rec)
         events("round", of=num_rounds, **{k: rec.get(k) for k in ("round", "train_loss", "val", "failures", "dropped",

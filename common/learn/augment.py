@@ -13,14 +13,13 @@ volume; the augmented crop is therefore not z-scored again, and gain / offset st
 (residual differences of that normalisation).  Patients without MRI (an all-zero volume with
 ``has_mri`` false) are left alone.
 
-Deterministic: the transforms draw from a ``numpy`` generator seeded with the training seed,
+Deterministic: the transforms draw from MONAI's random state, seeded with the training seed,
 so a federated round is reproduced exactly on resume.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
-import numpy as np
 import torch
 
 

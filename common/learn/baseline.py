@@ -58,7 +58,8 @@ def run_arm(name, cfg, train_ds, val_ds, test_ds, modalities=None, seed=0, model
                             "endpoints": endpoints_of(train_ds), "baseline_hazard": hazard,
                             "calibration": res.calibration})
     return {"arm": name, "modalities": list(modalities or cfg.model.modalities), "external": ext,
-            "val": res.val, "threshold": res.threshold, "calibration": res.calibration, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+            "val": res.val, "threshold": res.threshold, "calibration": res.calibration,
+            "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
             "n_train": res.n_train, "n_val": res.n_val, "seconds": res.seconds,
             "train_samples_per_s": res.samples_per_s}
 
@@ -250,11 +251,10 @@ def render_table(summary: dict) -> list:
         cv = compact_table("Leave-one-center-out CV (training centers only; each fold's held-out center plays "
                            "the external one)", [("held out", "left"), ("n", "right"), ("AUC", "right"),
                                                  ("ECE", "right"), ("ECE cal", "right"), ("C-index", "right")])
+        shown_keys = ("auc", "ece", "ece_calibrated", "c_index")
         for c, f in loco["folds"].items():
-            cv.add_row(c, str(f["n_held_out"]), *(_num((f.get(k) or {}).get("value"))
-                                                  for k in ("auc", "ece", "ece_calibrated", "c_index")))
-        sm = loco["summary"]
-        cv.add_row("mean +- SD", "", *(_mean_sd(sm[k]) for k in ("auc", "ece", "ece_calibrated", "c_index")))
+            cv.add_row(c, str(f["n_held_out"]), *(_num((f.get(k) or {}).get("value")) for k in shown_keys))
+        cv.add_row("mean +- SD", "", *(_mean_sd(loco["summary"][k]) for k in shown_keys))
         tables.append(cv)
     return tables
 

@@ -86,8 +86,9 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def fit_platt(y_true: Any, y_prob: Any, sample_weight: Any = None, min_slope: float = 1e-3) -> dict | None:
     """Platt scaling ``q = sigmoid(a * logit(p) + b)`` by weighted maximum likelihood (scikit-learn's
-    logistic regression, a weak L2 penalty on ``a`` only, so a separable set stays finite); ``{"a", "b", "n"}``, or None without both labels.  ``a`` is kept >= ``min_slope`` so
-    that recalibration never reverses the model's ranking (AUC and the thresholded decision unchanged)."""
+    logistic regression, a weak L2 penalty on ``a`` only, so a separable set stays finite);
+    ``{"a", "b", "n"}``, or None without both labels.  ``a`` is kept >= ``min_slope`` so that
+    recalibration never reverses the model's ranking (AUC and the thresholded decision unchanged)."""
     from sklearn.linear_model import LogisticRegression
 
     y, p = np.asarray(y_true, dtype=float), np.asarray(y_prob, dtype=float)
