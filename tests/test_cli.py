@@ -96,7 +96,7 @@ def _metrics_fixture() -> dict:
 def _synth_summary() -> dict:
     site = {"role": "external", "n_patients": 1234, "n_mri_complete": 1100, "n_tumor_mask": 1000,
             "n_pathology": 1200, "n_genomics": 1150, "n_labeled": 1234, "n_benefit": 600, "mri_format": "dicom"}
-    return {"sites": {f"center-with-a-long-name-{k}": site for k in range(3)}}
+    return {"sites": {"center_a": site, "external": site, **{f"center-with-a-long-name-{k}": site for k in range(3)}}}
 
 
 def _baseline_summary() -> dict:
@@ -137,6 +137,8 @@ def test_every_table_fits_80_columns_with_no_number_cut():
         text = con.export_text()
         first = table.columns[0]                            # the label column is never squeezed away
         assert all(str(cell)[:4] in text for cell in first._cells), (first.header, text)
+        # a short label (a site name, an arm) is never broken over two lines
+        assert all(str(cell) in text for cell in first._cells if len(str(cell)) <= 12), (first.header, text)
         assert all(len(ln) <= 80 for ln in text.splitlines()), text
         assert "…" not in text, text
         for cell in re.findall(r"\d+\.\d+", text):   # every number whole: 3 decimals or 2 in a CI, none cut

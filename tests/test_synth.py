@@ -246,3 +246,94 @@ def test_signal_visible_in_images():
         tissue = g < 225
         dens.append((g[tissue] < 110).mean())
     assert dens[1] > dens[0] * 1.5
+
+
+# ---------------------------------------------------------------- harder cohorts (synth.shift, synth.signal)
+def test_shift_widens_one_center_only():
+    from common.synth.shift import apply_shift_and_signal
+
+    base = synth.load_config()
+    cfg = apply_shift_and_signal(synth.load_config({"shift": {
+        "center": "external", "scanner": 3.0, "contrast": 1.3, "stain": 2.0, "panel_drop": ["CXCL9_expr"],
+        "prevalence": 1.0}}))
+    for b, s in zip(base["sites"], cfg["sites"]):
+        if s["name"] != "external":
+            assert s == b, s["name"]  # every other center untouched
+            continue
+        assert s["mri"]["noise_sd"] == pytest.approx(3 * b["mri"]["noise_sd"])
+        assert s["mri"]["bias"] == pytest.approx(3 * b["mri"]["bias"])
+        assert s["mri"]["contrast_gamma"] == pytest.approx(1.3)
+        assert s["stain"]["h_shift"] == pytest.approx([2 * v for v in b["stain"]["h_shift"]])
+        assert s["stain"]["h_scale"] == pytest.approx(b["stain"]["h_scale"] ** 2)
+        assert s["b0_offset"] == pytest.approx(b["b0_offset"] + 1.0)
+        assert "CXCL9_expr" in s["genomics_untested_empty"]
+    # the images of the shifted center move: noisier MRI, other colours
+    ext = next(s for s in cfg["sites"] if s["name"] == "external")
+    ext0 = next(s for s in base["sites"] if s["name"] == "external")
+    noise = []
+    for site in (ext0, ext):
+        task = dict(seed=0, site_idx=6, pidx=0, mri_cfg=cfg["mri"], scanner=site["mri"], phases=cfg["phases"],
+                    z_mri=0.0)
+        vols, _, _ = synth._mri_volumes(task)
+        v = vols[cfg["phases"][0]]
+        noise.append(float(np.std(v[:3, :3, :]) / np.percentile(v, 99)))  # air in a corner / bright tissue
+    assert noise[1] > 2 * noise[0]
+    pc = deep_merge(cfg["pathology"], {"size_px": [256, 256]})
+    means = [synth._slide_rgb(dict(seed=0, site_idx=6, pidx=0, path_cfg=pc, stain=site["stain"], z_path=0.0))[0]
+             .reshape(-1, 3).mean(axis=0) for site in (ext0, ext)]
+    assert np.abs(means[1] - means[0]).max() > 5
+    # prevalence: the same latents, higher benefit odds at the shifted center only
+    t0 = synth._site_tables(base, ext0, 6, 2000, seed=1)[3]
+    t1 = synth._site_tables(cfg, ext, 6, 2000, seed=1)[3]
+    assert t1["true_prob"].mean() > t0["true_prob"].mean() + 0.1
+    with pytest.raises(ValueError, match="synth.shift.center"):
+        apply_shift_and_signal(synth.load_config({"shift": {"center": "nowhere"}}))
+    with pytest.raises(ValueError, match="synth.signal.mri"):
+        apply_shift_and_signal(synth.load_config({"signal": {"mri": "colour"}}))
+
+
+def test_signal_moves_to_other_features():
+    """morphology: z_mri sets the tumor's size, not its contrast; nuclear_size: z = 0 gives the default slide,
+    otherwise another one; alternate genes: z_gen leaves the immune genes for others."""
+    from common.synth.shift import apply_shift_and_signal
+
+    cfg = apply_shift_and_signal(synth.load_config({"signal": {"mri": "morphology", "pathology": "nuclear_size",
+                                                                "genomics": "alternate"}}))
+    base = apply_shift_and_signal(synth.load_config())
+    site = cfg["sites"][0]
+    ratio, size = [], []
+    for z in (-1.5, 1.5):
+        task = dict(seed=0, site_idx=0, pidx=0, mri_cfg=cfg["mri"], scanner=site["mri"], phases=cfg["phases"],
+                    z_mri=z, signal=cfg["signal"])
+        vols, mask, _ = synth._mri_volumes(task)
+        art, por = vols[cfg["phases"][0]], vols[cfg["phases"][1]]
+        ratio.append(art[mask > 0].mean() / por[mask > 0].mean())
+        size.append(int(mask.sum()))
+    assert size[1] > 3 * size[0]
+    assert abs(ratio[1] / ratio[0] - 1) < 0.1  # the default signal would move it by > 30 % (test above)
+    pc = deep_merge(cfg["pathology"], {"size_px": [384, 384]})
+
+    def slide(c, z):
+        return synth._slide_rgb(dict(seed=0, site_idx=0, pidx=0, path_cfg=pc, stain=site["stain"], z_path=z,
+                                     signal=c["signal"]))[0]
+    assert np.array_equal(slide(cfg, 0.0), slide(base, 0.0))
+    assert not np.array_equal(slide(cfg, 1.5), slide(base, 1.5))
+    assert slide(cfg, 1.5).astype(float).mean() < slide(cfg, -1.5).astype(float).mean() - 0.5
+    truth = synth._site_tables(cfg, site, 0, 2000, seed=2)[3]
+    gen = synth._genomics(cfg, site, np.random.default_rng(0), truth["z_gen"].to_numpy(), truth["patient_id"].tolist())
+    assert np.corrcoef(gen["VEGFA_cnv"], truth["z_gen"])[0, 1] > 0.5
+    assert abs(np.corrcoef(gen["CXCL9_expr"], truth["z_gen"])[0, 1]) < 0.1
+
+
+def test_shifted_cohort_on_disk(tmp_path):
+    cfg = {"pathology": {"size_px": [256, 256]}, "sites": [
+        s for s in synth.load_config()["sites"] if s["name"] in ("center_a", "external")],
+        "shift": {"center": "external", "panel_drop": ["IFNG_expr"], "scanner": 2.0},
+        "signal": {"mri": "morphology"}}
+    summary = synth.generate_cohort(tmp_path, seed=5, scale=0.05, cfg=cfg, progress=False, workers=1)
+    meta = json.loads((tmp_path / "_cohort.json").read_text())
+    assert meta["shift"]["center"] == "external" and meta["signal"]["mri"] == "morphology"
+    assert summary["shift"]["scanner"] == 2.0
+    gen = pd.read_csv(tmp_path / "external" / "genomics.csv")
+    assert gen["IFNG_expr"].isna().all()
+    assert pd.read_csv(tmp_path / "center_a" / "genomics.csv")["IFNG_expr"].notna().any()

@@ -29,6 +29,11 @@ def cmd_synth(args) -> int:
     summary = generate_cohort(Path(args.out), seed=args.seed, scale=args.scale, cfg=to_plain(cfg.synth),
                               workers=args.workers)
     console.print(synth_table(summary, f"Synthetic cohort in {args.out} (seed {args.seed}, scale {args.scale})"))
+    sig = summary.get("signal") or {}
+    if any(sig.get(k) != v for k, v in (("mri", "enhancement"), ("pathology", "lymphocytes"), ("genomics", "immune"))):
+        console.print("signal: " + ", ".join(f"{k} {v}" for k, v in sig.items()))
+    if summary.get("shift"):
+        console.print("shifted center: " + ", ".join(f"{k} {v}" for k, v in summary["shift"].items()))
     return 0
 
 

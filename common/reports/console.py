@@ -49,7 +49,8 @@ def frange(v, lo, hi, brackets: str = "()") -> str:
 
 def compact_table(title: str, columns: list[tuple[str, str]]) -> Table:
     """A table without vertical rules that fits 80 columns; right-aligned (numeric) columns never wrap."""
-    t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), title_justify="left", show_edge=False)
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, title_justify="left",
+              show_edge=False)
     for name, justify in columns:
         t.add_column(name, justify=justify, no_wrap=justify == "right", overflow="fold")
     return t

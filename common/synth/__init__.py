@@ -74,6 +74,7 @@ from common.config import deep_merge
 from common.synth._config import DATA_CONFIG, DEFAULT_CONFIG, load_config  # noqa: F401
 from common.synth.mri import _mri_volumes, _write_mri  # noqa: F401
 from common.synth.pathology import _slide_rgb, _write_slide  # noqa: F401
+from common.synth.shift import apply_shift_and_signal, describe
 from common.synth.tables import _genomics, _site_tables  # noqa: F401
 
 TRUTH_FILE = "_truth.csv"
@@ -115,7 +116,7 @@ def generate_cohort(out_dir: Path, seed: int = 0, scale: float = 1.0, cfg: dict 
     1 = in-process). Existing site folders of the same names are replaced.
     """
     t0 = time.perf_counter()
-    cfg = load_config(cfg)
+    cfg = apply_shift_and_signal(load_config(cfg))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     phases = list(cfg["phases"])
@@ -163,6 +164,7 @@ def generate_cohort(out_dir: Path, seed: int = 0, scale: float = 1.0, cfg: dict 
                 seed=int(seed), site_idx=si, pidx=i, pid=pid, site_name=site["name"], site_dir=str(sdir),
                 phases=phases, mri_cfg=cfg["mri"], scanner=scanner, path_cfg=path_cfg,
                 stain=site.get("stain") or {}, z_mri=float(z_mri[i]), z_path=float(z_path[i]),
+                signal=cfg["signal"],
                 do_mri=do_mri, do_slide=do_slide, incomplete=bool(fl["incomplete"][i]),
                 drop_phase=int(fl["drop_phase"][i]), no_mask=bool(fl["no_mask"][i]),
             ))
@@ -208,6 +210,7 @@ def generate_cohort(out_dir: Path, seed: int = 0, scale: float = 1.0, cfg: dict 
         "oracle_auc_external": _safe_auc(truth_df[truth_df["role"] == "external"]),
         "oracle_auc_all": _safe_auc(truth_df),
         "truth_csv": TRUTH_FILE,
+        **describe(cfg),
     }
     (out_dir / COHORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     summary = dict(summary, elapsed_s=round(time.perf_counter() - t0, 2), out_dir=str(out_dir))

@@ -62,17 +62,25 @@ def _mri_volumes(task: dict):
     u = rng.standard_normal(3)
     u = u / np.linalg.norm(u) * rng.random() ** (1 / 3)
     tc = lc + u * lr * float(mc["tumor_offset_frac"])
+    z = task["z_mri"]
+    sig = task.get("signal") or {}
+    morph = sig.get("mri", "enhancement") == "morphology"
     r0 = rng.uniform(*mc["tumor_radius_mm"])
+    if morph:  # z_mri sets the size (the same draws, so every other nuisance stays where it was)
+        r0 *= min(max(math.exp(float(sig["morphology_size_z"]) * z), 0.6), 1.6)
     tr = r0 * (1 + 0.12 * rng.standard_normal(3)).clip(0.75, 1.25)
     tumor = ellipsoid(tc, tr) * liver.clip(0, 1)
     necro = None
-    if rng.random() < mc["p_necrosis"]:
+    p_nec = float(mc["p_necrosis"])
+    if morph:
+        p_nec = float(_sigmoid(math.log(p_nec / (1 - p_nec)) + float(sig["morphology_necrosis_z"]) * z))
+    if rng.random() < p_nec:
         necro = ellipsoid(tc, tr * rng.uniform(0.3, 0.5)) * tumor
 
-    z = task["z_mri"]
-    enh = mc["enh0"] + mc["enh_z"] * z + mc["enh_noise"] * rng.standard_normal()
-    wash = [mc["wash0"] + mc["wash_z"] * z, mc["wash0_delayed"] + mc["wash_z_delayed"] * z]
-    tex_sd = mc["tex0"] * math.exp(mc["tex_z"] * z)
+    zs = 0.0 if morph else z  # enhancement, washout and texture carry z_mri only in the default signal
+    enh = mc["enh0"] + mc["enh_z"] * zs + mc["enh_noise"] * rng.standard_normal()
+    wash = [mc["wash0"] + mc["wash_z"] * zs, mc["wash0_delayed"] + mc["wash_z_delayed"] * zs]
+    tex_sd = mc["tex0"] * math.exp(mc["tex_z"] * zs)
     tex = _smooth_noise(rng, shape, mc["tex_smooth_vox"])
     ltex = _smooth_noise(rng, shape, 1.5) * mc["liver_texture_sd"]
     # linear bias field along a random direction + patient gain
@@ -101,6 +109,9 @@ def _mri_volumes(task: dict):
         if necro is not None:
             timg = timg * (1 - necro) + necro * 0.35 * li
         img = img * (1 - tumor) + tumor * np.clip(timg, 0, None)
+        gamma = float(sc.get("contrast_gamma", 1.0))
+        if gamma != 1.0:  # another contrast protocol (synth.shift.contrast): relative intensities bent
+            img = np.power(np.clip(img, 0, None), gamma)
         img = img * bias * gain
         ns = float(sc["noise_sd"])
         img = np.sqrt((img + ns * rng.standard_normal(shape)) ** 2 + (ns * rng.standard_normal(shape)) ** 2)

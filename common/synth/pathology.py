@@ -96,13 +96,17 @@ def _slide_rgb(task: dict) -> tuple[np.ndarray, float]:
         return np.clip((g - 0.4) * 4.0, 0, 1)
 
     z = task["z_path"]
-    lymph_den = pc["lymph_density0"] * math.exp(pc["lymph_z"] * z)
+    sig = task.get("signal") or {}
+    # default: z_path sets the lymphocyte density; nuclear_size: the tumor nuclei's size and hematoxylin
+    size_z = float(sig["nuclear_size_z"]) if sig.get("pathology", "lymphocytes") == "nuclear_size" else 0.0
+    lymph_den = pc["lymph_density0"] * math.exp((0.0 if size_z else pc["lymph_z"]) * z)
     lymph_w = tissue * np.exp(float(pc["lymph_clustering"]) * 1.5 * clus).astype(np.float32)
     lymph = nuclei(lymph_den, pc["lymph_radius_um"], lymph_w)
-    tum = nuclei(rng.uniform(*pc["tumor_density"]), pc["tumor_radius_um"], tissue)
+    tum = nuclei(rng.uniform(*pc["tumor_density"]), pc["tumor_radius_um"] * math.exp(size_z * z), tissue)
+    tumor_h = pc["tumor_h"] * math.exp(0.5 * size_z * z)
 
     nuc = np.maximum(lymph, tum)
-    ch = tissue * (pc["stroma_h"] + pc["lymph_h"] * lymph + pc["tumor_h"] * tum * (1 - lymph))
+    ch = tissue * (pc["stroma_h"] + pc["lymph_h"] * lymph + tumor_h * tum * (1 - lymph))
     e_lo, e_hi = pc["stroma_e"]
     ce = tissue * (e_lo + (e_hi - e_lo) * _sigmoid(0.8 * stroma + 0.5 * fib)) * (1 - 0.6 * nuc)
     ch *= np.float32(st.get("h_scale", 1.0) * math.log(10))
