@@ -1,0 +1,175 @@
+"""Model quality over several training seeds (issue 17): the baseline arms (pooled, unimodal, local-only,
+optionally leave-one-center-out CV) and optionally the federated arm (``newadj simulate``), each seed a
+full run on the same cohort; the table gives mean +- SD over seeds and the issue's targets as ratios.
+
+    python benchmarks/bench_quality.py --cohort runs/full --seeds 0,1,2,3,4 \
+        --out runs/quality-default --json benchmarks/results/quality_default.json [--fed] [--loco] [KEY=VALUE ...]
+
+The seed changes model initialisation, data order, dropout and augmentation; the cohort, its splits and
+its external center stay the same (a new cohort per seed would also resample the patients: see
+BENCHMARKS.md for what that costs).  Nothing here selects anything: the external center is scored, never
+used to choose.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _v(report: dict | None, key: str):
+    x = (report or {}).get(key)
+    if isinstance(x, dict):
+        x = x.get("value")
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def seed_row(baseline: dict, fed: dict | None) -> dict:
+    """The issue's quantities for one seed."""
+    arms = baseline["arms"]
+    oracle = baseline.get("oracle_external_auc")
+    row: dict = {"oracle": oracle}
+    pooled = arms.get("pooled")
+    if pooled:
+        row["pooled_auc"] = _v(pooled["external"], "auc")
+        row["pooled_ece"] = _v(pooled["external"], "ece")
+        row["pooled_c"] = _v(pooled["external"], "c_index")
+        if oracle and row["pooled_auc"] is not None:
+            row["pooled_over_oracle"] = row["pooled_auc"] / oracle
+    uni = {k.split(":", 1)[1]: _v(a["external"], "auc") for k, a in arms.items() if k.startswith("unimodal:")}
+    uni = {k: v for k, v in uni.items() if v is not None}
+    if uni:
+        row.update({f"unimodal_{k}_auc": v for k, v in uni.items()})
+        row["best_unimodal_auc"] = max(uni.values())
+        if row.get("pooled_auc") is not None:
+            row["multimodal_minus_best_unimodal"] = row["pooled_auc"] - row["best_unimodal_auc"]
+    loc = {k.split(":", 1)[1]: _v(a["external"], "auc") for k, a in arms.items() if k.startswith("local:")}
+    loc = {k: v for k, v in loc.items() if v is not None}
+    if loc:
+        row["best_local_auc"] = max(loc.values())
+        row["best_local_center"] = max(loc, key=loc.get)
+    loco = (baseline.get("loco") or {}).get("summary")
+    if loco:
+        row["loco_auc"] = loco["auc"]["mean"]
+        row["loco_ece"] = loco["ece"]["mean"]
+        row["loco_c"] = loco["c_index"]["mean"]
+    if fed:
+        # the external center's full report (flat keys: auc, ece, c_index, ...)
+        ext = next(iter(((fed.get("external") or {}).get("centers") or {}).values()), None) or {}
+        row["fed_auc"] = _v(ext, "auc")
+        row["fed_ece"] = _v(ext, "ece")
+        row["fed_c"] = _v(ext, "c_index")
+        if row["fed_auc"] is not None and row.get("pooled_auc"):
+            row["fed_over_pooled"] = row["fed_auc"] / row["pooled_auc"]
+        if row["fed_auc"] is not None and row.get("best_local_auc") is not None:
+            row["fed_minus_best_local"] = row["fed_auc"] - row["best_local_auc"]
+    return row
+
+
+TARGETS = {  # key: (comparison, bound, wording)
+    "pooled_over_oracle": (">=", 0.92, "pooled >= 0.92 x oracle"),
+    "fed_over_pooled": (">=", 0.97, "federated >= 0.97 x pooled"),
+    "fed_minus_best_local": (">", 0.0, "federated above every local-only model"),
+    "multimodal_minus_best_unimodal": (">=", 0.03, "multimodal >= best unimodal + 0.03"),
+    "pooled_ece": ("<=", 0.05, "pooled ECE <= 0.05 at the external center"),
+    "fed_ece": ("<=", 0.05, "federated ECE <= 0.05 at the external center"),
+}
+
+
+def summarise(rows: list[dict]) -> dict:
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, float)})
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if isinstance(r.get(k), float)]
+        out[k] = {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                  "n": len(vals), "min": float(np.min(vals)), "max": float(np.max(vals))}
+    verdicts = {}
+    for k, (op, bound, words) in TARGETS.items():
+        if k not in out:
+            continue
+        m = out[k]["mean"]
+        ok = m >= bound if op == ">=" else m > bound if op == ">" else m <= bound
+        verdicts[k] = {"target": words, "mean": m, "met": bool(ok)}
+    return {"metrics": out, "targets": verdicts}
+
+
+def markdown(summary: dict, seeds: list[int]) -> str:
+    m = summary["metrics"]
+
+    def cell(k):
+        if k not in m:
+            return "-"
+        e = m[k]
+        return f"{e['mean']:.3f} +- {e['sd']:.3f}" if e["sd"] is not None else f"{e['mean']:.3f}"
+    lines = [f"| quantity ({len(seeds)} seeds: {', '.join(map(str, seeds))}) | mean +- SD |", "| --- | --- |"]
+    for k in m:
+        lines.append(f"| {k} | {cell(k)} |")
+    lines += ["", "| target | mean | verdict |", "| --- | --- | --- |"]
+    for v in summary["targets"].values():
+        lines.append(f"| {v['target']} | {v['mean']:.3f} | {'met' if v['met'] else 'missed'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cohort", required=True)
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--out", required=True, help="a run folder per seed and arm goes here")
+    ap.add_argument("--json", help="write the summary here (e.g. benchmarks/results/quality_default.json)")
+    ap.add_argument("--arms", default="pooled,unimodal,local")
+    ap.add_argument("--loco", action="store_true", help="also leave-one-center-out CV (6 more trainings a seed)")
+    ap.add_argument("--fed", action="store_true", help="also the federation (newadj simulate) per seed")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    from rich.console import Console
+
+    from common.config import load_config
+    from common.learn.baseline import run_baseline
+
+    console = Console()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    arms = tuple(a for a in args.arms.split(",") if a) + (("loco",) if args.loco else ())
+    out = Path(args.out)
+    rows, timings = [], []
+    t_all = time.perf_counter()
+    for s in seeds:
+        overrides = [*args.overrides, f"seed={s}"]
+        t0 = time.perf_counter()
+        base = run_baseline(Path(args.cohort), out / f"seed{s}" / "baseline", load_config(overrides), arms=arms,
+                            console=console)
+        t_base = time.perf_counter() - t0
+        fed = None
+        t_fed = None
+        if args.fed:
+            from server.ops.simulation import run_simulation
+
+            t1 = time.perf_counter()
+            fed = run_simulation(Path(args.cohort), out / f"seed{s}" / "fedavg", overrides, console=console,
+                                 stream=False)
+            t_fed = time.perf_counter() - t1
+        row = seed_row(base, fed)
+        row["seed"] = s
+        rows.append(row)
+        timings.append({"seed": s, "baseline_s": t_base, "fed_s": t_fed})
+        console.print(f"seed {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
+    summary = summarise(rows)
+    result = {"cohort": str(args.cohort), "seeds": seeds, "arms": list(arms), "fed": bool(args.fed),
+              "overrides": list(args.overrides), "rows": rows, "timings": timings,
+              "wall_s": time.perf_counter() - t_all, **summary}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=False))
+    print(markdown(summary, seeds))
+    print(f"wall {result['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
