@@ -3,7 +3,8 @@ optionally leave-one-center-out CV) and optionally the federated arm (``newadj s
 full run on the same cohort; the table gives mean +- SD over seeds and the issue's targets as ratios.
 
     python benchmarks/bench_quality.py --cohort runs/full --seeds 0,1,2,3,4 \
-        --out runs/quality-default --json benchmarks/results/quality_default.json [--fed] [--loco] [KEY=VALUE ...]
+        --out runs/quality-default --json benchmarks/results/quality_default.json \
+        [--features runs/full-schema/features.yaml] [--fed] [--loco] [KEY=VALUE ...]
 
 The seed changes model initialisation, data order, dropout and augmentation; the cohort, its splits and
 its external center stay the same (a new cohort per seed would also resample the patients: see
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default="pooled,unimodal,local")
     ap.add_argument("--loco", action="store_true", help="also leave-one-center-out CV (6 more trainings a seed)")
     ap.add_argument("--fed", action="store_true", help="also the federation (newadj simulate) per seed")
+    ap.add_argument("--features", help="the schema step's features.yaml (newadj schema), as --features of baseline")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     from rich.console import Console
@@ -135,6 +137,10 @@ def main(argv=None) -> int:
 
     console = Console()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.features:
+        from common.config import feature_overrides
+
+        args.overrides = list(args.overrides) + feature_overrides(args.features)
     arms = tuple(a for a in args.arms.split(",") if a) + (("loco",) if args.loco else ())
     out = Path(args.out)
     rows, timings = [], []
@@ -160,7 +166,7 @@ def main(argv=None) -> int:
         timings.append({"seed": s, "baseline_s": t_base, "fed_s": t_fed})
         console.print(f"seed {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
     summary = summarise(rows)
-    result = {"cohort": str(args.cohort), "seeds": seeds, "arms": list(arms), "fed": bool(args.fed),
+    result = {"cohort": str(args.cohort), "features": args.features, "seeds": seeds, "arms": list(arms), "fed": bool(args.fed),
               "overrides": list(args.overrides), "rows": rows, "timings": timings,
               "wall_s": time.perf_counter() - t_all, **summary}
     if args.json:
