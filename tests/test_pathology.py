@@ -244,3 +244,47 @@ def test_resnet_encoder_from_a_local_weights_file_and_a_cache_hit(site, tmp_path
     torch.save({"not": torch.zeros(2)}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="wrong.pt: weights do not fit a ResNet-18"):
         build_encoder({**enc_cfg, "path": str(tmp_path / "wrong.pt")})
+
+
+def test_macenko_stain_normalisation_brings_two_stainings_together(tmp_path, pcfg):
+    """The same tissue stained at two centers (the generator's stain vectors and strengths): after the
+    per-slide Macenko normalisation the tiles' colour features are much closer; none leaves them apart."""
+    from common import synth
+    from common.config import deep_merge
+
+    cfg = synth.load_config()
+    pc = deep_merge(cfg["pathology"], {"size_px": [1536, 1536]})
+    stains = [{"background": 245},
+              {"h_shift": [0.16, -0.1, 0.2], "e_shift": [0.1, -0.1, 0.0], "h_scale": 1.45, "e_scale": 0.7,
+               "background": 232}]
+    paths = []
+    for k, st in enumerate(stains):
+        rgb, mpp = synth._slide_rgb(dict(seed=3, site_idx=0, pidx=0, path_cfg=pc, stain=st, z_path=0.0))
+        paths.append(tmp_path / f"s{k}.tiff")
+        synth._write_slide(paths[-1], rgb, mpp, pc)
+    colour = [STATS_FEATURES.index(f) for f in ("R_mean", "G_mean", "B_mean", "H_mean", "E_mean")]
+    nuclear = [STATS_FEATURES.index(f) for f in ("H_mean", "nuclei_frac")]
+
+    def gap(method, cols):
+        c = OmegaConf.merge(pcfg, {"stain_norm": method})
+        bags = [slide_to_bag(p, c) for p in paths]
+        assert bags[0]["n_tiles"] == bags[1]["n_tiles"] >= 3
+        assert bags[0]["stain"]["method"] == method
+        means = [b["features"][:, cols].mean(axis=0) for b in bags]
+        return np.abs(means[0] - means[1]).sum(), bags
+    raw, _ = gap("none", colour)
+    normed, bags = gap("macenko", colour)
+    assert normed < 0.85 * raw, (raw, normed)
+    raw, _ = gap("none", nuclear)             # haematoxylin: what the nuclei features read
+    normed, _ = gap("macenko", nuclear)
+    assert normed < 0.25 * raw, (raw, normed)
+    assert np.array_equal(bags[0]["features"], slide_to_bag(paths[0], OmegaConf.merge(pcfg, {"stain_norm": "macenko"}))["features"])
+    with pytest.raises(ValueError, match="stain_norm"):
+        slide_to_bag(paths[0], OmegaConf.merge(pcfg, {"stain_norm": "reinhardt"}))
+
+
+def test_stain_normaliser_refuses_a_blank_sample():
+    from common.preprocess.stain import SlideStainNormalizer
+
+    with pytest.raises(ValueError, match="stained pixels"):
+        SlideStainNormalizer(np.full((4, 32, 32, 3), 250, np.uint8))

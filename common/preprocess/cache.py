@@ -171,7 +171,9 @@ def preprocess_site(site_dir: Path, cfg, workers: int | None = None, cache_dir: 
     path_cfg = to_plain(cfg.preprocess.pathology)
     encoder = build_encoder(path_cfg.get("encoder", {}))
     mri_cfg_key = config_hash({"mri": mri_cfg, "phases": phases, "format": CACHE_FORMAT})
-    path_cfg_key = config_hash({"pathology": path_cfg, "encoder": encoder.fingerprint, "format": CACHE_FORMAT})
+    # stain_norm none is the behaviour before the option existed: caches built then stay valid
+    key_cfg = {k: v for k, v in path_cfg.items() if not (k == "stain_norm" and str(v) == "none")}
+    path_cfg_key = config_hash({"pathology": key_cfg, "encoder": encoder.fingerprint, "format": CACHE_FORMAT})
 
     entries: dict[str, dict] = {}
     mri_jobs, slide_jobs = [], []

@@ -262,8 +262,11 @@ def slide_to_bag(slide_path: str | Path, cfg: Any, encoder=None,
         lvl, _, _ = read_level(slide, cfg)
         dtype = np.float16 if str(cfg.get("features_dtype", "float32")) == "float16" else np.float32
         feats = np.zeros((len(coords), encoder.dim), dtype)
+        norm, stain = _stain_normalizer(slide, slide_path, coords, cfg)
         done = 0
         for batch in iter_tile_batches(slide, coords, cfg):
+            if norm is not None:
+                batch = norm(batch)
             f = np.asarray(encoder(batch), dtype=np.float32)
             if f.shape != (len(batch), encoder.dim):
                 raise ValueError(f"encoder {encoder.name} returned {f.shape}, expected ({len(batch)}, {encoder.dim})")
@@ -277,7 +280,26 @@ def slide_to_bag(slide_path: str | Path, cfg: Any, encoder=None,
         return {
             "features": feats, "coords": coords.astype(np.int32), "mpp": float(mpp), "level": int(lvl),
             "n_tiles": int(len(coords)), "tile_size_level0": float(t0), "tissue_fraction": float(mask.mean()),
-            "mask_level": int(mask_level), "encoder": encoder.fingerprint,
+            "mask_level": int(mask_level), "encoder": encoder.fingerprint, "stain": stain,
         }
     finally:
         slide.close()
+
+
+def _stain_normalizer(slide, slide_path, coords: np.ndarray, cfg: dict):
+    """``(normalizer or None, what was done)`` for ``cfg["stain_norm"]``; a slide whose stain cannot be
+    estimated (too little stained tissue) is encoded as it is, with a warning naming it."""
+    from common.preprocess.stain import METHODS, SlideStainNormalizer, sample_indices
+
+    method = str(cfg.get("stain_norm") or "none")
+    if method not in METHODS:
+        raise ValueError(f"preprocess.pathology.stain_norm: unknown {method!r} (choose from {', '.join(METHODS)})")
+    if method == "none" or len(coords) == 0:
+        return None, {"method": "none"}
+    sample = np.concatenate(list(iter_tile_batches(slide, coords[sample_indices(len(coords))], cfg)))
+    try:
+        norm = SlideStainNormalizer(sample)
+    except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
+        warnings.warn(f"{slide_path}: stain normalisation skipped ({e}); tiles encoded as they are")
+        return None, {"method": "none", "skipped": str(e)}
+    return norm, norm.describe()
