@@ -71,6 +71,12 @@ def seed_row(baseline: dict, fed: dict | None) -> dict:
             row["fed_over_pooled"] = row["fed_auc"] / row["pooled_auc"]
         if row["fed_auc"] is not None and row.get("best_local_auc") is not None:
             row["fed_minus_best_local"] = row["fed_auc"] - row["best_local_auc"]
+        # issue 16: a simulated round's wall time over its slowest center's training time (median over rounds)
+        ratios = [h["seconds"] / max(h["client_train_seconds"].values()) for h in fed.get("history") or []
+                  if h.get("seconds") and h.get("client_train_seconds")]
+        if ratios:
+            row["fed_round_over_slowest_train"] = float(np.median(ratios))
+            row["fed_round_s"] = float(np.median([h["seconds"] for h in fed["history"] if h.get("seconds")]))
     return row
 
 
@@ -128,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loco", action="store_true", help="also leave-one-center-out CV (6 more trainings a seed)")
     ap.add_argument("--fed", action="store_true", help="also the federation (newadj simulate) per seed")
     ap.add_argument("--features", help="the schema step's features.yaml (newadj schema), as --features of baseline")
+    ap.add_argument("--from-runs", action="store_true",
+                    help="train nothing: summarise the metrics.json files an earlier run left under --out")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     from rich.console import Console
@@ -147,6 +155,16 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for s in seeds:
         overrides = [*args.overrides, f"seed={s}"]
+        if args.from_runs:
+            base = json.loads((out / f"seed{s}" / "baseline" / "metrics.json").read_text())
+            fed_file = out / f"seed{s}" / "fedavg" / "metrics.json"
+            fed = json.loads(fed_file.read_text()) if args.fed and fed_file.exists() else None
+            row = seed_row(base, fed)
+            row["seed"] = s
+            rows.append(row)
+            timings.append({"seed": s, "baseline_s": base.get("seconds"),
+                            "fed_s": sum(h.get("seconds", 0) for h in (fed or {}).get("history", [])) or None})
+            continue
         t0 = time.perf_counter()
         base = run_baseline(Path(args.cohort), out / f"seed{s}" / "baseline", load_config(overrides), arms=arms,
                             console=console)

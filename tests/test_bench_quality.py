@@ -1,0 +1,49 @@
+"""benchmarks/bench_quality.py: the issue-17 quantities from one seed's runs, and the verdicts over seeds."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parents[1] / "benchmarks" / "bench_quality.py")
+bq = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bq)
+
+
+def _arm(auc, ece=0.1, c=0.6):
+    return {"external": {"auc": {"value": auc}, "ece": {"value": ece}, "c_index": {"value": c}}}
+
+
+def _runs(pooled, fed, local_best):
+    base = {"oracle_external_auc": 0.8, "arms": {
+        "pooled": _arm(pooled, ece=0.04), "unimodal:mri": _arm(0.70), "unimodal:genomics": _arm(0.72),
+        "local:center_a": _arm(local_best), "local:center_b": _arm(local_best - 0.1)},
+        "loco": {"summary": {"auc": {"mean": 0.81}, "ece": {"mean": 0.13}, "c_index": {"mean": 0.6}}}}
+    fedm = {"external": {"centers": {"external": {"auc": fed, "ece": 0.07, "c_index": 0.61}}},
+            "history": [{"seconds": 10.0, "client_train_seconds": {"a": 2.0, "b": 5.0}},
+                        {"seconds": 12.0, "client_train_seconds": {"a": 4.0, "b": 4.0}}]}
+    return base, fedm
+
+
+def test_seed_row_ratios():
+    row = bq.seed_row(*_runs(pooled=0.76, fed=0.75, local_best=0.74))
+    assert row["pooled_over_oracle"] == pytest.approx(0.95)
+    assert row["multimodal_minus_best_unimodal"] == pytest.approx(0.04)
+    assert row["best_local_center"] == "center_a"
+    assert row["fed_over_pooled"] == pytest.approx(0.75 / 0.76)
+    assert row["fed_minus_best_local"] == pytest.approx(0.01)
+    assert row["fed_round_over_slowest_train"] == pytest.approx(2.5)   # median of 10/5 and 12/4
+    assert row["loco_auc"] == 0.81
+
+
+def test_verdicts_follow_the_mean_over_seeds():
+    rows = [bq.seed_row(*_runs(0.76, 0.75, 0.74)), bq.seed_row(*_runs(0.70, 0.66, 0.72))]
+    s = bq.summarise(rows)
+    assert s["metrics"]["pooled_auc"]["mean"] == pytest.approx(0.73)
+    assert s["metrics"]["pooled_auc"]["sd"] == pytest.approx(0.0424, abs=1e-3)
+    t = s["targets"]
+    assert not t["fed_minus_best_local"]["met"]          # (0.01 - 0.06) / 2 < 0
+    assert t["pooled_ece"]["met"] and not t["fed_ece"]["met"]
+    assert not t["pooled_over_oracle"]["met"]            # 0.73 / 0.8 = 0.9125 < 0.92
+    assert "| pooled_auc | 0.730 +- 0.042 |" in bq.markdown(s, [0, 1])
