@@ -198,6 +198,6 @@ def selection_summary(best: dict, metric: str, fed) -> dict:
 
 def endpoints_of(roles) -> dict:
     """Which endpoints the training centers can train and validate (their role replies' counts)."""
-    train = [i for i in roles.values() if i.get("role") != "external"]
+    train = [i for i in roles.values() if i.get("role") not in ("external", "sealed")]
     return {"benefit": sum(int(i.get("n-benefit", 0)) for i in train),
             "dfs": sum(int(i.get("n-dfs", 0)) for i in train)}

@@ -81,3 +81,28 @@ def admit_new_nodes(grid, roles: dict[int, dict], timeout: float, unanswered: se
         unanswered.add(nid)
         events.append(f"node {nid} connected but did not answer the role query: {why}")
     return events
+
+
+SEALED = "sealed"
+
+
+def apply_holdout(roles: dict[int, dict], holdout: str | None) -> list[str]:
+    """Leave-one-center-out development (``federation.holdout_center``): in place, the held-out training
+    center plays the external one (it never trains; it is scored at the end) and the real external center is
+    sealed (sent nothing).  Returns a log line per change; raises ``RuntimeError`` if ``holdout`` names no
+    training center that answered."""
+    if not holdout:
+        return []
+    lines = []
+    for info in roles.values():
+        if info.get("center-id") == holdout and info.get("role") != "external" and not info.get("held-out"):
+            info.update({"role": "external", "held-out": True})
+            lines.append(f"center {holdout} is held out: it does not train and is scored at the end")
+        elif info.get("role") == "external" and not info.get("held-out"):
+            info["role"] = SEALED
+            lines.append(f"external center {info.get('center-id')} is sealed for this leave-one-center-out run")
+    if not any(i.get("held-out") for i in roles.values()):
+        known = sorted(i.get("center-id", "?") for i in roles.values() if i.get("role") not in ("external", SEALED))
+        raise RuntimeError(f"federation.holdout_center: no training center {holdout!r} answered "
+                           f"(training centers: {', '.join(known) or 'none'})")
+    return lines

@@ -84,7 +84,7 @@ def merge_failures(train: dict, evaluate: dict) -> dict:
 def membership(grid, roles) -> tuple[list[int], list[int]]:
     """(training, external) node ids among the nodes the SuperLink lists as connected now."""
     online = set(grid.get_node_ids())
-    train = sorted(n for n, i in roles.items() if i.get("role") != "external" and n in online)
+    train = sorted(n for n, i in roles.items() if i.get("role") not in ("external", "sealed") and n in online)
     return train, sorted(n for n, i in roles.items() if i.get("role") == "external" and n in online)
 
 

@@ -36,7 +36,7 @@ from server.rounds import (centers_of, evaluate_centers, membership, merge_failu
 from server.evaluation import (endpoints_of, selection_summary, decision_threshold, decide_auto, resolve_select_metric,
                                selection_key)
 from server.checkpoints import annotate_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from server.roles import NodeView, admit_new_nodes, query_roles, wait_for_nodes
+from server.roles import NodeView, admit_new_nodes, apply_holdout, query_roles, wait_for_nodes
 from server.secure_aggregation import check_secure_config
 from server.strategies import DP_WEIGHT, build_strategy, is_dp, privacy_spent, restore_strategy_state, strategy_state
 
@@ -89,6 +89,9 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     node_ids = wait_for_nodes(grid, expected, float(fed.wait_nodes_timeout))
     roles, role_errors = query_roles(grid, node_ids, float(fed.query_timeout))
     unanswered = set(role_errors)
+    for line in apply_holdout(roles, fed.get("holdout_center")):
+        log.info("%s", line)
+        events("note", text=line)
     train_ids, ext_ids = membership(grid, roles)
     centers = centers_of(roles)
     log.info("roles: %s", {i["center-id"]: i["role"] for i in roles.values()})
@@ -179,6 +182,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         # centers that (re)connected since the last round join; nodes the SuperLink no longer lists are skipped
         for event in admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered):
             log.warning("round %d: %s", rnd, event)
+        apply_holdout(roles, fed.get("holdout_center"))   # a center that rejoined keeps its part in the run
         train_ids, ext_ids = membership(grid, roles)
         train_view = NodeView(grid, train_ids)
         send_arrays = to_arrays(from_arrays(arrays), fp16)
@@ -311,11 +315,12 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         log.info("privacy spent: epsilon %.3f at delta %g after %d private releases (noise multiplier %g, "
                  "clipping norm %g)", dp_spent["epsilon"], dp_spent["delta"], dp_spent["releases"],
                  dp_spent["noise_multiplier"], dp_spent["clipping_norm"])
-    card = {"training_centers": {c: v for c, v in centers.items() if v["role"] != "external"},
+    card = {"training_centers": {c: v for c, v in centers.items() if v["role"] not in ("external", "sealed")},
             "external_centers": [c for c, v in centers.items() if v["role"] == "external"],
             "strategy": str(fed.strategy), "rounds": num_rounds, "selected_round": best["round"],
             "local_epochs": int(fed.local_epochs), "config_hash": cfg_hash, "seed": int(cfg.seed),
             "selection": f"{select_metric} on internal validation", "privacy": privacy,
+            "holdout_center": fed.get("holdout_center"),
             "endpoints": [k for k, v in endpoints.items() if v], "baseline_hazard": baseline_hazard,
             "calibration": calibration}
     package = save_model_package(run_dir / "best_model.pt", best_state, cfg, float(best["threshold"]), card)

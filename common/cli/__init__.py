@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue an interrupted run from its last checkpoint (same cohort and overrides)")
+    p.add_argument("--loco", action="store_true",
+                   help="leave-one-center-out CV: one run per training center held out (the external center "
+                        "sealed); OUT/<center>/ per fold, OUT/loco.json")
     _run_output(p)
     _add_overrides(p)
     p.set_defaults(func=cmd_simulate)

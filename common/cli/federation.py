@@ -93,8 +93,59 @@ def cmd_simulate(args) -> int:
         return 2
     else:
         data, out, overrides = Path(args.data), Path(args.out), _with_features(args)
+    if getattr(args, "loco", False):
+        if args.resume:
+            err_console.print("[red]--loco runs its folds afresh; --resume continues one fold's RUN_DIR[/red]")
+            return 2
+        return _simulate_loco(data, out, overrides, args)
     return _federate(lambda: run_simulation(data, out, overrides, console=console, stream=not args.quiet,
                                             resume=bool(args.resume), verbose=args.verbose), out)
+
+
+def _simulate_loco(data: Path, out: Path, overrides: list[str], args) -> int:
+    """Leave-one-center-out CV of the federation: one simulation per training center, that center held out
+    (``federation.holdout_center``: it does not train and is scored at the end with the full report); the
+    external center is sealed in every fold.  ``OUT/<center>/`` holds each fold's run, ``OUT/loco.json`` the
+    folds and their mean and SD."""
+    import time
+
+    from common.data.cohort import discover_sites
+    from common.hashing import json_safe
+    from common.learn.baseline import LOCO_KEYS, loco_summary, loco_table
+    from server.ops.simulation import RunFailed, run_simulation
+
+    centers = [s.name for s in discover_sites(data) if s.role != "external"]
+    if len(centers) < 3:
+        err_console.print(f"[red]--loco needs at least 3 training centers in {data} (found {len(centers)})[/red]")
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    folds, failed = {}, {}
+    t0 = time.perf_counter()
+    for c in centers:
+        console.print(f"[bold]loco fold: {c} held out[/bold]")
+        run_dir = out / c
+        try:
+            m = run_simulation(data, run_dir, [*overrides, f"federation.holdout_center={c}"], console=console,
+                               stream=not args.quiet, verbose=args.verbose)
+        except RunFailed as exc:
+            failed[c] = str(exc)
+            err_console.print(f"[red]fold {c} failed:[/red] {exc}")
+            continue
+        rep = ((m.get("external") or {}).get("centers") or {}).get(c) or {}
+        folds[c] = {"n_held_out": rep.get("n"), "selected_round": m.get("selected_round"),
+                    **{k: {"value": rep.get(k)} for k in LOCO_KEYS}}
+        console.print(f"  held-out {c}: AUC {_n(rep.get('auc'))}, ECE {_n(rep.get('ece'))}, C {_n(rep.get('c_index'))}")
+    loco = {"folds": folds, "failed": failed, "summary": loco_summary(folds), "seconds": time.perf_counter() - t0,
+            "overrides": overrides,
+            "basis": "federated leave-one-center-out over the training centers; the external center sealed"}
+    (out / "loco.json").write_text(json.dumps(json_safe(loco), indent=1, allow_nan=False))
+    console.print(loco_table(loco, "Federated leave-one-center-out CV (the external center sealed)"))
+    console.print(f"folds: {shown(out)}; summary: {shown(out / 'loco.json')}", soft_wrap=True)
+    return 1 if failed else 0
+
+
+def _n(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def cmd_demo(args) -> int:

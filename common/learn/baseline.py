@@ -190,14 +190,20 @@ def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, con
         r = run_arm(f"loco:{s.name}", cfg, trd, vad, held, modalities, seed)
         folds[s.name] = {"n_held_out": len(held), "n_train": r["n_train"], "val": r["val"],
                          **{k: r["external"].get(k) for k in LOCO_KEYS}}
+    return {"folds": folds, "summary": loco_summary(folds),
+            "basis": "leave-one-center-out over the training centers; the external center is not used"}
+
+
+def loco_summary(folds: dict) -> dict:
+    """Mean and SD over folds of each of ``LOCO_KEYS`` (``{value}`` entries); a fold where a metric abstains
+    is left out of its mean and counted."""
     summary = {}
     for k in LOCO_KEYS:
         vals = [f[k]["value"] for f in folds.values() if isinstance(f.get(k), dict) and f[k].get("value") is not None]
         summary[k] = {"mean": float(np.mean(vals)) if vals else None,
                       "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
                       "folds": len(vals), "abstained": len(folds) - len(vals)}
-    return {"folds": folds, "summary": summary,
-            "basis": "leave-one-center-out over the training centers; the external center is not used"}
+    return summary
 
 
 def _write(out_dir: Path, summary: dict) -> None:
@@ -246,17 +252,22 @@ def render_table(summary: dict) -> list:
     for name, why in (summary.get("skipped_arms") or {}).items():
         ext.add_row(name, "-", "skipped", "", why)
     tables = [ext, val]
-    loco = summary.get("loco")
-    if loco:
-        cv = compact_table("Leave-one-center-out CV (training centers only; each fold's held-out center plays "
-                           "the external one)", [("held out", "left"), ("n", "right"), ("AUC", "right"),
-                                                 ("ECE", "right"), ("ECE cal", "right"), ("C-index", "right")])
-        shown_keys = ("auc", "ece", "ece_calibrated", "c_index")
-        for c, f in loco["folds"].items():
-            cv.add_row(c, str(f["n_held_out"]), *(_num((f.get(k) or {}).get("value")) for k in shown_keys))
-        cv.add_row("mean +- SD", "", *(_mean_sd(loco["summary"][k]) for k in shown_keys))
-        tables.append(cv)
+    if summary.get("loco"):
+        tables.append(loco_table(summary["loco"]))
     return tables
+
+
+def loco_table(loco: dict, title: str = "Leave-one-center-out CV (training centers only; each fold's held-out "
+                                        "center plays the external one)"):
+    from common.reports.console import compact_table
+
+    cv = compact_table(title, [("held out", "left"), ("n", "right"), ("AUC", "right"), ("ECE", "right"),
+                               ("ECE cal", "right"), ("C-index", "right")])
+    shown_keys = ("auc", "ece", "ece_calibrated", "c_index")
+    for c, f in loco["folds"].items():
+        cv.add_row(c, str(f.get("n_held_out") or "n/a"), *(_num((f.get(k) or {}).get("value")) for k in shown_keys))
+    cv.add_row("mean +- SD", "", *(_mean_sd(loco["summary"][k]) for k in shown_keys))
+    return cv
 
 
 def _mean_sd(e: dict) -> str:

@@ -80,10 +80,12 @@ class EventPrinter:
             self.out.print(f"  run directory: {shown(ev.get('run_dir'))}", soft_wrap=True)
         elif kind == "roles":
             roles = ev.get("centers") or {}
-            train = sorted(c for c, r in roles.items() if r != "external")
+            train = sorted(c for c, r in roles.items() if r not in ("external", "sealed"))
             ext = sorted(c for c, r in roles.items() if r == "external")
+            sealed = sorted(c for c, r in roles.items() if r == "sealed")
             e = ev.get("endpoints") or {}
-            self.out.print(f"centers: {len(train)} training ({', '.join(train)}); external: {', '.join(ext) or 'none'}")
+            self.out.print(f"centers: {len(train)} training ({', '.join(train)}); external: {', '.join(ext) or 'none'}"
+                           + (f"; sealed: {', '.join(sealed)}" if sealed else ""))
             self.out.print(f"endpoints: {e.get('benefit', 0)} patients with a benefit label, {e.get('dfs', 0)} with "
                            f"DFS; rounds selected on {ev.get('select_metric')} (internal validation)")
         elif kind == "round":

@@ -1,0 +1,62 @@
+"""Federated leave-one-center-out development (issue 17): federation.holdout_center holds one training center
+out of training and scores it at the end; the real external center is sealed (asked its role, sent nothing)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.roles import apply_holdout
+from server.rounds import membership
+from tests.conftest import TEST_OVERRIDES
+
+
+class _Grid:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_node_ids(self):
+        return list(self.ids)
+
+
+def _roles():
+    return {1: {"center-id": "center_a", "role": "train"}, 2: {"center-id": "center_b", "role": "train"},
+            3: {"center-id": "center_c", "role": "train"}, 9: {"center-id": "external", "role": "external"}}
+
+
+def test_holdout_plays_external_and_the_external_center_is_sealed():
+    roles = _roles()
+    lines = apply_holdout(roles, "center_b")
+    assert roles[2]["role"] == "external" and roles[2]["held-out"] and roles[9]["role"] == "sealed"
+    assert len(lines) == 2
+    assert membership(_Grid([1, 2, 3, 9]), roles) == ([1, 3], [2])
+    # a later look (a center rejoined) changes nothing more; an ordinary run changes nothing at all
+    assert apply_holdout(roles, "center_b") == [] and roles[9]["role"] == "sealed"
+    plain = _roles()
+    assert apply_holdout(plain, None) == [] and plain == _roles()
+    assert membership(_Grid([1, 2, 3, 9]), plain) == ([1, 2, 3], [9])
+
+
+def test_holdout_must_name_a_training_center():
+    with pytest.raises(RuntimeError, match="no training center 'external'"):
+        apply_holdout(_roles(), "external")
+    with pytest.raises(RuntimeError, match="center_a, center_b, center_c"):
+        apply_holdout(_roles(), "center_z")
+
+
+@pytest.mark.slow
+def test_a_real_fold_never_trains_on_the_held_out_center(tiny_cohort, tmp_path, flwr_home):
+    from server.ops.simulation import run_simulation
+
+    m = run_simulation(tiny_cohort, tmp_path / "fold", TEST_OVERRIDES + ["federation.holdout_center=center_b"],
+                       stream=False)
+    assert m["centers"]["center_b"]["role"] == "external" and m["centers"]["external"]["role"] == "sealed"
+    for h in m["history"]:
+        assert "center_b" not in h["client_train_seconds"] and "external" not in h["client_train_seconds"]
+        assert "center_b" not in (h.get("val_centers") or {})
+        assert len(h["client_train_seconds"]) == 5
+    assert list(m["external"]["centers"]) == ["center_b"]          # scored at the end, the external center not
+    assert m["external"]["centers"]["center_b"]["n"] == m["centers"]["center_b"]["n_test"]
+    card = json.loads((tmp_path / "fold" / "best_model.json").read_text())["card"]   # the model says how it was made
+    assert card["holdout_center"] == "center_b"
+    assert sorted(card["training_centers"]) == ["center_a", "center_c", "center_d", "center_e", "center_f"]
