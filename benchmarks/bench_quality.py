@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,8 +75,13 @@ def seed_row(baseline: dict, fed: dict | None) -> dict:
         # issue 16: a simulated round's wall time over its slowest center's training time (median over rounds)
         ratios = [h["seconds"] / max(h["client_train_seconds"].values()) for h in fed.get("history") or []
                   if h.get("seconds") and h.get("client_train_seconds")]
+        # ... and over the centers' training time per core (six centers share the machine's cores in simulation)
+        cores = os.cpu_count() or 1
+        per_core = [h["seconds"] / (sum(h["client_train_seconds"].values()) / min(cores, len(h["client_train_seconds"])))
+                    for h in fed.get("history") or [] if h.get("seconds") and h.get("client_train_seconds")]
         if ratios:
             row["fed_round_over_slowest_train"] = float(np.median(ratios))
+            row["fed_round_over_train_per_core"] = float(np.median(per_core))
             row["fed_round_s"] = float(np.median([h["seconds"] for h in fed["history"] if h.get("seconds")]))
     return row
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,8 @@ def test_seed_row_ratios():
     assert row["fed_over_pooled"] == pytest.approx(0.75 / 0.76)
     assert row["fed_minus_best_local"] == pytest.approx(0.01)
     assert row["fed_round_over_slowest_train"] == pytest.approx(2.5)   # median of 10/5 and 12/4
+    k = min(os.cpu_count() or 1, 2)                                    # the two centers' training per core
+    assert row["fed_round_over_train_per_core"] == pytest.approx((10 / (7 / k) + 12 / (8 / k)) / 2)
     assert row["loco_auc"] == 0.81
 
 
