@@ -72,16 +72,15 @@ def seed_row(baseline: dict, fed: dict | None) -> dict:
             row["fed_over_pooled"] = row["fed_auc"] / row["pooled_auc"]
         if row["fed_auc"] is not None and row.get("best_local_auc") is not None:
             row["fed_minus_best_local"] = row["fed_auc"] - row["best_local_auc"]
-        # issue 16: a simulated round's wall time over its slowest center's training time (median over rounds)
-        ratios = [h["seconds"] / max(h["client_train_seconds"].values()) for h in fed.get("history") or []
+        # issue 16: a simulated round's wall time over its slowest center's training time, and over the
+        # centers' training time per core (six centers share the machine's cores in simulation); medians
+        rounds = [(h["seconds"], list(h["client_train_seconds"].values())) for h in fed.get("history") or []
                   if h.get("seconds") and h.get("client_train_seconds")]
-        # ... and over the centers' training time per core (six centers share the machine's cores in simulation)
-        cores = os.cpu_count() or 1
-        per_core = [h["seconds"] / (sum(h["client_train_seconds"].values()) / min(cores, len(h["client_train_seconds"])))
-                    for h in fed.get("history") or [] if h.get("seconds") and h.get("client_train_seconds")]
-        if ratios:
-            row["fed_round_over_slowest_train"] = float(np.median(ratios))
-            row["fed_round_over_train_per_core"] = float(np.median(per_core))
+        if rounds:
+            cores = os.cpu_count() or 1
+            row["fed_round_over_slowest_train"] = float(np.median([s / max(t) for s, t in rounds]))
+            row["fed_round_over_train_per_core"] = float(np.median([s / (sum(t) / min(cores, len(t)))
+                                                                     for s, t in rounds]))
             row["fed_round_s"] = float(np.median([h["seconds"] for h in fed["history"] if h.get("seconds")]))
     return row
 
@@ -165,30 +164,26 @@ def main(argv=None) -> int:
             base = json.loads((out / f"seed{s}" / "baseline" / "metrics.json").read_text())
             fed_file = out / f"seed{s}" / "fedavg" / "metrics.json"
             fed = json.loads(fed_file.read_text()) if args.fed and fed_file.exists() else None
-            row = seed_row(base, fed)
-            row["seed"] = s
-            rows.append(row)
-            timings.append({"seed": s, "baseline_s": base.get("seconds"),
-                            "fed_s": sum(h.get("seconds", 0) for h in (fed or {}).get("history", [])) or None})
-            continue
-        t0 = time.perf_counter()
-        base = run_baseline(Path(args.cohort), out / f"seed{s}" / "baseline", load_config(overrides), arms=arms,
-                            console=console)
-        t_base = time.perf_counter() - t0
-        fed = None
-        t_fed = None
-        if args.fed:
-            from server.ops.simulation import run_simulation
+            t_base = base.get("seconds")
+            t_fed = sum(h.get("seconds", 0) for h in (fed or {}).get("history", [])) or None
+        else:
+            t0 = time.perf_counter()
+            base = run_baseline(Path(args.cohort), out / f"seed{s}" / "baseline", load_config(overrides),
+                                arms=arms, console=console)
+            t_base = time.perf_counter() - t0
+            fed = t_fed = None
+            if args.fed:
+                from server.ops.simulation import run_simulation
 
-            t1 = time.perf_counter()
-            fed = run_simulation(Path(args.cohort), out / f"seed{s}" / "fedavg", overrides, console=console,
-                                 stream=False)
-            t_fed = time.perf_counter() - t1
-        row = seed_row(base, fed)
-        row["seed"] = s
+                t1 = time.perf_counter()
+                fed = run_simulation(Path(args.cohort), out / f"seed{s}" / "fedavg", overrides, console=console,
+                                     stream=False)
+                t_fed = time.perf_counter() - t1
+        row = {**seed_row(base, fed), "seed": s}
         rows.append(row)
         timings.append({"seed": s, "baseline_s": t_base, "fed_s": t_fed})
-        console.print(f"seed {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
+        if not args.from_runs:
+            console.print(f"seed {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
     summary = summarise(rows)
     result = {"cohort": str(args.cohort), "features": args.features, "seeds": seeds, "arms": list(arms), "fed": bool(args.fed),
               "overrides": list(args.overrides), "rows": rows, "timings": timings,

@@ -111,7 +111,7 @@ def _simulate_loco(data: Path, out: Path, overrides: list[str], args) -> int:
 
     from common.data.cohort import discover_sites
     from common.hashing import json_safe
-    from common.learn.baseline import LOCO_KEYS, loco_summary, loco_table
+    from common.learn.baseline import LOCO_KEYS, _num, loco_summary, loco_table
     from server.ops.simulation import RunFailed, run_simulation
 
     centers = [s.name for s in discover_sites(data) if s.role != "external"]
@@ -134,7 +134,8 @@ def _simulate_loco(data: Path, out: Path, overrides: list[str], args) -> int:
         rep = ((m.get("external") or {}).get("centers") or {}).get(c) or {}
         folds[c] = {"n_held_out": rep.get("n"), "selected_round": m.get("selected_round"),
                     **{k: {"value": rep.get(k)} for k in LOCO_KEYS}}
-        console.print(f"  held-out {c}: AUC {_n(rep.get('auc'))}, ECE {_n(rep.get('ece'))}, C {_n(rep.get('c_index'))}")
+        console.print(f"  held-out {c}: AUC {_num(rep.get('auc'))}, ECE {_num(rep.get('ece'))}, "
+                      f"C {_num(rep.get('c_index'))}")
     loco = {"folds": folds, "failed": failed, "summary": loco_summary(folds), "seconds": time.perf_counter() - t0,
             "overrides": overrides,
             "basis": "federated leave-one-center-out over the training centers; the external center sealed"}
@@ -142,10 +143,6 @@ def _simulate_loco(data: Path, out: Path, overrides: list[str], args) -> int:
     console.print(loco_table(loco, "Federated leave-one-center-out CV (the external center sealed)"))
     console.print(f"folds: {shown(out)}; summary: {shown(out / 'loco.json')}", soft_wrap=True)
     return 1 if failed else 0
-
-
-def _n(v) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
 
 
 def cmd_demo(args) -> int:
