@@ -147,6 +147,67 @@ def test_stats_encoder_separates_nuclei_density(pcfg):
     assert other.fingerprint != enc.fingerprint and build_encoder(None).fingerprint == enc.fingerprint
 
 
+def reference_stats(enc, tile: np.ndarray) -> np.ndarray:
+    """The stats encoder's features of one tile, written plainly, one tile at a time: the definition
+    that the encoder's chunked implementation must reproduce."""
+    from scipy import ndimage
+
+    rgb = tile.astype(np.float32) / 255.0
+    od_sum = -np.log10((tile.astype(np.float32) + 1.0) / 256.0).sum(axis=-1)
+    conc = enc.deconvolve(tile)
+    H, E, D = conc[..., 0], conc[..., 1], conc[..., 2]
+    tissue = od_sum > enc.background_od
+    f = [tissue.mean(), od_sum.mean()]
+    t = tissue if tissue.sum() >= 16 else np.ones_like(tissue)
+    Ht, Et = H[t], E[t]
+    for v in (Ht, Et):
+        f += [v.mean(), v.std(), *np.percentile(v, (10, 50, 90, 99))]
+    f += [D[t].mean(), D[t].std(), Ht.mean() / (Et.mean() + 1e-3)]
+    f.append(float(np.corrcoef(Ht, Et)[0, 1]) if Ht.std() > 1e-6 and Et.std() > 1e-6 else 0.0)
+    for v in (Ht, Et):
+        vn = v / (np.percentile(v, 99) + 1e-3)
+        f += [vn.mean(), vn.std(), np.median(vn)]
+    hist, _ = np.histogram(np.clip(Ht, 0, 2.0), bins=4, range=(0.0, 2.0))
+    f += list(hist / max(len(Ht), 1))
+    nuc = H > enc.nuclei_od
+    nuc_rel = H > max(0.5 * enc.nuclei_od, 0.6 * np.percentile(H, 99))
+    lab, k = ndimage.label(nuc, structure=ndimage.generate_binary_structure(2, 1))
+    sizes = np.bincount(lab.ravel())[1:] if k else np.zeros(0)
+    sizes = sizes[sizes >= enc.min_nucleus_px]
+    f += [nuc.mean(), nuc_rel.mean(), 1000.0 * len(sizes) / tissue.size,
+          sizes.mean() if len(sizes) else 0.0, sizes.std() if len(sizes) else 0.0, (nuc & (E < np.median(Et))).mean()]
+    grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    gy, gx = np.gradient(grey)
+    hy, hx = np.gradient(H)
+    m, mh = ndimage.uniform_filter(grey, 7), ndimage.uniform_filter(H, 7)
+    lv, lvh = ndimage.uniform_filter(grey * grey, 7) - m * m, ndimage.uniform_filter(H * H, 7) - mh * mh
+    f += [(gx * gx + gy * gy).mean(), (hx * hx + hy * hy).mean(), ndimage.laplace(grey).var(),
+          np.maximum(lv, 0).mean(), np.maximum(lvh, 0).mean()]
+    mx, mn = rgb.max(axis=-1), rgb.min(axis=-1)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    f += [*rgb.mean(axis=(0, 1), dtype=np.float64), *rgb.std(axis=(0, 1), dtype=np.float64), grey.mean(), grey.std(),
+          sat.mean()]
+    return np.nan_to_num(np.asarray(f, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def test_stats_encoder_matches_its_per_tile_definition(slide_path, pcfg):
+    """The chunked stats encoder gives each tile's features as the plain per-tile definition does, whatever
+    the chunk holds (tissue, glass, a blank tile with < 16 tissue pixels, nuclei touching a chunk's border)."""
+    enc = build_encoder(pcfg["encoder"])
+    rng = np.random.default_rng(3)
+    tiles = [he_texture(224, 224, rng, nuclei_per_mpx=d) for d in (300, 2500, 8000)]
+    tiles += [np.full((224, 224, 3), 250, np.uint8), np.zeros((224, 224, 3), np.uint8) + 255]
+    with open_slide(slide_path) as s:
+        coords = tile_grid(s, tissue_mask(s, pcfg)[0], pcfg)
+        tiles += list(np.concatenate(list(iter_tile_batches(s, coords[:20], pcfg))))
+    tiles = np.stack(tiles + [np.ascontiguousarray(t[::-1]) for t in tiles[:3]])  # > one chunk of 16
+    got = enc(tiles)
+    want = np.stack([reference_stats(enc, t) for t in tiles])
+    assert got.shape == want.shape == (len(tiles), len(STATS_FEATURES))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg="stats encoder vs its definition")
+    assert np.array_equal(enc(tiles[5:9]), got[5:9])  # a tile's features do not depend on its chunk
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_torchscript_encoder(tmp_path):
     import torch

@@ -35,7 +35,10 @@ RJ_STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]
 RJ_STAINS = RJ_STAINS / np.linalg.norm(RJ_STAINS, axis=1, keepdims=True)
 OD_FROM_STAINS_INV = np.linalg.inv(RJ_STAINS).astype(np.float32)  # concentrations = OD @ inv(M)
 
-STATS_VERSION = 1
+STATS_VERSION = 2   # 2: float64 sums (the per-tile float32 sums of v1 were off by up to ~4e-4)
+# optical density of each 8-bit intensity: -log10((v + 1) / 256)
+_OD_LUT = (-np.log10((np.arange(256, dtype=np.float32) + 1.0) / 256.0)).astype(np.float32)
+_U8_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)   # v / 255
 _PCTS = (10, 50, 90, 99)
 STATS_FEATURES: list[str] = (
     ["tissue_frac", "od_mean"]
@@ -106,69 +109,115 @@ class StatsEncoder(Encoder):
         self.fingerprint = f"stats-v{STATS_VERSION}-" + _digest(
             {"nuclei_od": self.nuclei_od, "min_nucleus_px": self.min_nucleus_px,
              "background_od": self.background_od, "features": STATS_FEATURES})
-        self._struct = ndimage.generate_binary_structure(2, 1)
+        self._struct3 = np.zeros((3, 3, 3), bool)               # 4-connected within a tile, never across
+        self._struct3[1] = ndimage.generate_binary_structure(2, 1)
 
     @staticmethod
     def deconvolve(batch: np.ndarray) -> np.ndarray:
         """uint8 [..., 3] RGB -> float32 [..., 3] stain concentrations (H, E, residual) in OD units."""
-        od = -np.log10((batch.astype(np.float32) + 1.0) / 256.0)
-        return np.maximum(od @ OD_FROM_STAINS_INV, 0.0)
+        return np.maximum(_OD_LUT[np.asarray(batch, np.uint8)] @ OD_FROM_STAINS_INV, 0.0)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = _check_batch(batch)
         out = np.zeros((len(batch), self.dim), np.float32)
-        for n, tile in enumerate(batch):
-            out[n] = self._tile(tile)
+        for start in range(0, len(batch), self.CHUNK):  # a few tiles at a time: bounded, cache-friendly
+            out[start:start + self.CHUNK] = self._tiles(batch[start:start + self.CHUNK])
         return out
 
-    def _tile(self, tile: np.ndarray) -> np.ndarray:
-        rgb = tile.astype(np.float32) / 255.0
-        od_sum = -np.log10((tile.astype(np.float32) + 1.0) / 256.0).sum(axis=-1)
-        conc = self.deconvolve(tile)
-        H, E, D = conc[..., 0], conc[..., 1], conc[..., 2]
+    CHUNK = 4   # tiles per array pass: 4 x 224² planes stay in cache (4: 9.3 ms/tile, 16: 14.8, 1: 10.7)
+
+    def _tiles(self, tiles: np.ndarray) -> np.ndarray:
+        """Features of a chunk of tiles, computed for the whole chunk at once: one pass per colour plane
+        (no reductions over the 3-channel axis, which numpy does slowly), sums in float64, and only the
+        masked percentiles and the nuclei sizes loop over the chunk's tiles. ``tests/test_pathology.py``
+        holds the plain per-tile definition of every feature and checks this against it."""
+        n, h, w, _ = tiles.shape
+        npx = h * w
+        f64 = np.float64
+        u = [np.ascontiguousarray(tiles[..., c]) for c in range(3)]           # uint8 planes
+        od = [_OD_LUT[c] for c in u]                                           # optical density per plane
+        od_sum = od[0] + od[1] + od[2]
+        M = OD_FROM_STAINS_INV
+        H, E, D = (np.maximum(od[0] * M[0, j] + od[1] * M[1, j] + od[2] * M[2, j], 0.0) for j in range(3))
         tissue = od_sum > self.background_od
-        npx = tissue.size
-        f: list[float] = [tissue.mean(), od_sum.mean()]
-        t = tissue if tissue.sum() >= 16 else np.ones_like(tissue)  # stats over tissue pixels
-        Ht, Et = H[t], E[t]
-        for v in (Ht, Et):
-            f += [v.mean(), v.std(), *np.percentile(v, _PCTS)]
-        f += [D[t].mean(), D[t].std(), Ht.mean() / (Et.mean() + 1e-3)]
-        f.append(float(np.corrcoef(Ht, Et)[0, 1]) if Ht.std() > 1e-6 and Et.std() > 1e-6 else 0.0)
+        # statistics over tissue pixels (all pixels of a tile with fewer than 16 tissue pixels)
+        whole = tissue.sum(axis=(1, 2)) < 16
+        t = tissue | whole[:, None, None]
+        tf = t.astype(np.float32)
+        cnt = tf.sum(axis=(1, 2), dtype=f64)
+        ax = (1, 2)
+
+        def msum(v):
+            return (v * tf).sum(axis=ax, dtype=f64)
+
+        def mean_std(s1, s2, c):
+            m = s1 / c
+            return m, np.sqrt(np.maximum(s2 / c - m * m, 0.0))
+
+        Hm, Hs = mean_std(msum(H), msum(H * H), cnt)
+        Em, Es = mean_std(msum(E), msum(E * E), cnt)
+        Dm, Ds = mean_std(msum(D), msum(D * D), cnt)
+        corr = np.where((Hs > 1e-6) & (Es > 1e-6), (msum(H * E) / cnt - Hm * Em) / np.maximum(Hs * Es, 1e-30), 0.0)
+        pH = np.empty((n, len(_PCTS))); pE = np.empty((n, len(_PCTS))); p99H = np.empty(n); hist = np.empty((n, 4))
+        all_t = t.all(axis=(1, 2))
+        i50, i99 = _PCTS.index(50), _PCTS.index(99)
+        for k in range(n):
+            Ht, Et = (H[k], E[k]) if all_t[k] else (H[k][t[k]], E[k][t[k]])
+            pH[k] = np.percentile(Ht, _PCTS)
+            pE[k] = np.percentile(Et, _PCTS)
+            p99H[k] = pH[k, i99] if all_t[k] else np.percentile(H[k], 99)
+            hist[k] = np.bincount(np.minimum((np.clip(Ht, 0, 2.0) * 2.0).astype(np.int64).ravel(), 3), minlength=4)
+        cols = [tissue.sum(axis=ax) / npx, od_sum.sum(axis=ax, dtype=f64) / npx,
+                Hm, Hs, *pH.T, Em, Es, *pE.T, Dm, Ds, Hm / (Em + 1e-3), corr]
         # per-tile stain-intensity normalisation (robust to centre-wise staining strength)
-        for v in (Ht, Et):
-            vn = v / (np.percentile(v, 99) + 1e-3)
-            f += [vn.mean(), vn.std(), np.median(vn)]
-        hist, _ = np.histogram(np.clip(Ht, 0, 2.0), bins=4, range=(0.0, 2.0))
-        f += list(hist / max(len(Ht), 1))
-        # nuclei: strongly haematoxylin-stained pixels and their connected components
+        for m, s_, p in ((Hm, Hs, pH), (Em, Es, pE)):
+            scale = p[:, i99] + 1e-3
+            cols += [m / scale, s_ / scale, p[:, i50] / scale]
+        cols += list((hist / cnt[:, None]).T)
+        # nuclei: strongly haematoxylin-stained pixels and their connected components (within a tile)
         nuc = H > self.nuclei_od
-        rel_thr = max(0.5 * self.nuclei_od, 0.6 * np.percentile(H, 99))
-        nuc_rel = H > rel_thr
-        lab, k = ndimage.label(nuc, structure=self._struct)
-        if k:
-            sizes = np.bincount(lab.ravel())[1:]
-            sizes = sizes[sizes >= self.min_nucleus_px]
-        else:
-            sizes = np.zeros(0)
-        f += [nuc.mean(), nuc_rel.mean(), 1000.0 * len(sizes) / npx,
-              float(sizes.mean()) if len(sizes) else 0.0, float(sizes.std()) if len(sizes) else 0.0,
-              float((nuc & (E < np.median(Et))).mean())]
-        # texture
-        grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-        gy, gx = np.gradient(grey)
-        hy, hx = np.gradient(H)
-        lap = ndimage.laplace(grey)
-        m = ndimage.uniform_filter(grey, 7)
-        lv = ndimage.uniform_filter(grey * grey, 7) - m * m
-        mh = ndimage.uniform_filter(H, 7)
-        lvh = ndimage.uniform_filter(H * H, 7) - mh * mh
-        f += [float((gx * gx + gy * gy).mean()), float((hx * hx + hy * hy).mean()), float(lap.var()),
-              float(np.maximum(lv, 0).mean()), float(np.maximum(lvh, 0).mean())]
-        mx, mn = rgb.max(axis=-1), rgb.min(axis=-1)
-        sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-        f += [*rgb.mean(axis=(0, 1)), *rgb.std(axis=(0, 1)), grey.mean(), grey.std(), sat.mean()]
-        return np.nan_to_num(np.asarray(f, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        rel_thr = np.maximum(0.5 * self.nuclei_od, 0.6 * p99H).astype(np.float32)
+        nuc_rel = H > rel_thr[:, None, None]
+        lab, _ = ndimage.label(nuc, structure=self._struct3)      # no connection across tiles
+        sizes = np.bincount(lab.ravel())
+        last = np.maximum.accumulate(lab.reshape(n, -1).max(axis=1))  # labels are numbered in tile order
+        first = np.concatenate([[0], last[:-1]]) + 1
+        n_nuc = np.zeros(n); a_mean = np.zeros(n); a_std = np.zeros(n)
+        for k in range(n):
+            sz = sizes[first[k]:last[k] + 1]
+            sz = sz[sz >= self.min_nucleus_px]
+            if len(sz):
+                n_nuc[k], a_mean[k], a_std[k] = len(sz), sz.mean(), sz.std()
+        e_low = (nuc & (E < pE[:, i50].astype(np.float32)[:, None, None])).sum(axis=ax) / npx
+        cols += [nuc.sum(axis=ax) / npx, nuc_rel.sum(axis=ax) / npx, 1000.0 * n_nuc / npx, a_mean, a_std, e_low]
+        # texture (every filter runs within a tile: size 1 / no derivative along the chunk axis)
+        rgb = [_U8_UNIT[c] for c in u]                                         # v / 255 per plane
+        grey = rgb[0] * np.float32(0.299) + rgb[1] * np.float32(0.587) + rgb[2] * np.float32(0.114)
+        gy, gx = np.gradient(grey, axis=ax)
+        hy, hx = np.gradient(H, axis=ax)
+        lap = ndimage.correlate1d(grey, [1, -2, 1], axis=1) + ndimage.correlate1d(grey, [1, -2, 1], axis=2)
+        win = (1, 7, 7)
+        m = ndimage.uniform_filter(grey, win)
+        lv = ndimage.uniform_filter(grey * grey, win) - m * m
+        mh = ndimage.uniform_filter(H, win)
+        lvh = ndimage.uniform_filter(H * H, win) - mh * mh
+
+        def mean_std_all(v):
+            return mean_std(v.sum(axis=ax, dtype=f64), (v * v).sum(axis=ax, dtype=f64), npx)
+
+        cols += [(gx * gx + gy * gy).sum(axis=ax, dtype=f64) / npx, (hx * hx + hy * hy).sum(axis=ax, dtype=f64) / npx,
+                 mean_std_all(lap)[1] ** 2, np.maximum(lv, 0).sum(axis=ax, dtype=f64) / npx,
+                 np.maximum(lvh, 0).sum(axis=ax, dtype=f64) / npx]
+        s1 = [c.sum(axis=ax, dtype=np.int64).astype(f64) for c in u]           # exact channel statistics
+        s2 = [(c.astype(np.int32) ** 2).sum(axis=ax, dtype=np.int64).astype(f64) for c in u]
+        ch = [mean_std(a / 255.0, b / 65025.0, npx) for a, b in zip(s1, s2)]
+        mx = _U8_UNIT[np.maximum(np.maximum(u[0], u[1]), u[2])]
+        mn = _U8_UNIT[np.minimum(np.minimum(u[0], u[1]), u[2])]
+        sat = (mx - mn) / np.maximum(mx, 1e-6)
+        gm, gs = mean_std_all(grey)
+        cols += [*(c[0] for c in ch), *(c[1] for c in ch), gm, gs, sat.sum(axis=ax, dtype=f64) / npx]
+        f = np.stack([np.asarray(c, f64) for c in cols], axis=1).astype(np.float32)
+        return np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 # --- learned encoders ----------------------------------------------------------------------
