@@ -92,6 +92,44 @@ def test_tissue_detection(slide_path, pcfg):
     assert mask[:, edge + 2:].mean() < 0.01  # background not
 
 
+def test_tissue_morphology_is_scipys():
+    """The fast cross-shaped opening / closing gives scipy.ndimage's result, borders included."""
+    from scipy import ndimage
+
+    from common.preprocess.pathology import binary_open_close
+
+    rng = np.random.default_rng(5)
+    for shape, p_on in (((64, 80), 0.5), ((33, 17), 0.8), ((50, 50), 0.2), ((1, 9), 0.9)):
+        m = ndimage.uniform_filter(rng.random(shape), 3) > (1 - p_on) * 0.9 if min(shape) > 2 else rng.random(shape) < p_on
+        for o, c in ((1, 2), (0, 1), (2, 0), (0, 0)):
+            want = m
+            if o:
+                want = ndimage.binary_opening(want, iterations=o)
+            if c:
+                want = ndimage.binary_closing(want, iterations=c, border_value=0)
+            assert np.array_equal(binary_open_close(m, o, c), want), (shape, o, c)
+
+
+def test_strip_reads_give_the_tiles_of_single_reads(slide_path, pcfg):
+    """Tiles cut from one read per run of adjacent tiles equal tiles read one by one (exact level, a level
+    that needs resizing, runs broken by rows, gaps and batch ends)."""
+    with open_slide(slide_path) as s:
+        mask, _, ds = tissue_mask(s, pcfg)
+        for cfg in (pcfg, dict(pcfg, target_mpp=1.5), dict(pcfg, target_mpp=0.5, max_tiles=0, batch_size=7)):
+            coords = tile_grid(s, mask, cfg, mask_downsample=ds)
+            coords = np.concatenate([coords[:5], coords[6:]])  # a gap inside a row
+            lvl, _, side = read_level(s, cfg)
+            got = np.concatenate(list(iter_tile_batches(s, coords, cfg)))
+            for k in (0, 4, 5, len(coords) - 1):
+                x, y = map(int, coords[k])
+                one = np.asarray(s.read_region((x, y), lvl, (side, side), as_array=True))[..., :3]
+                if side != cfg["tile_size"]:
+                    from PIL import Image
+                    one = np.asarray(Image.fromarray(np.ascontiguousarray(one)).resize(
+                        (cfg["tile_size"],) * 2, Image.Resampling.BOX if side > cfg["tile_size"] else Image.Resampling.BILINEAR))
+                assert np.array_equal(got[k], one), (cfg["target_mpp"], k)
+
+
 def test_tile_count_known_geometry(slide_path, pcfg):
     s = open_slide(slide_path)
     mask, _, ds = tissue_mask(s, pcfg)

@@ -10,10 +10,11 @@
    ``target_mpp`` (level-0 mpp from the file's metadata), kept where the
    tissue fraction is ``>= min_fraction``, capped at ``max_tiles`` by evenly
    spaced (deterministic) subsampling in raster order.
-3. :func:`iter_tile_batches`: each tile is read alone from the best pyramid
-   level for the target mpp and resized to ``tile_size`` only if that level is
-   not exact; batches of ``batch_size`` uint8 NHWC tiles are streamed to the
-   encoder, so memory depends on the batch, not on the slide.
+3. :func:`iter_tile_batches`: tiles are read from the best pyramid level for the
+   target mpp (one read per run of adjacent tiles in a grid row) and resized to
+   ``tile_size`` only if that level is not exact; batches of ``batch_size`` uint8
+   NHWC tiles are streamed to the encoder, so memory depends on the batch, not on
+   the slide.
 """
 from __future__ import annotations
 
@@ -111,12 +112,45 @@ def read_thumbnail(slide, cfg: Mapping) -> tuple[np.ndarray, int, float]:
     return out, lvl, ds * f
 
 
+def _erode(m: np.ndarray) -> np.ndarray:
+    """Binary erosion by the 4-connected cross, pixels outside the image counting as background: the same
+    result as ``scipy.ndimage.binary_erosion(m)`` (a test checks it) in 1 ms instead of 20 on a 1024² mask."""
+    o = m.copy()
+    o[1:] &= m[:-1]; o[:-1] &= m[1:]; o[:, 1:] &= m[:, :-1]; o[:, :-1] &= m[:, 1:]
+    o[0] = o[-1] = False
+    o[:, 0] = o[:, -1] = False
+    return o
+
+
+def _dilate(m: np.ndarray) -> np.ndarray:
+    """Binary dilation by the 4-connected cross: ``scipy.ndimage.binary_dilation(m)``'s result."""
+    o = m.copy()
+    o[1:] |= m[:-1]; o[:-1] |= m[1:]; o[:, 1:] |= m[:, :-1]; o[:, :-1] |= m[:, 1:]
+    return o
+
+
+def binary_open_close(mask: np.ndarray, opening: int, closing: int) -> np.ndarray:
+    """``binary_closing(binary_opening(mask, iterations=opening), iterations=closing, border_value=0)`` with
+    scipy's default cross, as repeated single-step erosions and dilations."""
+    m = np.asarray(mask, bool)
+    for op in [_erode] * opening + [_dilate] * opening + [_dilate] * closing + [_erode] * closing:
+        m = op(m)
+    return m
+
+
 def tissue_from_rgb(rgb: np.ndarray, tissue_cfg: Mapping) -> np.ndarray:
-    """Boolean tissue mask of an RGB uint8 image (Otsu on saturation or grey, then morphology)."""
+    """Boolean tissue mask of an RGB uint8 image (Otsu on saturation or grey, then morphology).
+
+    Works on the three colour planes (numpy reduces over a trailing axis of 3 slowly): max / min of the
+    uint8 planes scaled by 1/255 equal those of the float image exactly."""
     t = dict(tissue_cfg or {})
-    x = rgb.astype(np.float32) / 255.0
-    mx, mn = x.max(axis=-1), x.min(axis=-1)
-    grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    rgb = np.asarray(rgb)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    scale = np.float32(255.0)
+    mx = np.maximum(np.maximum(r, g), b).astype(np.float32) / scale
+    mn = np.minimum(np.minimum(r, g), b).astype(np.float32) / scale
+    grey = (r.astype(np.float32) / scale) * np.float32(0.299) + (g.astype(np.float32) / scale) * np.float32(0.587) \
+        + (b.astype(np.float32) / scale) * np.float32(0.114)
     method = t.get("method", "otsu_saturation")
     valid = (mx > 0.02)  # pure black = outside the scanned area / padding
     if method == "otsu_saturation":
@@ -131,10 +165,7 @@ def tissue_from_rgb(rgb: np.ndarray, tissue_cfg: Mapping) -> np.ndarray:
     else:
         raise ValueError(f"unknown pathology.tissue.method {method!r} (otsu_saturation, otsu_grey)")
     mask &= grey < float(t.get("max_grey", 0.92))
-    if int(t.get("opening_px", 1)) > 0:
-        mask = ndimage.binary_opening(mask, iterations=int(t["opening_px"]))
-    if int(t.get("closing_px", 2)) > 0:
-        mask = ndimage.binary_closing(mask, iterations=int(t["closing_px"]), border_value=0)
+    mask = binary_open_close(mask, max(0, int(t.get("opening_px", 1))), max(0, int(t.get("closing_px", 2))))
     min_obj = int(t.get("min_object_px", 16))
     if min_obj > 1 and mask.any():
         lab, n = ndimage.label(mask)
@@ -216,28 +247,50 @@ def read_level(slide, cfg: Mapping) -> tuple[int, float, int]:
     return lvl, ds, max(1, int(round(t0 / ds)))
 
 
+def _row_runs(lx: np.ndarray, ly: np.ndarray, side: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` index ranges of tiles that lie side by side in one grid row (same level y, each
+    starting at most one pixel from where the previous one ends): one read covers each range."""
+    runs, start = [], 0
+    for i in range(1, len(lx) + 1):
+        if i == len(lx) or ly[i] != ly[start] or not (0 <= lx[i] - lx[i - 1] <= side + 1):
+            runs.append((start, i))
+            start = i
+    return runs
+
+
 def iter_tile_batches(slide, coords: np.ndarray, cfg: Any) -> Iterator[np.ndarray]:
     """Yield uint8 [n, tile_size, tile_size, 3] batches of the tiles at ``coords`` (in order).
 
-    Each tile is read on its own (``read_region`` of just that tile on the best
-    level), so memory is one batch plus the reader's small tile cache.
+    Tiles come in raster order, so the tiles of a batch that lie side by side in a grid row are read with
+    one ``read_region`` (a strip one tile high on the best level) and cut apart: the pixels are those of
+    one read per tile (tile ``k`` starts at level pixel ``int(x_k / downsample)`` either way), each
+    compressed chunk is decoded once per strip instead of once per tile touching it, and the reader's
+    per-call overhead is paid once per run. Memory is one batch plus one strip.
     """
     from PIL import Image
 
     cfg = _plain(cfg)
     size = int(cfg["tile_size"])
     bs = max(1, int(cfg.get("batch_size", 64)))
-    lvl, _, side = read_level(slide, cfg)
-    coords = np.asarray(coords)
+    lvl, ds, side = read_level(slide, cfg)
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    lx = np.array([int(x / ds) for x in coords[:, 0]], np.int64)  # the level pixel read_region starts at
+    ly = np.array([int(y / ds) for y in coords[:, 1]], np.int64)
     for start in range(0, len(coords), bs):
-        chunk = coords[start:start + bs]
-        batch = np.empty((len(chunk), size, size, 3), np.uint8)
-        for n, (x, y) in enumerate(chunk):
-            reg = np.asarray(slide.read_region((int(x), int(y)), lvl, (side, side), as_array=True))[..., :3]
-            if reg.shape[0] != size or reg.shape[1] != size:
-                resample = Image.Resampling.BOX if reg.shape[0] > size else Image.Resampling.BILINEAR
-                reg = np.asarray(Image.fromarray(np.ascontiguousarray(reg)).resize((size, size), resample))
-            batch[n] = reg
+        stop = min(start + bs, len(coords))
+        batch = np.empty((stop - start, size, size, 3), np.uint8)
+        for r0, r1 in _row_runs(lx[start:stop], ly[start:stop], side):
+            i0, i1 = start + r0, start + r1
+            width = int(lx[i1 - 1] - lx[i0]) + side
+            strip = np.asarray(slide.read_region((int(coords[i0, 0]), int(coords[i0, 1])), lvl, (width, side),
+                                                 as_array=True))[..., :3]
+            for i in range(i0, i1):
+                off = int(lx[i] - lx[i0])
+                reg = strip[:, off:off + side]
+                if reg.shape[0] != size or reg.shape[1] != size:
+                    resample = Image.Resampling.BOX if reg.shape[0] > size else Image.Resampling.BILINEAR
+                    reg = np.asarray(Image.fromarray(np.ascontiguousarray(reg)).resize((size, size), resample))
+                batch[i - start] = reg
         yield batch
 
 
