@@ -195,8 +195,7 @@ def tile_size_level0(slide, cfg: Mapping) -> tuple[float, float]:
 def tile_fractions(mask: np.ndarray, mask_ds: float, xs: np.ndarray, ys: np.ndarray, t0: float) -> np.ndarray:
     """Tissue fraction of each tile (level-0 top-left ``xs[i], ys[j]``, side ``t0``) -> [len(ys), len(xs)]."""
     h, w = mask.shape
-    sat = np.zeros((h + 1, w + 1), np.int64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    m8 = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
 
     def edges(v, n):
         a = np.clip(np.round(v / mask_ds).astype(np.int64), 0, n)
@@ -206,7 +205,13 @@ def tile_fractions(mask: np.ndarray, mask_ds: float, xs: np.ndarray, ys: np.ndar
 
     x0, x1 = edges(xs.astype(np.float64), w)
     y0, y1 = edges(ys.astype(np.float64), h)
-    tot = (sat[y1][:, x1] - sat[y0][:, x1] - sat[y1][:, x0] + sat[y0][:, x0]).astype(np.float64)
+    # one band of mask rows per tile row: column sums, then a running sum along x (a summed-area table
+    # of the whole mask costs two int64 passes over it; this reads each mask row once per band)
+    tot = np.empty((len(ys), len(xs)), np.float64)
+    for j in range(len(ys)):
+        run = np.zeros(w + 1, np.int64)
+        np.cumsum(m8[y0[j]:y1[j]].sum(axis=0, dtype=np.int64), out=run[1:])
+        tot[j] = run[x1] - run[x0]
     area = np.outer(y1 - y0, x1 - x0).astype(np.float64)
     return np.where(area > 0, tot / np.maximum(area, 1), 0.0)
 
