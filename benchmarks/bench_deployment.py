@@ -88,6 +88,31 @@ def run(work: Path, rounds: int, extra: list[str]) -> dict:
     return analyse(timing, run_dir, time.time() - t0)
 
 
+def _assign_secagg_stages(rows: list[dict]) -> None:
+    """Under SecAgg+ (Flower's legacy workflow) only the stage that trains carries the round number; the
+    other stages (setup and key sharing before it, unmasking after it) and the validation message that
+    follows each round arrive with round 0. Give each of them its round, per center in time order:
+    what precedes a round's training stage belongs to that round, and the one unmasking stage and the
+    one validation right after it belong to it too. The first query and the final report stay at 0.
+    Without SecAgg+ (no round-0 training message) nothing changes."""
+    if not any(x["type"] == "train" and x["round"] == 0 for x in rows):
+        return
+    for center in {x["center"] for x in rows}:
+        mine = sorted((x for x in rows if x["center"] == center), key=lambda x: x["created"])
+        pending, current, allow = [], 0, {}
+        for x in mine:
+            if x["round"] > 0:
+                for y in pending:
+                    y["round"] = x["round"]
+                pending, current, allow = [], x["round"], {"train": 1, "evaluate": 1}
+            elif x["type"] in ("train", "evaluate"):
+                if allow.get(x["type"], 0) > 0 and (x["type"] == "train" or allow.get("train", 0) == 0):
+                    x["round"] = current
+                    allow[x["type"]] -= 1
+                else:
+                    pending.append(x)
+
+
 def analyse(timing: Path, run_dir: Path, wall: float) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     server = [json.loads(ln) for ln in (timing / "server.jsonl").read_text().splitlines()]
@@ -106,8 +131,9 @@ def analyse(timing: Path, run_dir: Path, wall: float) -> dict:
                      site_loaded, e.get("model_ready", site_loaded), e["done"], a]
             if any(m is None for m in marks):
                 continue
-            rows.append({"center": e["center"], "type": e["type"], "round": e.get("round", 0),
+            rows.append({"center": e["center"], "type": e["type"], "round": e.get("round", 0), "created": e["created"],
                          **{p: marks[i + 1] - marks[i] for i, p in enumerate(PHASES)}})
+    _assign_secagg_stages(rows)
     per_round = []
     for h in metrics["history"]:
         r = h["round"]
@@ -142,8 +168,12 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="now")
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*", help="extra run overrides, e.g. federation.secure_aggregation.enabled=true")
+    ap.add_argument("--analyse", type=Path, default=None, help="re-analyse the timing folder of an earlier run")
     args = ap.parse_args(argv)
-    res = run(Path(args.work), args.rounds, args.overrides)
+    if args.analyse:
+        res = analyse(args.analyse, args.analyse / "run", float("nan"))
+    else:
+        res = run(Path(args.work), args.rounds, args.overrides)
     res["label"] = args.label
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
