@@ -21,6 +21,7 @@ import logging
 import numpy as np
 
 from common.federation import reply_schema as W
+from common.federation.roles import trains
 from common.metrics import (auc_from_cells, baseline_hazard_from_cells, fit_platt_cells, pooled_c_index,
                             quantiles_from_cells, youden_from_cells)
 
@@ -198,6 +199,6 @@ def selection_summary(best: dict, metric: str, fed) -> dict:
 
 def endpoints_of(roles) -> dict:
     """Which endpoints the training centers can train and validate (their role replies' counts)."""
-    train = [i for i in roles.values() if i.get("role") not in ("external", "sealed")]
+    train = [i for i in roles.values() if trains(i.get("role"))]
     return {"benefit": sum(int(i.get("n-benefit", 0)) for i in train),
             "dfs": sum(int(i.get("n-dfs", 0)) for i in train)}

@@ -6,6 +6,7 @@ import time
 
 from flwr.app import Message, MessageType, RecordDict
 
+from common.federation.roles import SEALED, trains
 from server.messaging import send_and_collect
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,6 @@ def admit_new_nodes(grid, roles: dict[int, dict], timeout: float, unanswered: se
     return events
 
 
-SEALED = "sealed"
 
 
 def apply_holdout(roles: dict[int, dict], holdout: str | None) -> list[str]:
@@ -102,7 +102,7 @@ def apply_holdout(roles: dict[int, dict], holdout: str | None) -> list[str]:
             info["role"] = SEALED
             lines.append(f"external center {info.get('center-id')} is sealed for this leave-one-center-out run")
     if not any(i.get("held-out") for i in roles.values()):
-        known = sorted(i.get("center-id", "?") for i in roles.values() if i.get("role") not in ("external", SEALED))
+        known = sorted(i.get("center-id", "?") for i in roles.values() if trains(i.get("role")))
         raise RuntimeError(f"federation.holdout_center: no training center {holdout!r} answered "
                            f"(training centers: {', '.join(known) or 'none'})")
     return lines

@@ -16,6 +16,7 @@ from server.evaluation import (center_entry, pool)
 from server.messaging import NO_REPLY, send_and_collect
 from server.secure_aggregation import average_as_reply, secure_train_round
 from server.update_checks import screen_updates
+from common.federation.roles import trains
 
 log = logging.getLogger("newadj.server")
 _LAST_NOTICE: dict[str, str] = {}
@@ -84,7 +85,7 @@ def merge_failures(train: dict, evaluate: dict) -> dict:
 def membership(grid, roles) -> tuple[list[int], list[int]]:
     """(training, external) node ids among the nodes the SuperLink lists as connected now."""
     online = set(grid.get_node_ids())
-    train = sorted(n for n, i in roles.items() if i.get("role") not in ("external", "sealed") and n in online)
+    train = sorted(n for n, i in roles.items() if trains(i.get("role")) and n in online)
     return train, sorted(n for n, i in roles.items() if i.get("role") == "external" and n in online)
 
 

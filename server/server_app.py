@@ -39,6 +39,7 @@ from server.checkpoints import annotate_checkpoint, latest_checkpoint, load_chec
 from server.roles import NodeView, admit_new_nodes, apply_holdout, query_roles, wait_for_nodes
 from server.secure_aggregation import check_secure_config
 from server.strategies import DP_WEIGHT, build_strategy, is_dp, privacy_spent, restore_strategy_state, strategy_state
+from common.federation.roles import trains
 
 log = logging.getLogger("newadj.server")
 app = ServerApp()
@@ -315,7 +316,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         log.info("privacy spent: epsilon %.3f at delta %g after %d private releases (noise multiplier %g, "
                  "clipping norm %g)", dp_spent["epsilon"], dp_spent["delta"], dp_spent["releases"],
                  dp_spent["noise_multiplier"], dp_spent["clipping_norm"])
-    card = {"training_centers": {c: v for c, v in centers.items() if v["role"] not in ("external", "sealed")},
+    card = {"training_centers": {c: v for c, v in centers.items() if trains(v["role"])},
             "external_centers": [c for c, v in centers.items() if v["role"] == "external"],
             "strategy": str(fed.strategy), "rounds": num_rounds, "selected_round": best["round"],
             "local_epochs": int(fed.local_epochs), "config_hash": cfg_hash, "seed": int(cfg.seed),

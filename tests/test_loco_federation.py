@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from common.federation.roles import trains
 from server.roles import apply_holdout
 from server.rounds import membership
 from tests.conftest import TEST_OVERRIDES
@@ -35,6 +36,8 @@ def test_holdout_plays_external_and_the_external_center_is_sealed():
     plain = _roles()
     assert apply_holdout(plain, None) == [] and plain == _roles()
     assert membership(_Grid([1, 2, 3, 9]), plain) == ([1, 2, 3], [9])
+    # the one definition that rounds, evaluation, the model card, the console and the report share
+    assert [trains(r) for r in ("train", "external", "sealed")] == [True, False, False]
 
 
 def test_holdout_must_name_a_training_center():

@@ -18,6 +18,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from common.federation.roles import SEALED, trains
+
 # lines wrap at spaces; a line holding a path or a hash is printed with soft_wrap=True (never broken);
 # errors never wrap (the terminal shows them whole, a copy-paste gets them whole)
 console = Console(highlight=False)
@@ -80,9 +82,9 @@ class EventPrinter:
             self.out.print(f"  run directory: {shown(ev.get('run_dir'))}", soft_wrap=True)
         elif kind == "roles":
             roles = ev.get("centers") or {}
-            train = sorted(c for c, r in roles.items() if r not in ("external", "sealed"))
+            train = sorted(c for c, r in roles.items() if trains(r))
             ext = sorted(c for c, r in roles.items() if r == "external")
-            sealed = sorted(c for c, r in roles.items() if r == "sealed")
+            sealed = sorted(c for c, r in roles.items() if r == SEALED)
             e = ev.get("endpoints") or {}
             self.out.print(f"centers: {len(train)} training ({', '.join(train)}); external: {', '.join(ext) or 'none'}"
                            + (f"; sealed: {', '.join(sealed)}" if sealed else ""))

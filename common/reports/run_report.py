@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.reports.evaluate import EvaluationError, load_checkpoint, open_site
+from common.federation.roles import trains
 
 
 def site_scores(models: dict[str, Any], site_dir: Path, splits: list[str] | None = None) -> dict[str, dict]:
@@ -99,7 +100,7 @@ def comparison_rows(metrics: dict, baseline: dict | None) -> list[list[str]]:
         ci = e.get("c_index")
         ci = ci if isinstance(ci, dict) else {"value": ci}
         n_train = sum(int((v or {}).get("n_train") or 0) for v in (metrics.get("centers") or {}).values()
-                      if (v or {}).get("role") not in ("external", "sealed"))
+                      if trains((v or {}).get("role")))
         rows.append([esc(f"federated ({metrics.get('strategy')}, {metrics.get('rounds')} rounds)"), esc(c),
                      esc(n_train or "n/a"), metric_cell(auc), _fmt_ci(acc), _fmt_ci(ci)])
     for name, arm in ((baseline or {}).get("arms") or {}).items():
