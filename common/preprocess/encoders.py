@@ -243,7 +243,7 @@ class TorchEncoder(Encoder):
         self.amp = str(cfg.get("amp", "auto")) != "off"
         self.module.to(self.device)
         # channels-last tensors let oneDNN / cuDNN pick their fast convolution kernels (ResNet-18 on one CPU
-        # core: 10-35% faster per tile in our runs, same outputs); a module that cannot take it keeps its own
+        # core: 10-27% faster per tile in our runs, same outputs); a module that cannot take it keeps its own
         try:
             self.module.to(memory_format=torch.channels_last)
             self.channels_last = True
