@@ -99,18 +99,17 @@ def _assign_secagg_stages(rows: list[dict]) -> None:
         return
     for center in {x["center"] for x in rows}:
         mine = sorted((x for x in rows if x["center"] == center), key=lambda x: x["created"])
-        pending, current, allow = [], 0, {}
+        pending, current, after = [], 0, []   # after: what may still follow this round's training stage
         for x in mine:
             if x["round"] > 0:
                 for y in pending:
                     y["round"] = x["round"]
-                pending, current, allow = [], x["round"], {"train": 1, "evaluate": 1}
+                pending, current, after = [], x["round"], ["train", "evaluate"]   # unmasking, then validation
+            elif after and x["type"] == after[0]:
+                x["round"] = current
+                after.pop(0)
             elif x["type"] in ("train", "evaluate"):
-                if allow.get(x["type"], 0) > 0 and (x["type"] == "train" or allow.get("train", 0) == 0):
-                    x["round"] = current
-                    allow[x["type"]] -= 1
-                else:
-                    pending.append(x)
+                pending.append(x)
 
 
 def analyse(timing: Path, run_dir: Path, wall: float) -> dict:
