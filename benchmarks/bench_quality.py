@@ -38,10 +38,15 @@ def seed_row(baseline: dict, fed: dict | None) -> dict:
     arms = baseline["arms"]
     oracle = baseline.get("oracle_external_auc")
     row: dict = {"oracle": oracle}
+    oracle_cal = baseline.get("oracle_external_ece")
+    if oracle_cal:   # the generator's own (calibrated) probabilities: what sampling alone gives on these patients
+        row["oracle_ece"], row["oracle_ece_floor"] = oracle_cal["observed"], oracle_cal["floor"]
     pooled = arms.get("pooled")
     if pooled:
         row["pooled_auc"] = _v(pooled["external"], "auc")
         row["pooled_ece"] = _v(pooled["external"], "ece")
+        row["pooled_ece_floor"] = _v(pooled["external"], "ece_floor")
+        row["pooled_ece_loco_calibrated"] = _v(pooled["external"], "ece_loco_calibrated")
         row["pooled_c"] = _v(pooled["external"], "c_index")
         if oracle and row["pooled_auc"] is not None:
             row["pooled_over_oracle"] = row["pooled_auc"] / oracle
@@ -61,6 +66,9 @@ def seed_row(baseline: dict, fed: dict | None) -> dict:
     if loco:
         row["loco_auc"] = loco["auc"]["mean"]
         row["loco_ece"] = loco["ece"]["mean"]
+        for k in ("ece_floor", "ece_loco_calibrated"):
+            if (loco.get(k) or {}).get("mean") is not None:
+                row[f"loco_{k}"] = loco[k]["mean"]
         row["loco_c"] = loco["c_index"]["mean"]
     if fed:
         # the external center's full report (flat keys: auc, ece, c_index, ...)
@@ -91,6 +99,7 @@ TARGETS = {  # key: (comparison, bound, wording)
     "fed_minus_best_local": (">", 0.0, "federated above every local-only model"),
     "multimodal_minus_best_unimodal": (">=", 0.03, "multimodal >= best unimodal + 0.03"),
     "pooled_ece": ("<=", 0.05, "pooled ECE <= 0.05 at the external center"),
+    "pooled_ece_loco_calibrated": ("<=", 0.05, "pooled ECE <= 0.05 at the external center, LOCO-fitted map"),
     "fed_ece": ("<=", 0.05, "federated ECE <= 0.05 at the external center"),
 }
 

@@ -17,10 +17,12 @@ def _arm(auc, ece=0.1, c=0.6):
 
 
 def _runs(pooled, fed, local_best):
-    base = {"oracle_external_auc": 0.8, "arms": {
+    base = {"oracle_external_auc": 0.8, "oracle_external_ece": {"observed": 0.07, "floor": 0.08}, "arms": {
         "pooled": _arm(pooled, ece=0.04), "unimodal:mri": _arm(0.70), "unimodal:genomics": _arm(0.72),
         "local:center_a": _arm(local_best), "local:center_b": _arm(local_best - 0.1)},
-        "loco": {"summary": {"auc": {"mean": 0.81}, "ece": {"mean": 0.13}, "c_index": {"mean": 0.6}}}}
+        "loco": {"summary": {"auc": {"mean": 0.81}, "ece": {"mean": 0.13}, "c_index": {"mean": 0.6},
+                             "ece_loco_calibrated": {"mean": 0.11}, "ece_floor": {"mean": None}}}}
+    base["arms"]["pooled"]["external"].update(ece_floor={"value": 0.075}, ece_loco_calibrated={"value": 0.06})
     fedm = {"external": {"centers": {"external": {"auc": fed, "ece": 0.07, "c_index": 0.61}}},
             "history": [{"seconds": 10.0, "client_train_seconds": {"a": 2.0, "b": 5.0}},
                         {"seconds": 12.0, "client_train_seconds": {"a": 4.0, "b": 4.0}}]}
@@ -38,6 +40,9 @@ def test_seed_row_ratios():
     k = min(os.cpu_count() or 1, 2)                                    # the two centers' training per core
     assert row["fed_round_over_train_per_core"] == pytest.approx((10 / (7 / k) + 12 / (8 / k)) / 2)
     assert row["loco_auc"] == 0.81
+    assert (row["oracle_ece"], row["oracle_ece_floor"], row["pooled_ece_floor"]) == (0.07, 0.08, 0.075)
+    assert row["pooled_ece_loco_calibrated"] == 0.06 and row["loco_ece_loco_calibrated"] == 0.11
+    assert "loco_ece_floor" not in row                                 # no fold had it
 
 
 def test_verdicts_follow_the_mean_over_seeds():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from common.metrics import (apply_platt, evaluate_predictions, expected_calibration_error, fit_platt,
+from common.metrics import (apply_platt, ece_floor, evaluate_predictions, expected_calibration_error, fit_platt,
                             fit_platt_cells, score_histogram)
 
 
@@ -94,3 +94,39 @@ def test_a_site_accepts_one_recalibration_per_run_and_only_with_the_full_report(
     t, why = D.admit_evaluate(pol, ledger, 2, {"full-report": True, "calibration-a": -1.0, "calibration-b": 0.0})
     assert t is None and "slope > 0" in why
     assert json.loads(ledger.read_text())["1"]["calibration"] == [0.4, -0.3]
+
+
+def test_ece_floor_is_the_mean_ece_of_labels_drawn_from_the_probabilities():
+    p = np.random.default_rng(4).beta(2, 3, 150)
+    draws = np.random.default_rng(7).random((300, p.size)) < p[None, :]      # the floor's own draws (seed 7)
+    by_hand = np.mean([expected_calibration_error(d.astype(int), p) for d in draws])
+    assert ece_floor(p, n_sim=300, seed=7) == pytest.approx(by_hand, rel=1e-9)
+    assert ece_floor(p, strategy="quantile", n_sim=300, seed=7) == pytest.approx(
+        np.mean([expected_calibration_error(d.astype(int), p, strategy="quantile") for d in draws]), rel=1e-9)
+    # a sampling floor: ten times the patients, about a third of the floor (1/sqrt(10))
+    assert 0.05 < ece_floor(p) < 0.12 and ece_floor(np.tile(p, 10)) < 0.45 * ece_floor(p)
+    assert np.isnan(ece_floor([np.nan])) and ece_floor([0.0, 1.0, 1.0]) == 0.0
+    rep = evaluate_predictions((p > 0.5).astype(int), p, 0.5, n_boot=20, calibration={"a": 0.5, "b": 0.0})
+    assert rep["ece_floor"]["value"] == pytest.approx(ece_floor(p))
+    assert rep["ece_calibrated_floor"]["value"] == pytest.approx(ece_floor(apply_platt(p, {"a": 0.5, "b": 0.0})))
+    assert "ece_floor" not in evaluate_predictions([0, 1], [0.2, 0.8], 0.5, n_boot=5)   # below min_patients
+
+
+def test_a_map_fitted_on_other_centers_transfers_and_never_sees_its_own_center():
+    from common.learn.baseline import transfer_recalibration
+
+    # every center meets an over-confident model (slope 2.5, shift 1 on the logit), as an unseen center does
+    held = {f"c{i}": dict(zip("yp", _miscalibrated(600, 10 + i))) for i in range(4)}
+    per_fold, params = transfer_recalibration(held)
+    assert params["a"] == pytest.approx(0.4, abs=0.08) and params["method"] == "platt"
+    raw = [expected_calibration_error(h["y"], h["p"]) for h in held.values()]
+    moved = [per_fold[c]["ece_loco_calibrated"]["value"] for c in held]
+    assert np.mean(moved) < 0.5 * np.mean(raw)
+    # c0's map is fitted on c1-c3 only: c0's labels do not move it, c1's do
+    flipped = {**held, "c0": {"y": 1 - held["c0"]["y"], "p": held["c0"]["p"]}}
+    again, _ = transfer_recalibration(flipped)
+    assert again["c0"]["loco_calibration"] == per_fold["c0"]["loco_calibration"]
+    assert again["c1"]["loco_calibration"] != per_fold["c1"]["loco_calibration"]
+    one_label = {c: {"y": np.zeros(20), "p": np.full(20, 0.3)} for c in ("a", "b")}
+    assert transfer_recalibration(one_label) == ({"a": {"ece_loco_calibrated": {"value": None}},
+                                                  "b": {"ece_loco_calibrated": {"value": None}}}, None)

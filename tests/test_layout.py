@@ -121,6 +121,7 @@ def test_leave_one_center_out_cv_never_touches_the_external_center(tiny_cohort, 
     train = sorted(n for n, s in sites.items() if s.role != "external")
     loco = summary["loco"]
     assert sorted(loco["folds"]) == train and summary["arms"] == {}
+    assert "recalibration" in loco and all("ece_loco_calibrated" in f and "ece_floor" in f for f in loco["folds"].values())
     for name, fold in loco["folds"].items():
         n_site = len((sites[name].path / "clinical.csv").read_text().strip().splitlines()) - 1
         assert fold["n_held_out"] == n_site                     # every patient of the held-out center

@@ -43,12 +43,13 @@ def present_modalities(ds) -> list[str]:
     return [m for m in MODALITIES if any(have[m](it) for it in ds.items)]
 
 
-def run_arm(name, cfg, train_ds, val_ds, test_ds, modalities=None, seed=0, model_path: Path | None = None) -> dict:
+def run_arm(name, cfg, train_ds, val_ds, test_ds, modalities=None, seed=0, model_path: Path | None = None,
+            predictions: dict | None = None) -> dict:
     model = model_for(cfg, train_ds, modalities)
     res = train_model(model, train_ds, val_ds, cfg.train, cfg.model.loss, seed=seed)
     hazard = baseline_hazard(model, train_ds, cfg.train)
     ext = evaluate_model(model, test_ds, res.threshold, cfg.train, seed=seed, hazard=hazard,
-                         calibration=res.calibration)
+                         calibration=res.calibration, predictions=predictions)
     if model_path is not None:
         arm_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         if modalities is not None:
@@ -74,14 +75,13 @@ def endpoints_of(ds) -> list[str]:
     return out
 
 
-def oracle_auc(cohort_dir: Path, external: str) -> float | None:
-    """AUC of the generator's true benefit probability on the external center, when ``_truth.csv`` holds it
-    (a synthetic cohort's extra information; any other cohort simply has none)."""
+def _oracle_truth(cohort_dir: Path, external: str):
+    """The external center's benefit labels and the generator's true benefit probabilities, when
+    ``_truth.csv`` holds them (a synthetic cohort's extra information; any other cohort simply has none)."""
     truth = Path(cohort_dir) / "_truth.csv"
     if not truth.exists():
         return None
     import pandas as pd
-    from sklearn.metrics import roc_auc_score
 
     try:
         df = pd.read_csv(truth)
@@ -93,7 +93,27 @@ def oracle_auc(cohort_dir: Path, external: str) -> float | None:
     df = df[np.isfinite(pd.to_numeric(df["benefit"], errors="coerce"))]
     if df["benefit"].nunique() < 2:
         return None
-    return float(roc_auc_score(df["benefit"], df["true_prob"]))
+    return df["benefit"].to_numpy(dtype=int), df["true_prob"].to_numpy(dtype=float)
+
+
+def oracle_auc(cohort_dir: Path, external: str) -> float | None:
+    """AUC of the generator's true benefit probability on the external center (None without ``_truth.csv``)."""
+    from sklearn.metrics import roc_auc_score
+
+    truth = _oracle_truth(cohort_dir, external)
+    return None if truth is None else float(roc_auc_score(*truth))
+
+
+def oracle_ece(cohort_dir: Path, external: str) -> dict | None:
+    """Calibration of the generator's true benefit probability on the external center: its observed ECE and
+    the floor (:func:`common.metrics.ece_floor`). The true probability is calibrated by construction, so
+    these are what sampling alone gives on this center's patients: the reference for every model's ECE."""
+    from common.metrics import ece_floor, expected_calibration_error
+
+    truth = _oracle_truth(cohort_dir, external)
+    if truth is None:
+        return None
+    return {"observed": expected_calibration_error(*truth), "floor": ece_floor(truth[1])}
 
 
 ARMS = ("pooled", "unimodal", "local", "loco")
@@ -145,14 +165,17 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
             plan.append((f"local:{s.name}", tr[s.name], va[s.name], wanted))
     summary = {
         "cohort": str(cohort_dir), "external_site": ext[0].name, "n_external": len(test),
-        "oracle_external_auc": oracle_auc(cohort_dir, ext[0].name), "endpoints": endpoints_of(pooled_tr),
+        "oracle_external_auc": oracle_auc(cohort_dir, ext[0].name),
+        "oracle_external_ece": oracle_ece(cohort_dir, ext[0].name), "endpoints": endpoints_of(pooled_tr),
         "modalities": wanted, "skipped_arms": skipped, "config_hash": config_hash(cfg), "complete": False,
         "arms": {},
     }
     t0 = time.perf_counter()
+    pooled_pred: dict = {}      # the pooled arm's external labels and probabilities, for the LOCO recalibration
     for name, trd, vad, mods in plan:
         console.print(f"[bold]{name}[/bold]: {len(trd)} train / {len(vad)} val patients")
-        r = run_arm(name, cfg, trd, vad, test, mods, seed, model_path=out_dir / "models" / f"{name.replace(':', '_')}.pt")
+        r = run_arm(name, cfg, trd, vad, test, mods, seed, model_path=out_dir / "models" / f"{name.replace(':', '_')}.pt",
+                    predictions=pooled_pred if name == "pooled" else None)
         summary["arms"][name] = r
         summary["seconds"] = time.perf_counter() - t0
         _write(out_dir, summary)
@@ -161,6 +184,10 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
                       f"({r['seconds']:.0f}s, {r['train_samples_per_s']:.0f} samples/s)")
     if "loco" in arms:
         summary["loco"] = leave_one_center_out(cfg, train_sites, caches, tr, va, wanted, seed, console)
+        params = summary["loco"].get("recalibration")
+        if params and "pooled" in summary["arms"] and pooled_pred:
+            summary["arms"]["pooled"]["external"].update(
+                loco_recalibrated(pooled_pred, params, summary["arms"]["pooled"]["threshold"], cfg, seed))
         summary["seconds"] = time.perf_counter() - t0
         _write(out_dir, summary)
     summary["complete"] = True
@@ -170,7 +197,7 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
     return summary
 
 
-LOCO_KEYS = ("auc", "accuracy", "ece", "ece_calibrated", "c_index")
+LOCO_KEYS = ("auc", "accuracy", "ece", "ece_floor", "ece_calibrated", "ece_loco_calibrated", "c_index")
 
 
 def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, console) -> dict:
@@ -178,8 +205,13 @@ def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, con
     each fold trains the pooled model on the other centers' train splits (selection, threshold and
     recalibration on their validation splits) and scores it on every patient of the held-out center,
     which plays the external one.  Per fold the same full report as the external center; over folds the
-    mean and SD of each metric (folds where a metric abstains are left out of its mean, and counted)."""
+    mean and SD of each metric (folds where a metric abstains are left out of its mean, and counted).
+
+    Recalibration for a new center (:func:`transfer_recalibration`): Platt scaling fitted on the folds'
+    held-out predictions, i.e. on centers the scoring model had not seen; each fold's ``ece_loco_calibrated``
+    is that of a map fitted on the other folds only, and ``recalibration`` the map fitted on all folds."""
     folds: dict = {}
+    held_pred: dict = {}
     for s in train_sites:
         others = [o.name for o in train_sites if o.name != s.name]
         if not others:
@@ -187,11 +219,58 @@ def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, con
         held = site_dataset(caches[s.name], None, cfg)
         trd, vad = ConcatSites([tr[o] for o in others]), ConcatSites([va[o] for o in others])
         console.print(f"[bold]loco:{s.name}[/bold]: {len(trd)} train / {len(vad)} val patients, {len(held)} held out")
-        r = run_arm(f"loco:{s.name}", cfg, trd, vad, held, modalities, seed)
+        held_pred[s.name] = {}
+        r = run_arm(f"loco:{s.name}", cfg, trd, vad, held, modalities, seed, predictions=held_pred[s.name])
         folds[s.name] = {"n_held_out": len(held), "n_train": r["n_train"], "val": r["val"],
                          **{k: r["external"].get(k) for k in LOCO_KEYS}}
-    return {"folds": folds, "summary": loco_summary(folds),
+    per_fold, params = transfer_recalibration(held_pred, seed=seed)
+    for name, entry in per_fold.items():
+        folds[name].update(entry)
+    return {"folds": folds, "summary": loco_summary(folds), "recalibration": params,
             "basis": "leave-one-center-out over the training centers; the external center is not used"}
+
+
+def transfer_recalibration(held_pred: dict, seed: int = 0) -> tuple[dict, dict | None]:
+    """Platt scaling fitted on out-of-center predictions (``{center: {"y", "p"}}``, each scored by a model that
+    did not train on that center). Per center: the map fitted on the other centers only, its slope and
+    intercept, and the ECE (and its floor) of that center's recalibrated probabilities, ``ece_loco_calibrated``:
+    how a map learnt on unseen centers transfers to one more. Returns that and the map fitted on all centers
+    (``None`` without both labels), the one to apply to a model that will meet a new center."""
+    from common.metrics import apply_platt, ece_floor, expected_calibration_error, fit_platt
+
+    def stack(names):
+        ys = [np.asarray(held_pred[n].get("y", []), dtype=float) for n in names]
+        ps = [np.asarray(held_pred[n].get("p", []), dtype=float) for n in names]
+        return (np.concatenate(ys), np.concatenate(ps)) if ys else (np.zeros(0), np.zeros(0))
+
+    per_fold = {}
+    for name in held_pred:
+        y, p = stack([name])
+        params = fit_platt(*stack([n for n in held_pred if n != name]))
+        lab = np.isfinite(y) & np.isfinite(p)
+        if params is None or not lab.any():
+            per_fold[name] = {"ece_loco_calibrated": {"value": None}}
+            continue
+        q = apply_platt(p[lab], params)
+        per_fold[name] = {"ece_loco_calibrated": {"value": expected_calibration_error(y[lab], q)},
+                          "ece_loco_calibrated_floor": {"value": ece_floor(q, seed=seed)},
+                          "loco_calibration": {"a": params["a"], "b": params["b"]}}
+    params = fit_platt(*stack(list(held_pred)))
+    if params is not None:
+        params = {"method": "platt", "a": params["a"], "b": params["b"], "n": params["n"],
+                  "fitted_on": "held-out predictions of the leave-one-center-out folds"}
+    return per_fold, params
+
+
+def loco_recalibrated(pred: dict, params: dict, threshold: float, cfg, seed: int) -> dict:
+    """The pooled model's external calibration after the LOCO-fitted map (:func:`transfer_recalibration`):
+    ``ece_loco_calibrated`` and ``brier_loco_calibrated`` with their bootstrap CIs, the map, and the floor."""
+    from common.metrics import evaluate_predictions
+
+    rep = evaluate_predictions(pred["y"], pred["p"], threshold, n_boot=int(cfg.train.n_boot), seed=seed,
+                               min_patients=int(cfg.train.min_patients), calibration=params)
+    return {"ece_loco_calibrated": rep.get("ece_calibrated"), "brier_loco_calibrated": rep.get("brier_calibrated"),
+            "ece_loco_calibrated_floor": rep.get("ece_calibrated_floor"), "loco_calibration": params}
 
 
 def loco_summary(folds: dict) -> dict:
@@ -233,20 +312,25 @@ def render_table(summary: dict) -> list:
     fit 80 columns."""
     from common.reports.console import compact_table
 
-    oracle = summary.get("oracle_external_auc")
+    oracle, oracle_cal = summary.get("oracle_external_auc"), summary.get("oracle_external_ece")
     title = (f"External center {summary['external_site']} (n={summary['n_external']}"
-             + (f", oracle AUC {oracle:.3f}" if oracle else "") + f"); modalities {', '.join(summary['modalities'])}")
+             + (f", oracle AUC {oracle:.3f}" if oracle else "")
+             + (f", oracle ECE {oracle_cal['observed']:.3f} (floor {oracle_cal['floor']:.3f})" if oracle_cal else "")
+             + f"); modalities {', '.join(summary['modalities'])}")
     ext = compact_table(title, [("arm", "left"), ("n train", "right"), ("AUC (95% CI)", "right"),
                                 ("accuracy", "right"), ("C-index (95% CI)", "right")])
-    val = compact_table("External calibration (ECE raw, after Platt scaling fitted on internal validation); "
-                        "internal validation (selection); training time",
-                        [("arm", "left"), ("ECE", "right"), ("ECE cal", "right"), ("val AUC", "right"),
-                         ("val C", "right"), ("epochs", "right"), ("s", "right")])
+    val = compact_table("External calibration (ECE raw; the floor a perfectly calibrated model would show on "
+                        "these patients; after Platt scaling fitted on internal validation; after the LOCO-fitted "
+                        "map); internal validation (selection); training time",
+                        [("arm", "left"), ("ECE", "right"), ("floor", "right"), ("ECE cal", "right"),
+                         ("LOCO cal", "right"), ("val AUC", "right"), ("val C", "right"), ("epochs", "right"),
+                         ("s", "right")])
     for name, r in summary["arms"].items():
         e = r["external"]
         ext.add_row(name, str(r["n_train"]), _fmt(e, "auc"), _num((e.get("accuracy") or {}).get("value")),
                     _fmt(e, "c_index"))
-        val.add_row(name, _num((e.get("ece") or {}).get("value")), _num((e.get("ece_calibrated") or {}).get("value")),
+        val.add_row(name, *(_num((e.get(k) or {}).get("value"))
+                            for k in ("ece", "ece_floor", "ece_calibrated", "ece_loco_calibrated")),
                     _num(r["val"].get("val_auc")), _num(r["val"].get("val_c_index")), str(r["best_epoch"]),
                     f"{r['seconds']:.0f}")
     for name, why in (summary.get("skipped_arms") or {}).items():
@@ -261,9 +345,12 @@ def loco_table(loco: dict, title: str = "Leave-one-center-out CV (training cente
                                         "center plays the external one)"):
     from common.reports.console import compact_table
 
-    cv = compact_table(title, [("held out", "left"), ("n", "right"), ("AUC", "right"), ("ECE", "right"),
-                               ("ECE cal", "right"), ("C-index", "right")])
-    shown_keys = ("auc", "ece", "ece_calibrated", "c_index")
+    heads = {"auc": "AUC", "ece": "ECE", "ece_floor": "floor", "ece_calibrated": "ECE cal",
+             "ece_loco_calibrated": "LOCO cal", "c_index": "C-index"}
+    # a column no fold has (a federation releases no floor and fits no LOCO map) is left out
+    shown_keys = [k for k in heads if k in ("auc", "ece", "c_index")
+                  or any((f.get(k) or {}).get("value") is not None for f in loco["folds"].values())]
+    cv = compact_table(title, [("held out", "left"), ("n", "right"), *((heads[k], "right") for k in shown_keys)])
     for c, f in loco["folds"].items():
         cv.add_row(c, str(f.get("n_held_out") or "n/a"), *(_num((f.get(k) or {}).get("value")) for k in shown_keys))
     cv.add_row("mean +- SD", "", *(_mean_sd(loco["summary"][k]) for k in shown_keys))

@@ -258,16 +258,20 @@ def baseline_hazard(model: torch.nn.Module, dataset, train_cfg) -> dict | None:
 
 
 def evaluate_model(model: torch.nn.Module, dataset, threshold: float, train_cfg, seed: int = 0,
-                   hazard: dict | None = None, calibration: dict | None = None) -> dict:
+                   hazard: dict | None = None, calibration: dict | None = None, predictions: dict | None = None) -> dict:
     """Full metrics (with CIs) of ``model`` on ``dataset`` at a threshold fixed beforehand; ``dfs`` holds the
     DFS report (C-index, time-dependent AUC, and with ``hazard`` the IBS and calibration of predicted DFS);
-    ``calibration`` (Platt parameters fitted on validation) adds the recalibrated Brier score and ECE."""
+    ``calibration`` (Platt parameters fitted on validation) adds the recalibrated Brier score and ECE.
+    ``predictions``: a dict that receives the per-patient benefit labels and probabilities (``y``, ``p``), for
+    a caller that recalibrates afterwards in the same process (nothing per patient is in the report)."""
     from common.metrics import dfs_report
 
     tc = to_plain(train_cfg)
     device = pick_device(tc.get("device", "auto"))
     model.to(device)
     pred = predict(model, dataset, int(tc["eval_batch_size"]), device, tc.get("amp", "auto"))
+    if predictions is not None:
+        predictions.update(y=pred["benefit"], p=pred["prob"])
     out = evaluate_predictions(pred["benefit"], pred["prob"], threshold, time=pred["dfs_time"],
                                event=pred["dfs_event"], risk=pred["risk"], n_boot=int(tc["n_boot"]),
                                seed=seed, min_patients=int(tc["min_patients"]), calibration=calibration)

@@ -30,8 +30,8 @@ Conventions
 from __future__ import annotations
 
 from common.metrics.bootstrap import bootstrap_ci  # noqa: F401
-from common.metrics.calibration import (apply_platt, brier, expected_calibration_error, fit_platt,  # noqa: F401
-                                        fit_platt_cells, reliability_curve)
+from common.metrics.calibration import (apply_platt, brier, ece_floor, expected_calibration_error,  # noqa: F401
+                                        fit_platt, fit_platt_cells, reliability_curve)
 from common.metrics.classification import binary_metrics, delong_auc_ci, delong_test, youden_threshold  # noqa: F401
 from common.metrics.federated import (auc_from_cells, auc_from_histograms, pool_histograms,  # noqa: F401
                                      quantiles_from_cells, roc_from_histograms, score_histogram,
@@ -47,6 +47,7 @@ __all__ = [
     "delong_test",
     "brier",
     "expected_calibration_error",
+    "ece_floor",
     "reliability_curve",
     "fit_platt",
     "fit_platt_cells",

@@ -7,7 +7,7 @@ import numpy as np
 
 from common.metrics._base import _NAN, _abstain, _as_float, _ci_entry, _jsonify, _two_classes  # noqa: F401
 from common.metrics.bootstrap import _bootstrap_values, _percentiles
-from common.metrics.calibration import apply_platt, expected_calibration_error
+from common.metrics.calibration import apply_platt, ece_floor, expected_calibration_error
 from common.metrics.classification import binary_metrics, delong_auc_ci
 from common.metrics.survival import _c_index_entry
 
@@ -71,6 +71,9 @@ def evaluate_predictions(
     ``risk`` is None but ``time``/``event`` are given, ``y_prob`` is used as
     the risk score (higher = worse).  ``threshold=None`` means 0.5.  All
     values are Python floats/ints/None (NaN -> None); never raises on data.
+    ``ece_floor`` (with a calibration also ``ece_calibrated_floor``) is the ECE that a perfectly calibrated
+    model with these probabilities would show on this many patients (:func:`ece_floor`): a point value
+    to read the ECE against, present when the classification metrics are.
     ``calibration``: Platt parameters (``{"a", "b"}``, fitted on internal validation) adds
     ``brier_calibrated`` and ``ece_calibrated``, the same scores of the recalibrated
     probabilities (in the same bootstrap); the threshold metrics do not change (a monotone map
@@ -121,6 +124,12 @@ def evaluate_predictions(
             except Exception as exc:  # pragma: no cover - defensive
                 for k in keys:
                     report[k] = _abstain(f"error: {exc}")
+            # the ECE a perfectly calibrated model with these probabilities would show on this many
+            # patients: the raw ECE is read against it (a point value, no CI)
+            report["ece_floor"] = {"value": ece_floor(p, ece_bins, seed=seed), "method": "simulated"}
+            if calibration:
+                report["ece_calibrated_floor"] = {"value": ece_floor(apply_platt(p, calibration), ece_bins, seed=seed),
+                                                  "method": "simulated"}
     except Exception as exc:
         report.setdefault("n", None)
         report.setdefault("n_pos", None)
