@@ -98,16 +98,44 @@ def train(msg: Message, context: Context) -> Message:
         content["evaluation"] = MetricRecord(released)
         if notices:
             content["info"] = ConfigRecord({"notice": "; ".join(notices)})
+    local_norm = bool(conf.get("local-norm", False))
+    if local_norm:    # FedBN-style: this center trains with its own normalisation layers, kept between rounds
+        restore_local_norm(model, context)
     res = train_model(model, rt.train, rt.val, cfg.train, cfg.model.loss,
                       seed=round_seed(int(cfg.seed), rt.center_id, rnd),
                       epochs=int(conf.get("local-epochs", cfg.federation.local_epochs)),
                       select_best=False, early_stopping=False,
                       proximal_mu=float(conf.get("proximal-mu", 0.0)))
+    if local_norm:
+        keep_local_norm(res.state_dict, model, context)
     metrics = {"num-examples": res.n_train, "train-loss": float(res.train_loss),
                "train-seconds": float(res.seconds), "samples-per-s": float(res.samples_per_s),
                "n-skipped": len(rt.train.skipped), "rss-mb": psutil.Process().memory_info().rss / 2**20}
     return Message(RecordDict({"arrays": to_arrays(res.state_dict, bool(conf.get("fp16", False))),
                                "metrics": MetricRecord(metrics), **content}), reply_to=msg)
+
+
+LOCAL_NORM = "local-norm"
+
+
+def restore_local_norm(model, context: Context) -> None:
+    """Load the normalisation parameters this center kept after its last round (Flower keeps
+    ``context.state`` per run at the node), over the received global ones; nothing on the first round.
+    The received model was already scored as it came (validation selects the global model)."""
+    kept = context.state.array_records.get(LOCAL_NORM)
+    if kept is not None:
+        model.load_state_dict(from_arrays(kept), strict=False)
+
+
+def keep_local_norm(state_dict: dict, model, context: Context) -> None:
+    """Keep this center's trained normalisation parameters for its next round. The full update is still
+    sent: the server averages the normalisation layers too, so the model an unseen center gets is one
+    global model."""
+    from flwr.app import ArrayRecord
+
+    from common.learn.model import norm_parameter_names
+
+    context.state[LOCAL_NORM] = ArrayRecord({k: state_dict[k] for k in norm_parameter_names(model)})
 
 
 def _with_notices(metrics: dict, notices: list[str]) -> RecordDict:

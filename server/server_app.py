@@ -188,6 +188,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         train_view = NodeView(grid, train_ids)
         send_arrays = to_arrays(from_arrays(arrays), fp16)
         config = ConfigRecord({"local-epochs": int(fed.local_epochs), "fp16": fp16,
+                               **({"local-norm": True} if fed.get("local_norm") else {}),
                                **({} if secure or pending is None else {"evaluate": "val", **{
                                    k: v for k, v in eval_request.items() if k != "split"}})})
         try:

@@ -177,3 +177,33 @@ def test_merge_failures_keeps_each_reason_once():
     merged = merge_failures({"center_a": same, "center_b": "no reply"}, {"center_a": same, "center_c": "timeout"})
     assert merged == {"center_a": same, "center_b": "no reply", "center_c": "evaluate: timeout"}
     assert merge_failures({"center_b": "no reply"}, {"center_b": "nan loss"}) == {"center_b": "no reply; evaluate: nan loss"}
+
+
+def test_a_center_keeps_its_own_normalisation_layers_between_rounds():
+    """federation.local_norm (FedBN-style): what a center trained in its norm layers comes back over the next
+    round's global model, in Flower's per-run node state; every other weight is the global one."""
+    from flwr.app import Context, RecordDict
+
+    from client.client_app import keep_local_norm, restore_local_norm
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GroupNorm(2, 8), torch.nn.LayerNorm(8),
+                                   torch.nn.Linear(8, 1))
+
+    from common.learn.model import norm_parameter_names
+
+    trained, global_next = net(1), net(2)
+    with torch.no_grad():                                     # norm layers start at 1 / 0: make "trained" ones differ
+        for prm in trained.parameters():
+            prm.add_(torch.randn_like(prm))
+    assert norm_parameter_names(trained) == ["1.weight", "1.bias", "2.weight", "2.bias"]
+    ctx = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
+    restore_local_norm(global_next, ctx)                      # first round: nothing kept yet, the model as received
+    assert all(torch.equal(v, net(2).state_dict()[k]) for k, v in global_next.state_dict().items())
+    keep_local_norm(trained.state_dict(), trained, ctx)
+    restore_local_norm(global_next, ctx)
+    got, mine, glob = global_next.state_dict(), trained.state_dict(), net(2).state_dict()
+    for k in got:
+        assert torch.equal(got[k], mine[k] if k in norm_parameter_names(trained) else glob[k]), k
+        assert not torch.equal(mine[k], glob[k])

@@ -416,6 +416,16 @@ class NewAdjNet(nn.Module):
         return torch.where(any_present, fused, no_data)
 
 
+NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def norm_parameter_names(model: nn.Module) -> list[str]:
+    """The state-dict keys of the model's normalisation layers (GroupNorm, LayerNorm, InstanceNorm affine
+    parameters): what a center keeps local under ``federation.local_norm`` (FedBN-style)."""
+    return [f"{name}.{p}" if name else p for name, mod in model.named_modules() if isinstance(mod, NORM_LAYERS)
+            for p, _ in mod.named_parameters(recurse=False)]
+
+
 def build_model(cfg: Any, in_channels: int, path_dim: int, n_genes: int, n_clinical: int = 0) -> NewAdjNet:
     """Build New-adj-Net from the ``model`` config node (DictConfig or dict; partial configs
     are merged over :data:`DEFAULTS`).  Branches not listed in ``cfg.modalities`` are not
