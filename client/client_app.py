@@ -125,6 +125,7 @@ def restore_local_norm(model, context: Context) -> None:
     kept = context.state.array_records.get(LOCAL_NORM)
     if kept is not None:
         model.load_state_dict(from_arrays(kept), strict=False)
+        log.info("local_norm: %d normalisation tensors of this center's last round restored", len(kept))
 
 
 def keep_local_norm(state_dict: dict, model, context: Context) -> None:
