@@ -111,7 +111,7 @@ def _simulate_loco(data: Path, out: Path, overrides: list[str], args) -> int:
 
     from common.data.cohort import discover_sites
     from common.hashing import json_safe
-    from common.learn.baseline import LOCO_KEYS, _num, loco_summary, loco_table
+    from common.learn.baseline import LOCO_KEYS, _num, fold_oracle, loco_summary, loco_table
     from server.ops.simulation import RunFailed, run_simulation
 
     centers = [s.name for s in discover_sites(data) if s.role != "external"]
@@ -133,7 +133,7 @@ def _simulate_loco(data: Path, out: Path, overrides: list[str], args) -> int:
             continue
         rep = ((m.get("external") or {}).get("centers") or {}).get(c) or {}
         folds[c] = {"n_held_out": rep.get("n"), "selected_round": m.get("selected_round"),
-                    **{k: {"value": rep.get(k)} for k in LOCO_KEYS}}
+                    **{k: {"value": rep.get(k)} for k in LOCO_KEYS}, **fold_oracle(data, c, rep.get("auc"))}
         console.print(f"  held-out {c}: AUC {_num(rep.get('auc'))}, ECE {_num(rep.get('ece'))}, "
                       f"C {_num(rep.get('c_index'))}")
     loco = {"folds": folds, "failed": failed, "summary": loco_summary(folds), "seconds": time.perf_counter() - t0,

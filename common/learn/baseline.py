@@ -183,7 +183,8 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
         console.print(f"  external AUC {_num(a.get('value'))}, C-index {_num(c.get('value'))}  "
                       f"({r['seconds']:.0f}s, {r['train_samples_per_s']:.0f} samples/s)")
     if "loco" in arms:
-        summary["loco"] = leave_one_center_out(cfg, train_sites, caches, tr, va, wanted, seed, console)
+        summary["loco"] = leave_one_center_out(cfg, train_sites, caches, tr, va, wanted, seed, console,
+                                               cohort_dir=cohort_dir)
         params = summary["loco"].get("recalibration")
         if params and "pooled" in summary["arms"] and pooled_pred:
             summary["arms"]["pooled"]["external"].update(
@@ -197,10 +198,22 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
     return summary
 
 
-LOCO_KEYS = ("auc", "accuracy", "ece", "ece_floor", "ece_calibrated", "ece_loco_calibrated", "c_index")
+LOCO_KEYS = ("auc", "accuracy", "ece", "ece_floor", "ece_calibrated", "ece_loco_calibrated", "c_index",
+             "oracle_auc", "auc_over_oracle", "oracle_ece")
 
 
-def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, console) -> dict:
+def fold_oracle(cohort_dir, center: str, auc) -> dict:
+    """A held-out center's oracle (the generator's true probability, synthetic cohorts only): its AUC, the
+    fold's AUC as a fraction of it (the issue's "x oracle", measured without the external center), and the
+    oracle's observed ECE (what sampling alone gives there). ``{value: None}`` entries without ``_truth.csv``."""
+    o_auc = oracle_auc(cohort_dir, center) if cohort_dir is not None else None
+    o_ece = oracle_ece(cohort_dir, center) if cohort_dir is not None else None
+    auc = (auc or {}).get("value") if isinstance(auc, dict) else auc
+    return {"oracle_auc": {"value": o_auc}, "oracle_ece": {"value": (o_ece or {}).get("observed")},
+            "auc_over_oracle": {"value": auc / o_auc if o_auc and auc is not None else None}}
+
+
+def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, console, cohort_dir=None) -> dict:
     """Leave-one-center-out CV over the training centers, for development without the external center:
     each fold trains the pooled model on the other centers' train splits (selection, threshold and
     recalibration on their validation splits) and scores it on every patient of the held-out center,
@@ -222,7 +235,8 @@ def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, con
         held_pred[s.name] = {}
         r = run_arm(f"loco:{s.name}", cfg, trd, vad, held, modalities, seed, predictions=held_pred[s.name])
         folds[s.name] = {"n_held_out": len(held), "n_train": r["n_train"], "val": r["val"],
-                         **{k: r["external"].get(k) for k in LOCO_KEYS}}
+                         **{k: r["external"].get(k) for k in LOCO_KEYS},
+                         **fold_oracle(cohort_dir, s.name, r["external"].get("auc"))}
     per_fold, params = transfer_recalibration(held_pred, seed=seed)
     for name, entry in per_fold.items():
         folds[name].update(entry)
@@ -345,7 +359,7 @@ def loco_table(loco: dict, title: str = "Leave-one-center-out CV (training cente
                                         "center plays the external one)"):
     from common.reports.console import compact_table
 
-    heads = {"auc": "AUC", "ece": "ECE", "ece_floor": "floor", "ece_calibrated": "ECE cal",
+    heads = {"auc": "AUC", "auc_over_oracle": "x oracle", "ece": "ECE", "ece_floor": "floor", "ece_calibrated": "ECE cal",
              "ece_loco_calibrated": "LOCO cal", "c_index": "C-index"}
     # a column no fold has (a federation releases no floor and fits no LOCO map) is left out
     shown_keys = [k for k in heads if k in ("auc", "ece", "c_index")
