@@ -75,8 +75,8 @@ def endpoints_of(ds) -> list[str]:
     return out
 
 
-def _oracle_truth(cohort_dir: Path, external: str):
-    """The external center's benefit labels and the generator's true benefit probabilities, when
+def _oracle_truth(cohort_dir: Path, center: str):
+    """One center's benefit labels and the generator's true benefit probabilities, when
     ``_truth.csv`` holds them (a synthetic cohort's extra information; any other cohort simply has none)."""
     truth = Path(cohort_dir) / "_truth.csv"
     if not truth.exists():
@@ -89,28 +89,28 @@ def _oracle_truth(cohort_dir: Path, external: str):
         return None
     if not {"benefit", "true_prob"} <= set(df.columns):
         return None
-    df = df[df["site"] == external] if "site" in df else df
+    df = df[df["site"] == center] if "site" in df else df
     df = df[np.isfinite(pd.to_numeric(df["benefit"], errors="coerce"))]
     if df["benefit"].nunique() < 2:
         return None
     return df["benefit"].to_numpy(dtype=int), df["true_prob"].to_numpy(dtype=float)
 
 
-def oracle_auc(cohort_dir: Path, external: str) -> float | None:
-    """AUC of the generator's true benefit probability on the external center (None without ``_truth.csv``)."""
+def oracle_auc(cohort_dir: Path, center: str) -> float | None:
+    """AUC of the generator's true benefit probability on ``center`` (None without ``_truth.csv``)."""
     from sklearn.metrics import roc_auc_score
 
-    truth = _oracle_truth(cohort_dir, external)
+    truth = _oracle_truth(cohort_dir, center)
     return None if truth is None else float(roc_auc_score(*truth))
 
 
-def oracle_ece(cohort_dir: Path, external: str) -> dict | None:
-    """Calibration of the generator's true benefit probability on the external center: its observed ECE and
+def oracle_ece(cohort_dir: Path, center: str) -> dict | None:
+    """Calibration of the generator's true benefit probability on ``center``: its observed ECE and
     the floor (:func:`common.metrics.ece_floor`). The true probability is calibrated by construction, so
     these are what sampling alone gives on this center's patients: the reference for every model's ECE."""
     from common.metrics import ece_floor, expected_calibration_error
 
-    truth = _oracle_truth(cohort_dir, external)
+    truth = _oracle_truth(cohort_dir, center)
     if truth is None:
         return None
     return {"observed": expected_calibration_error(*truth), "floor": ece_floor(truth[1])}
