@@ -134,3 +134,23 @@ def test_leave_one_center_out_cv_never_touches_the_external_center(tiny_cohort, 
             assert agg["mean"] == pytest.approx(float(np.mean(vals)))
     saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert saved["complete"] and sorted(saved["loco"]["folds"]) == train
+
+
+def test_a_tile_cnn_learns_from_thumbnails_from_the_cli_to_a_saved_model(tiny_cohort, tmp_path):
+    """`preprocess.pathology.encoder.name=thumbnail` end to end: the overrides after the folders reach
+    `newadj preprocess`, the pooled model gets the tile CNN (tile_net auto), and the saved model reloads."""
+    from common.cli import main
+    from common.federation.model_io import load_model_package
+
+    cohort = _copy_cohort(tiny_cohort, tmp_path / "cohort")
+    thumb = ["preprocess.pathology.encoder.name=thumbnail", "preprocess.pathology.encoder.thumbnail.side=16"]
+    assert main(["preprocess", "--no-progress", str(cohort / "center_a"), *thumb]) == 0
+    manifest = json.loads(next((cohort / "center_a").rglob("manifest.json")).read_text())
+    assert manifest["path_dim"] == 3 * 16 * 16 and manifest["encoder"].startswith("thumbnail-v1-")
+    assert main(["baseline", "--data", str(cohort), "--out", str(tmp_path / "b"), "--arms", "pooled",
+                 *LOCAL_OVERRIDES, "train.epochs=1", *thumb]) == 0
+    summary = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert summary["arms"]["pooled"]["n_train"] > 0
+    pkg = next((tmp_path / "b").rglob("pooled*.pt"))
+    model = load_model_package(pkg)[0]
+    assert model.branches["pathology"].cnn and any("tile_proj.features" in k for k in model.state_dict())

@@ -269,3 +269,76 @@ def test_configs_match_defaults_and_dict_input():
     assert isinstance(m, NewAdjNet) and m.embed_dim == 16 and list(m.branches) == ["genomics"]
     with pytest.raises(ValueError):
         build_model({"modalities": ["ct"]}, C, FEAT, G, 0)
+
+
+# --- tile thumbnails and the tile CNN (model.pathology.tile_net=cnn) ------------------------------------
+
+SIDE = 16
+
+
+def _thumb_model(**path):
+    cfg = small_cfg(pathology={"tile_net": "cnn", **path})
+    return build_model(cfg, in_channels=C, path_dim=3 * SIDE * SIDE, n_genes=G, n_clinical=0)
+
+
+def _thumb_batch(seed=0, n_tiles=(3, 1, 5, 2)):
+    b = make_batch(B=len(n_tiles), seed=seed, n_tiles=list(n_tiles))
+    g = torch.Generator().manual_seed(seed + 1)
+    b["path_feats"] = torch.rand(len(n_tiles), max(n_tiles), 3 * SIDE * SIDE, generator=g) * b["path_mask"].unsqueeze(-1)
+    return b
+
+
+def test_tile_cnn_sees_only_real_tiles_and_learns():
+    torch.manual_seed(0)
+    model = _thumb_model().eval()
+    b = _thumb_batch()
+    ref = model(b)
+    garbage = dict(b)
+    garbage["path_feats"] = torch.where(b["path_mask"].unsqueeze(-1), b["path_feats"], torch.full_like(b["path_feats"], 1e6))
+    out = model(garbage)
+    assert torch.allclose(ref["logit"], out["logit"]) and torch.equal(ref["attention"] == 0, ~b["path_mask"])
+    # a real tile does move the output, and the CNN's first convolution gets a gradient
+    moved = dict(b)
+    moved["path_feats"] = b["path_feats"].clone()
+    moved["path_feats"][0, 0] += 1.0
+    assert not torch.allclose(model(moved)["logit"][0], ref["logit"][0])
+    model.train()
+    model(b)["logit"].sum().backward()
+    conv = next(p for n, p in model.named_parameters() if "tile_proj.features" in n)
+    assert conv.grad is not None and conv.grad.abs().sum() > 0
+
+
+def test_tile_augmentation_is_train_only_and_keeps_each_tile_whole():
+    torch.manual_seed(0)
+    cnn = _thumb_model().branches["pathology"].tile_proj
+    x = torch.arange(2 * 3 * SIDE * SIDE, dtype=torch.float32).reshape(2, 3, SIDE, SIDE)
+    y = cnn._dihedral(x)
+    # each output tile is one of the 8 flips / quarter turns of its own input tile
+    for i in range(2):
+        views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x[i], x[i].flip(-1)) for k in range(4)]
+        assert any(torch.equal(y[i], v) for v in views)
+    cnn.eval()
+    flat = x.reshape(2, -1)
+    assert torch.equal(cnn(flat), cnn(flat))  # eval: no random turn
+    cnn.train()
+    torch.manual_seed(1)
+    outs = {tuple(cnn.features(cnn._dihedral(x)).flatten().tolist()[:4]) for _ in range(6)}
+    assert len(outs) > 1
+
+
+def test_tile_cnn_refuses_embeddings_with_a_named_setting():
+    with pytest.raises(ValueError, match="tile_net=cnn needs tile thumbnails.*encoder.name=thumbnail.*got 12 values"):
+        build_model(small_cfg(pathology={"tile_net": "cnn"}), in_channels=C, path_dim=FEAT, n_genes=G)
+    with pytest.raises(ValueError, match="tile_net must be auto, mlp or cnn"):
+        build_model(small_cfg(pathology={"tile_net": "vit"}), in_channels=C, path_dim=FEAT, n_genes=G)
+
+
+@pytest.mark.parametrize("encoder,expected", [("stats", "mlp"), ("thumbnail", "cnn")])
+def test_tile_net_auto_follows_the_encoder(encoder, expected):
+    from common.config import load_config
+    from common.learn.task import model_config
+
+    cfg = load_config([f"preprocess.pathology.encoder.name={encoder}"])
+    assert model_config(cfg)["pathology"]["tile_net"] == expected
+    cfg = load_config([f"preprocess.pathology.encoder.name={encoder}", "model.pathology.tile_net=mlp"])
+    assert model_config(cfg)["pathology"]["tile_net"] == "mlp"

@@ -387,3 +387,23 @@ def test_stain_normaliser_refuses_a_blank_sample():
 
     with pytest.raises(ValueError, match="stained pixels"):
         SlideStainNormalizer(np.full((4, 32, 32, 3), 250, np.uint8))
+
+
+def test_thumbnail_encoder_is_the_tile_in_optical_density_box_averaged(slide_path, pcfg):
+    """The thumbnail encoder keeps the tile itself (for the model's tile CNN): OD per colour plane,
+    channel-first, each output pixel the mean of its 4 x 4 block of a 224-px tile."""
+    enc = build_encoder({"name": "thumbnail", "thumbnail": {"side": 56}})
+    assert enc.name == "thumbnail" and enc.dim == 3 * 56 * 56 and enc.tile_shape == (3, 56, 56)
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    tiles[1] = 255                                             # glass
+    out = enc(tiles).reshape(2, 3, 56, 56)
+    od = -np.log10((tiles[0].astype(np.float64) + 1) / 256)
+    blocks = od.reshape(56, 4, 56, 4, 3).mean(axis=(1, 3))     # H x W x C
+    assert np.allclose(out[0], blocks.transpose(2, 0, 1), atol=1e-5)
+    assert np.allclose(out[1], 0.0, atol=1e-6)
+    assert build_encoder({"name": "thumbnail", "thumbnail": {"side": 32}}).fingerprint != enc.fingerprint
+    with pytest.raises(ValueError, match="side 4 outside"):
+        build_encoder({"name": "thumbnail", "thumbnail": {"side": 4}})
+    bag = slide_to_bag(slide_path, {**pcfg, "encoder": {"name": "thumbnail", "thumbnail": {"side": 28}}})
+    assert bag["features"].shape == (16, 3 * 28 * 28) and np.isfinite(bag["features"]).all()

@@ -70,10 +70,16 @@ def cmd_preprocess(args) -> int:
     from common.preprocess.cache import preprocess_site
     from common.data.site import SiteDataError
 
-    cfg = load_config(args.overrides)
+    # `site_dir` takes one or more arguments, so argparse hands it the overrides that follow the folders
+    # (`newadj preprocess runs/full key=value`): a KEY=VALUE that is not a folder is an override
+    overrides = [a for a in args.site_dir if "=" in a and not Path(a).exists()] + list(args.overrides)
+    site_args = [a for a in args.site_dir if not ("=" in a and not Path(a).exists())]
+    if not site_args:
+        raise SystemExit("error: no site folder given")
+    cfg = load_config(overrides)
     status = 0
     table = preprocess_table()
-    for site_dir in _site_dirs(args.site_dir):
+    for site_dir in _site_dirs(site_args):
         try:
             res = preprocess_site(site_dir, cfg, workers=args.workers,
                                   cache_dir=Path(args.cache_dir) / site_dir.name if args.cache_dir else None,

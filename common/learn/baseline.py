@@ -23,13 +23,14 @@ from common.learn.dataset import ConcatSites, site_dataset
 from common.learn.engine import baseline_hazard, evaluate_model, train_model
 from common.hashing import json_safe
 from common.learn.model import build_model
+from common.learn.task import model_config
 from common.federation.model_io import save_model_package
 
 MODALITIES = ("mri", "pathology", "genomics")
 
 
 def model_for(cfg, ds, modalities=None):
-    mcfg = OmegaConf.to_container(cfg.model, resolve=True)
+    mcfg = model_config(cfg)
     if modalities is not None:
         mcfg["modalities"] = list(modalities)
     return build_model(mcfg, in_channels=ds.mri_shape[0], path_dim=ds.path_dim, n_genes=ds.n_genes,

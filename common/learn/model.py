@@ -71,6 +71,9 @@ DEFAULTS: dict[str, Any] = {
         "proj_dim": 128,
         "attn_dim": 64,
         "dropout": 0.25,
+        "tile_net": "auto",
+        "cnn_widths": [16, 32, 64],
+        "tile_augment": True,
     },
     "genomics": {
         "hidden": [128, 64],
@@ -222,13 +225,70 @@ class MRIEncoder(nn.Module):
         return self.proj(h)
 
 
+class TileCNN(nn.Module):
+    """A small 2-D CNN over tile thumbnails ``[K, 3, s, s]`` -> ``[K, out_dim]`` (MONAI convolution blocks,
+    GroupNorm, stride 2 per stage, global average pooling).  The per-channel mean and std of the tile are
+    concatenated to the pooled features: GroupNorm and average pooling wash out a tile's absolute optical
+    density, which carries stain amount.  In train mode with ``augment`` every tile gets a random quarter
+    turn and flip (tissue has no orientation)."""
+
+    def __init__(self, in_dim: int, out_dim: int, widths: list[int], dropout: float, augment: bool):
+        super().__init__()
+        from monai.networks.blocks import Convolution
+
+        side = math.isqrt(max(in_dim // 3, 0))
+        if side < 8 or 3 * side * side != in_dim:
+            raise ValueError(f"model.pathology.tile_net=cnn needs tile thumbnails (3 x s x s values, "
+                             f"preprocess.pathology.encoder.name=thumbnail); got {in_dim} values per tile")
+        self.side = side
+        self.augment = bool(augment)
+        layers: list[nn.Module] = []
+        c_in = 3
+        for w in [int(x) for x in widths]:
+            layers.append(Convolution(2, c_in, w, strides=2, kernel_size=3, act="RELU",
+                                      norm=("group", {"num_groups": math.gcd(8, w) or 1})))
+            c_in = w
+        self.features = nn.Sequential(*layers)
+        self.out = nn.Sequential(nn.Linear(c_in + 6, out_dim), nn.ReLU(), nn.Dropout(float(dropout)))
+
+    def _dihedral(self, x: torch.Tensor) -> torch.Tensor:
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        turns = torch.randint(0, 4, (x.shape[0],), device=x.device)
+        out = x.clone()
+        for k in (1, 2, 3):
+            sel = turns == k
+            if bool(sel.any()):
+                out[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
+        return out
+
+    def forward(self, flat: torch.Tensor) -> torch.Tensor:
+        x = flat.reshape(-1, 3, self.side, self.side)
+        if self.training and self.augment:
+            x = self._dihedral(x)
+        stats = torch.cat([x.mean((-2, -1)), x.std((-2, -1), unbiased=False)], dim=1)
+        h = self.features(x).mean((-2, -1))
+        return self.out(torch.cat([h, stats], dim=1))
+
+
 class GatedAttentionMIL(nn.Module):
-    """Gated attention MIL pooling (Ilse et al., 2018) with a tile mask."""
+    """Gated attention MIL pooling (Ilse et al., 2018) with a tile mask.  Tiles enter as embeddings
+    (``tile_net: mlp``, a linear projection) or as thumbnails (``tile_net: cnn``, :class:`TileCNN`, run
+    on the real tiles only)."""
 
     def __init__(self, in_dim: int, out_dim: int, cfg: Mapping):
         super().__init__()
         proj, attn, p = int(cfg["proj_dim"]), int(cfg["attn_dim"]), float(cfg.get("dropout", 0.0))
-        self.tile_proj = nn.Sequential(nn.Linear(in_dim, proj), nn.ReLU(), nn.Dropout(p))
+        tile_net = str(cfg.get("tile_net", "auto")).lower()
+        if tile_net not in ("auto", "mlp", "cnn"):
+            raise ValueError(f"model.pathology.tile_net must be auto, mlp or cnn, got {tile_net!r}")
+        self.cnn = tile_net == "cnn"
+        if self.cnn:
+            self.tile_proj = TileCNN(in_dim, proj, list(cfg.get("cnn_widths", [16, 32, 64])), p,
+                                     bool(cfg.get("tile_augment", True)))
+        else:
+            self.tile_proj = nn.Sequential(nn.Linear(in_dim, proj), nn.ReLU(), nn.Dropout(p))
+        self.proj_dim = proj
         self.V = nn.Linear(proj, attn)
         self.U = nn.Linear(proj, attn)
         self.w = nn.Linear(attn, 1)
@@ -237,8 +297,12 @@ class GatedAttentionMIL(nn.Module):
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats [B, N, F], mask [B, N] bool (each row needs >= 1 True) -> ([B, d], attn [B, N])."""
-        feats = torch.where(mask.unsqueeze(-1), feats, torch.zeros((), dtype=feats.dtype, device=feats.device))
-        h = self.tile_proj(feats)  # [B, N, P]
+        if self.cnn:  # only the real tiles go through the CNN
+            h = feats.new_zeros((*mask.shape, self.proj_dim))
+            h[mask] = self.tile_proj(feats[mask]).to(h.dtype)
+        else:
+            feats = torch.where(mask.unsqueeze(-1), feats, torch.zeros((), dtype=feats.dtype, device=feats.device))
+            h = self.tile_proj(feats)  # [B, N, P]
         g = self.attn_drop(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h)))
         scores = self.w(g).squeeze(-1)  # [B, N]
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)

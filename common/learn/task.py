@@ -20,8 +20,19 @@ def input_dims(cfg) -> dict:
             "n_genes": len(cfg.data.genomic_features), "n_clinical": len(cfg.data.clinical_features)}
 
 
-def model_from_config(cfg, modalities=None, dims: dict | None = None):
+def model_config(cfg) -> dict:
+    """The ``model`` node as a plain dict, with ``pathology.tile_net: auto`` resolved from the encoder
+    (tile thumbnails get the tile CNN, embeddings the linear projection)."""
     mcfg = OmegaConf.to_container(cfg.model, resolve=True)
+    path = mcfg.setdefault("pathology", {})
+    if str(path.get("tile_net", "auto")).lower() == "auto":
+        enc = str(OmegaConf.select(cfg, "preprocess.pathology.encoder.name", default="stats") or "stats")
+        path["tile_net"] = "cnn" if enc.lower() == "thumbnail" else "mlp"
+    return mcfg
+
+
+def model_from_config(cfg, modalities=None, dims: dict | None = None):
+    mcfg = model_config(cfg)
     if modalities is not None:
         mcfg["modalities"] = list(modalities)
     return build_model(mcfg, **(dims or input_dims(cfg)))

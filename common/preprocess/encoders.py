@@ -222,6 +222,36 @@ class StatsEncoder(Encoder):
 
 # --- learned encoders ----------------------------------------------------------------------
 
+THUMBNAIL_VERSION = 1
+
+
+class ThumbnailEncoder(Encoder):
+    """The tile itself, for a CNN trained in the federation: optical density (``-log10((v + 1) / 256)`` per
+    colour plane, so background is ~0 and stains add linearly) box-averaged to ``side`` x ``side`` pixels and
+    flattened channel-first (``3 * side * side`` values).  It encodes no rule about the tissue: what in the
+    tile matters is learned by the model's tile CNN (``model.pathology.tile_net``), from the training
+    centers' labels.  Deterministic, no weights."""
+
+    name = "thumbnail"
+
+    def __init__(self, side: int = 56):
+        self.side = int(side)
+        if not 8 <= self.side <= 224:
+            raise ValueError(f"encoder thumbnail: side {self.side} outside 8..224")
+        self.dim = 3 * self.side * self.side
+        self.tile_shape = (3, self.side, self.side)
+        self.fingerprint = f"thumbnail-v{THUMBNAIL_VERSION}-" + _digest({"side": self.side})
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        batch = _check_batch(batch)
+        od = torch.from_numpy(_OD_LUT[batch]).permute(0, 3, 1, 2)          # N x 3 x H x W
+        small = F.adaptive_avg_pool2d(od, (self.side, self.side))      # box average (exact for integer factors)
+        return small.reshape(len(batch), -1).numpy().astype(np.float32, copy=False)
+
+
 def _device(cfg: Mapping):
     import torch
 
@@ -361,6 +391,8 @@ def build_encoder(cfg: Any = None) -> Encoder:
         s = dict(cfg.get("stats") or {})
         return StatsEncoder(nuclei_od=s.get("nuclei_od", 0.8), min_nucleus_px=s.get("min_nucleus_px", 6),
                             background_od=s.get("background_od", 0.15))
+    if name == "thumbnail":
+        return ThumbnailEncoder(side=(cfg.get("thumbnail") or {}).get("side", 56))
     if name == "torchscript":
         import torch
 
@@ -394,4 +426,4 @@ def build_encoder(cfg: Any = None) -> Encoder:
 
         module = AutoModel.from_pretrained(str(p), local_files_only=True)
         return TorchEncoder(module, "hf", cfg, _weights_id(p))
-    raise ValueError(f"unknown pathology encoder {name!r} (stats, resnet, torchscript, timm, hf)")
+    raise ValueError(f"unknown pathology encoder {name!r} (stats, thumbnail, resnet, torchscript, timm, hf)")
