@@ -168,3 +168,19 @@ def test_round_lines_and_selection_fit_80_columns():
     assert "decision threshold 0.430" in text
     assert "federation: run 7846488988231781526, fedavg, 10 rounds" in text.splitlines()
     assert f"  run directory: {run_dir}" in text.splitlines()     # the path on its own line, never broken
+
+
+def test_a_key_on_the_command_line_wins_over_the_feature_file(tmp_path):
+    """`--features FILE` sets the schema's lists and modalities; an explicit override of the same key (a
+    one-branch development run) is not silently replaced by the file."""
+    from argparse import Namespace
+
+    from common.cli.data import _with_features
+    from common.config import load_config
+
+    f = tmp_path / "features.yaml"
+    f.write_text("genomic_features: [TP53_mut]\nclinical_features: [age]\nmodalities: [mri, pathology, genomics]\n")
+    cfg = load_config(_with_features(Namespace(features=str(f), overrides=["model.modalities=[pathology]"])))
+    assert list(cfg.model.modalities) == ["pathology"] and list(cfg.data.genomic_features) == ["TP53_mut"]
+    cfg = load_config(_with_features(Namespace(features=str(f), overrides=[])))
+    assert list(cfg.model.modalities) == ["mri", "pathology", "genomics"]

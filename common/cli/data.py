@@ -113,12 +113,13 @@ def cmd_baseline(args) -> int:
 
 
 def _with_features(args) -> list[str]:
-    """The command's overrides, plus those of ``--features FILE`` (a ValueError names the file)."""
+    """The overrides of ``--features FILE`` (a ValueError names the file), then the command's own: a key set on the
+    command line wins over the feature file (e.g. ``model.modalities=[pathology]`` for a one-branch run)."""
     from common.config import feature_overrides
 
     if not getattr(args, "features", None):
         return list(args.overrides)
-    return list(args.overrides) + feature_overrides(args.features)
+    return feature_overrides(args.features) + list(args.overrides)
 
 
 def preprocess_table():

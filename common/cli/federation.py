@@ -187,7 +187,7 @@ def cmd_demo(args) -> int:
                   f"genomic and {len(prop['clinical_features'])} clinical features, modalities "
                   f"{', '.join(prop['modalities'])} in {time.perf_counter() - t0:.0f}s")
     console.print(f"  feature file: {shown(run_dir / 'schema' / FEATURES_YAML)}", soft_wrap=True)
-    overrides += feature_overrides(run_dir / "schema" / FEATURES_YAML)
+    overrides = feature_overrides(run_dir / "schema" / FEATURES_YAML) + overrides   # the command line wins
     return _federate(lambda: run_simulation(cohort, run_dir, overrides, console=console, stream=not args.quiet,
                                             workers=int(d.workers), verbose=args.verbose), run_dir)
 
