@@ -91,13 +91,13 @@ def site_manifest(run_config, node_config) -> tuple[str, str, Path, dict]:
     no torch, no array is loaded (what a role query needs)."""
     import json
 
-    from common.preprocess.cache import MANIFEST, preprocess_site
+    from common.preprocess.cache import preprocess_site
 
     key = _key(run_config, node_config)
     if key not in _MANIFESTS:
         site_dir, center, role, cfg = site_settings(run_config, node_config)
         res = preprocess_site(site_dir, cfg, progress=False)
-        _MANIFESTS[key] = (center, role, site_dir, json.loads((res.cache_dir / MANIFEST).read_text()))
+        _MANIFESTS[key] = (center, role, site_dir, json.loads(res.manifest.read_text()))
     return _MANIFESTS[key]
 
 
@@ -117,12 +117,12 @@ def site_runtime(run_config, node_config) -> SiteRuntime:
     # idempotent: reuses the cache that `newadj preprocess` built
     res = preprocess_site(site_dir, cfg, progress=False)
     dims = input_dims(cfg)
-    test = site_dataset(res.cache_dir, None, cfg)
+    test = site_dataset(res.manifest, None, cfg)
     check_dataset_matches(test, dims)
     train = val = None
     if role != "external":
-        train = site_dataset(res.cache_dir, ["train"], cfg)
-        val = site_dataset(res.cache_dir, ["val"], cfg)
+        train = site_dataset(res.manifest, ["train"], cfg)
+        val = site_dataset(res.manifest, ["val"], cfg)
     rt = SiteRuntime(center, role, site_dir, cfg, dims, train, val, test)
     timing.mark("site_loaded")
     _RUNTIMES[key] = rt

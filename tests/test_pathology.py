@@ -407,3 +407,21 @@ def test_thumbnail_encoder_is_the_tile_in_optical_density_box_averaged(slide_pat
         build_encoder({"name": "thumbnail", "thumbnail": {"side": 4}})
     bag = slide_to_bag(slide_path, {**pcfg, "encoder": {"name": "thumbnail", "thumbnail": {"side": 28}}})
     assert bag["features"].shape == (16, 3 * 28 * 28) and np.isfinite(bag["features"]).all()
+
+
+def test_runs_with_two_encoders_share_a_cache_each_reading_its_own_manifest(site):
+    """Preprocessing with another encoder (another run, at the same time) must not change what a run that
+    already preprocessed reads: each configuration has its own manifest in the shared cache."""
+    from common.config import load_config
+    from common.learn.dataset import site_dataset
+    from common.preprocess.cache import preprocess_site
+
+    stats_cfg = load_config(["preprocess.pathology.max_tiles=4"])
+    thumb_cfg = load_config(["preprocess.pathology.max_tiles=4", "preprocess.pathology.encoder.name=thumbnail",
+                             "preprocess.pathology.encoder.thumbnail.side=16"])
+    a = preprocess_site(site, stats_cfg, progress=False)
+    b = preprocess_site(site, thumb_cfg, progress=False)      # the other run: manifest.json is now its
+    assert a.cache_dir == b.cache_dir and a.manifest != b.manifest
+    assert site_dataset(a.manifest, None, stats_cfg).path_dim == len(STATS_FEATURES)
+    assert site_dataset(b.manifest, None, thumb_cfg).path_dim == 3 * 16 * 16
+    assert site_dataset(a.cache_dir, None, thumb_cfg).path_dim == 3 * 16 * 16   # the folder: the latest run's

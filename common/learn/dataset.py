@@ -1,6 +1,6 @@
 """Training data: one site's preprocessed cache as a torch Dataset.
 
-Reads only ``<cache>/manifest.json`` and the arrays it points to (never the raw
+Reads only ``<cache>/manifest[-<key>].json`` and the arrays it points to (never the raw
 site files).  ``collate`` pads pathology bags and yields the batch dict the
 model consumes: ``mri``/``has_mri``, ``path_feats``/``path_mask``/``has_path``,
 ``genomics``/``genomics_mask``/``has_genomics``, ``clinical``/``clinical_mask``,
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.preprocess.cache import load_manifest
+from common.preprocess.cache import load_manifest, manifest_path
 
 log = logging.getLogger(__name__)
 _SITE_TILE_STATS: dict = {}  # (stats file, mtime) -> (mean, std) of the site's tile features
@@ -32,8 +32,9 @@ class SiteDataset(Dataset):
 
     def __init__(self, cache_dir: Path, splits: Iterable[str] | None = None, max_tiles: int | None = None,
                  path_norm: str = "site", scaling: dict | None = None, mri_shape: Sequence[int] | None = None):
-        self.cache_dir = Path(cache_dir)
-        self.manifest = load_manifest(self.cache_dir)
+        # a cache folder (its latest manifest) or one configuration's manifest-<key>.json in it
+        self.cache_dir = manifest_path(cache_dir)[0]
+        self.manifest = load_manifest(cache_dir)
         self.center_id = self.manifest["center_id"]
         self.role = self.manifest["role"]
         wanted = set(splits) if splits else None

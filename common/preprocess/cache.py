@@ -3,7 +3,12 @@
 Layout of ``<cache_dir>`` (default ``<site>/.newadj-cache``)::
 
     manifest.json             patients, splits, labels, tabular features + masks,
-                              pointers to the cached arrays, failures, stats
+                              pointers to the cached arrays, failures, stats (the
+                              latest preprocessing run's)
+    manifest-<key>.json       the same, one per preprocessing configuration (key: a
+                              hash of everything the manifest depends on); a run
+                              reads its own, so runs with other settings (another
+                              encoder) can share the cache at the same time
     hashes.json               content hashes of input files, keyed by (size, mtime)
     mri/<key>.npy             stacked phases, shape (n_phases, *roi_size)
     pathology/<key>.npz       one feature bag per slide (features, coords)
@@ -128,6 +133,7 @@ def _slide_job(out: str, slide: str, path_cfg: dict) -> dict:
 class PreprocessResult:
     cache_dir: Path
     n_patients: int
+    manifest: Path | None = None  # this configuration's manifest (what a dataset of this run reads)
     mri: dict = field(default_factory=dict)  # built, cached, failed, seconds, volumes_per_s
     pathology: dict = field(default_factory=dict)  # built, cached, failed, tiles, seconds, tiles_per_s
     failures: list = field(default_factory=list)  # {patient_id, modality, file, error}
@@ -287,7 +293,13 @@ def preprocess_site(site_dir: Path, cfg, workers: int | None = None, cache_dir: 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "patients": list(entries.values()), "failures": failures,
     }
-    _atomic_write_text(cache / MANIFEST, json.dumps(manifest, indent=1))
+    text = json.dumps(manifest, indent=1)
+    view_key = config_hash({"mri": mri_cfg_key, "pathology": path_cfg_key, "phases": phases,
+                            "genomic": genomic_features, "clinical": clinical_features,
+                            "val_fraction": float(cfg.data.val_fraction)})
+    own = cache / MANIFEST.replace(".json", f"-{view_key[:16]}.json")
+    _atomic_write_text(own, text)
+    _atomic_write_text(cache / MANIFEST, text)
     if progress:
         n_mri = mri_stats["built"] + mri_stats["cached"]
         n_path = path_stats["built"] + path_stats["cached"]
@@ -295,7 +307,7 @@ def preprocess_site(site_dir: Path, cfg, workers: int | None = None, cache_dir: 
         console.print(f"  {site.center_id}: {len(entries)} patients, {n_mri} MRI, {n_path} slides "
                       f"({mri_stats['built'] + path_stats['built']} built, "
                       f"{mri_stats['cached'] + path_stats['cached']} cached{bad}) in {time.perf_counter() - t_start:.1f}s")
-    return PreprocessResult(cache_dir=cache, n_patients=len(entries), mri=mri_stats, pathology=path_stats,
+    return PreprocessResult(cache_dir=cache, n_patients=len(entries), manifest=own, mri=mri_stats, pathology=path_stats,
                             failures=failures, seconds=time.perf_counter() - t_start)
 
 
@@ -335,8 +347,17 @@ def _completed(futures: dict):
         yield from as_completed(futures)
 
 
+def manifest_path(cache: Path) -> tuple[Path, Path]:
+    """(cache folder, manifest file) of a cache folder (its latest manifest) or of one configuration's manifest."""
+    cache = Path(cache)
+    if cache.suffix == ".json" and cache.name.startswith("manifest"):
+        return cache.parent, cache
+    return cache, cache / MANIFEST
+
+
 def load_manifest(cache_dir: Path) -> dict:
-    path = Path(cache_dir) / MANIFEST
+    """A cache's manifest: ``cache_dir`` is the cache folder (its latest manifest) or one ``manifest-<key>.json``."""
+    path = manifest_path(cache_dir)[1]
     if not path.exists():
         raise FileNotFoundError(f"{path}: no preprocessed cache here; run `newadj preprocess SITE_DIR` first")
     return json.loads(path.read_text())
@@ -344,11 +365,11 @@ def load_manifest(cache_dir: Path) -> dict:
 
 def ensure_caches(sites, cfg, console=None, progress: bool = True, workers: int | None = None) -> dict[str, Path]:
     """Preprocess every site of a cohort (``common.data.cohort.SiteRef``; a no-op where its cache is current);
-    returns site name -> cache dir."""
+    returns site name -> this configuration's manifest (what :func:`common.learn.dataset.site_dataset` opens)."""
     out = {}
     for s in sites:
         res = preprocess_site(s.path, cfg, workers=workers, console=console, progress=progress)
-        if not (res.cache_dir / MANIFEST).exists():
+        if res.manifest is None or not res.manifest.exists():
             raise RuntimeError(f"{s.path}: preprocessing wrote no manifest")
-        out[s.name] = res.cache_dir
+        out[s.name] = res.manifest
     return out

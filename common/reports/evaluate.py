@@ -105,7 +105,7 @@ def open_site(site_dir: Path, cfg, model_path: Path | None = None, splits=None):
         res = preprocess_site(site_dir, cfg, progress=False)
     except SiteDataError as exc:
         raise EvaluationError(f"{site_dir}: site data has errors; run `newadj validate-site {site_dir}`\n{exc}") from exc
-    ds = site_dataset(res.cache_dir, splits, cfg)   # the run's loading options: tile norm, feature scaling
+    ds = site_dataset(res.manifest, splits, cfg)   # the run's loading options: tile norm, feature scaling
     try:
         check_dataset_matches(ds, input_dims(cfg))
     except ValueError as exc:
