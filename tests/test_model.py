@@ -342,3 +342,16 @@ def test_tile_net_auto_follows_the_encoder(encoder, expected):
     assert model_config(cfg)["pathology"]["tile_net"] == expected
     cfg = load_config([f"preprocess.pathology.encoder.name={encoder}", "model.pathology.tile_net=mlp"])
     assert model_config(cfg)["pathology"]["tile_net"] == "mlp"
+
+
+def test_tile_colour_jitter_is_train_only():
+    torch.manual_seed(0)
+    cnn = _thumb_model(tile_augment=False, tile_jitter=0.2).branches["pathology"].tile_proj
+    flat = torch.rand(4, 3 * SIDE * SIDE)
+    cnn.eval()
+    assert torch.equal(cnn(flat), cnn(flat))
+    cnn.train()
+    cnn.out[-1].p = 0.0                      # no dropout: what differs is the jitter
+    assert not torch.allclose(cnn(flat), cnn(flat))
+    with pytest.raises(ValueError, match="tile_jitter must be >= 0"):
+        _thumb_model(tile_jitter=-1.0)

@@ -74,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "tile_net": "auto",
         "cnn_widths": [16, 32, 64],
         "tile_augment": True,
+        "tile_jitter": 0.0,
     },
     "genomics": {
         "hidden": [128, 64],
@@ -230,9 +231,11 @@ class TileCNN(nn.Module):
     GroupNorm, stride 2 per stage, global average pooling).  The per-channel mean and std of the tile are
     concatenated to the pooled features: GroupNorm and average pooling wash out a tile's absolute optical
     density, which carries stain amount.  In train mode with ``augment`` every tile gets a random quarter
-    turn and flip (tissue has no orientation)."""
+    turn and flip (tissue has no orientation); with ``jitter`` > 0 also a random gain ``1 + jitter * N(0, 1)``
+    and offset ``jitter * N(0, 1)`` per colour plane (stain strength and scanner colour vary)."""
 
-    def __init__(self, in_dim: int, out_dim: int, widths: list[int], dropout: float, augment: bool):
+    def __init__(self, in_dim: int, out_dim: int, widths: list[int], dropout: float, augment: bool,
+                 jitter: float = 0.0):
         super().__init__()
         from monai.networks.blocks import Convolution
 
@@ -242,6 +245,9 @@ class TileCNN(nn.Module):
                              f"preprocess.pathology.encoder.name=thumbnail); got {in_dim} values per tile")
         self.side = side
         self.augment = bool(augment)
+        self.jitter = float(jitter)
+        if self.jitter < 0:
+            raise ValueError(f"model.pathology.tile_jitter must be >= 0, got {self.jitter}")
         layers: list[nn.Module] = []
         c_in = 3
         for w in [int(x) for x in widths]:
@@ -266,6 +272,9 @@ class TileCNN(nn.Module):
         x = flat.reshape(-1, 3, self.side, self.side)
         if self.training and self.augment:
             x = self._dihedral(x)
+        if self.training and self.jitter > 0:
+            gain = 1.0 + self.jitter * torch.randn(x.shape[0], 3, 1, 1, device=x.device, dtype=x.dtype)
+            x = x * gain + self.jitter * torch.randn(x.shape[0], 3, 1, 1, device=x.device, dtype=x.dtype)
         stats = torch.cat([x.mean((-2, -1)), x.std((-2, -1), unbiased=False)], dim=1)
         h = self.features(x).mean((-2, -1))
         return self.out(torch.cat([h, stats], dim=1))
@@ -285,7 +294,7 @@ class GatedAttentionMIL(nn.Module):
         self.cnn = tile_net == "cnn"
         if self.cnn:
             self.tile_proj = TileCNN(in_dim, proj, list(cfg.get("cnn_widths", [16, 32, 64])), p,
-                                     bool(cfg.get("tile_augment", True)))
+                                     bool(cfg.get("tile_augment", True)), float(cfg.get("tile_jitter", 0.0)))
         else:
             self.tile_proj = nn.Sequential(nn.Linear(in_dim, proj), nn.ReLU(), nn.Dropout(p))
         self.proj_dim = proj
