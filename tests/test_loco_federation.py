@@ -63,3 +63,18 @@ def test_a_real_fold_never_trains_on_the_held_out_center(tiny_cohort, tmp_path, 
     card = json.loads((tmp_path / "fold" / "best_model.json").read_text())["card"]   # the model says how it was made
     assert card["holdout_center"] == "center_b"
     assert sorted(card["training_centers"]) == ["center_a", "center_c", "center_d", "center_e", "center_f"]
+
+
+@pytest.mark.slow
+def test_the_federation_trains_the_tile_cnn_from_thumbnails(tiny_cohort, tmp_path, flwr_home):
+    """A CNN trained in the federation (issue 17, item 2): with the thumbnail encoder every center trains the
+    pathology branch's tile CNN on its own tiles and the server averages it like any other layer."""
+    from server.ops.simulation import run_simulation
+    from tests.conftest import max_abs_diff, round_weights
+
+    thumb = ["preprocess.pathology.encoder.name=thumbnail", "preprocess.pathology.encoder.thumbnail.side=16"]
+    m = run_simulation(tiny_cohort, tmp_path / "run", TEST_OVERRIDES + thumb, stream=False)
+    assert len(m["history"]) == 2 and m["external"]["centers"]["external"]["n"] > 0
+    w1, w2 = round_weights(tmp_path / "run", 1), round_weights(tmp_path / "run", 2)
+    cnn = {k: w1[k] for k in w1 if "tile_proj.features" in k}
+    assert cnn and max_abs_diff(cnn, {k: w2[k] for k in cnn}) > 0

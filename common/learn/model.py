@@ -74,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "tile_net": "auto",
         "cnn_widths": [16, 32, 64],
         "tile_augment": True,
-        "tile_jitter": 0.0,
+        "tile_jitter": 0.1,
     },
     "genomics": {
         "hidden": [128, 64],
