@@ -72,8 +72,9 @@ def cmd_preprocess(args) -> int:
 
     # `site_dir` takes one or more arguments, so argparse hands it the overrides that follow the folders
     # (`newadj preprocess runs/full key=value`): a KEY=VALUE that is not a folder is an override
-    overrides = [a for a in args.site_dir if "=" in a and not Path(a).exists()] + list(args.overrides)
-    site_args = [a for a in args.site_dir if not ("=" in a and not Path(a).exists())]
+    is_override = {a: "=" in a and not Path(a).exists() for a in args.site_dir}
+    overrides = [a for a in args.site_dir if is_override[a]] + list(args.overrides)
+    site_args = [a for a in args.site_dir if not is_override[a]]
     if not site_args:
         raise SystemExit("error: no site folder given")
     cfg = load_config(overrides)

@@ -234,8 +234,7 @@ class TileCNN(nn.Module):
     turn and flip (tissue has no orientation); with ``jitter`` > 0 also a random gain ``1 + jitter * N(0, 1)``
     and offset ``jitter * N(0, 1)`` per colour plane (stain strength and scanner colour vary)."""
 
-    def __init__(self, in_dim: int, out_dim: int, widths: list[int], dropout: float, augment: bool,
-                 jitter: float = 0.0):
+    def __init__(self, in_dim: int, out_dim: int, widths: list[int], dropout: float, augment: bool, jitter: float):
         super().__init__()
         from monai.networks.blocks import Convolution
 
@@ -251,8 +250,7 @@ class TileCNN(nn.Module):
         layers: list[nn.Module] = []
         c_in = 3
         for w in [int(x) for x in widths]:
-            layers.append(Convolution(2, c_in, w, strides=2, kernel_size=3, act="RELU",
-                                      norm=("group", {"num_groups": math.gcd(8, w) or 1})))
+            layers.append(Convolution(2, c_in, w, strides=2, kernel_size=3, act="RELU", norm=_norm_spec("group", w, 8)))
             c_in = w
         self.features = nn.Sequential(*layers)
         self.out = nn.Sequential(nn.Linear(c_in + 6, out_dim), nn.ReLU(), nn.Dropout(float(dropout)))
@@ -288,13 +286,14 @@ class GatedAttentionMIL(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, cfg: Mapping):
         super().__init__()
         proj, attn, p = int(cfg["proj_dim"]), int(cfg["attn_dim"]), float(cfg.get("dropout", 0.0))
-        tile_net = str(cfg.get("tile_net", "auto")).lower()
+        tile_net = str(cfg["tile_net"]).lower()
         if tile_net not in ("auto", "mlp", "cnn"):
             raise ValueError(f"model.pathology.tile_net must be auto, mlp or cnn, got {tile_net!r}")
         self.cnn = tile_net == "cnn"
         if self.cnn:
-            self.tile_proj = TileCNN(in_dim, proj, list(cfg.get("cnn_widths", [16, 32, 64])), p,
-                                     bool(cfg.get("tile_augment", True)), float(cfg.get("tile_jitter", 0.0)))
+            # cfg is merged over DEFAULTS (resolve_model_cfg): every key is there
+            self.tile_proj = TileCNN(in_dim, proj, list(cfg["cnn_widths"]), p, bool(cfg["tile_augment"]),
+                                     float(cfg["tile_jitter"]))
         else:
             self.tile_proj = nn.Sequential(nn.Linear(in_dim, proj), nn.ReLU(), nn.Dropout(p))
         self.proj_dim = proj

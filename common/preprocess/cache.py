@@ -133,7 +133,7 @@ def _slide_job(out: str, slide: str, path_cfg: dict) -> dict:
 class PreprocessResult:
     cache_dir: Path
     n_patients: int
-    manifest: Path | None = None  # this configuration's manifest (what a dataset of this run reads)
+    manifest: Path  # this configuration's manifest (what a dataset of this run reads)
     mri: dict = field(default_factory=dict)  # built, cached, failed, seconds, volumes_per_s
     pathology: dict = field(default_factory=dict)  # built, cached, failed, tiles, seconds, tiles_per_s
     failures: list = field(default_factory=list)  # {patient_id, modality, file, error}
@@ -369,7 +369,7 @@ def ensure_caches(sites, cfg, console=None, progress: bool = True, workers: int 
     out = {}
     for s in sites:
         res = preprocess_site(s.path, cfg, workers=workers, console=console, progress=progress)
-        if res.manifest is None or not res.manifest.exists():
+        if not res.manifest.exists():
             raise RuntimeError(f"{s.path}: preprocessing wrote no manifest")
         out[s.name] = res.manifest
     return out
