@@ -68,12 +68,22 @@ def test_a_real_fold_never_trains_on_the_held_out_center(tiny_cohort, tmp_path, 
 @pytest.mark.slow
 def test_the_federation_trains_the_tile_cnn_from_thumbnails(tiny_cohort, tmp_path, flwr_home):
     """A CNN trained in the federation (issue 17, item 2): with the thumbnail encoder every center trains the
-    pathology branch's tile CNN on its own tiles and the server averages it like any other layer."""
-    from server.ops.simulation import run_simulation
-    from tests.conftest import max_abs_diff, round_weights
+    pathology branch's tile CNN on its own tiles and the server averages it like any other layer.  The encoder
+    is a site setting: a run may ask for it only where the site's policy lists the key (each site here does)."""
+    from omegaconf import OmegaConf
 
+    from common.data.cohort import discover_sites
+    from common.data.policy import DEFAULT_POLICY_YAML
+    from server.ops.simulation import run_simulation
+    from tests.conftest import TINY_SITE_POLICY, max_abs_diff, round_weights, write_site_policy
+    from tests.test_policy_audit import _copy_cohort
+
+    cohort = _copy_cohort(tiny_cohort, tmp_path / "cohort")
+    allowed = list(OmegaConf.load(DEFAULT_POLICY_YAML).allowed_run_keys) + ["preprocess.pathology.encoder.*"]
+    for site in discover_sites(cohort):
+        write_site_policy(site.path, f"allowed_run_keys = {json.dumps(allowed)}\n" + TINY_SITE_POLICY)
     thumb = ["preprocess.pathology.encoder.name=thumbnail", "preprocess.pathology.encoder.thumbnail.side=16"]
-    m = run_simulation(tiny_cohort, tmp_path / "run", TEST_OVERRIDES + thumb, stream=False)
+    m = run_simulation(cohort, tmp_path / "run", TEST_OVERRIDES + thumb, stream=False)
     assert len(m["history"]) == 2 and m["external"]["centers"]["external"]["n"] > 0
     w1, w2 = round_weights(tmp_path / "run", 1), round_weights(tmp_path / "run", 2)
     cnn = {k: w1[k] for k in w1 if "tile_proj.features" in k}
