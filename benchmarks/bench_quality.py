@@ -46,6 +46,9 @@ def seed_row(baseline: dict, fed: dict | None) -> dict:
         row["pooled_auc"] = _v(pooled["external"], "auc")
         row["pooled_ece"] = _v(pooled["external"], "ece")
         row["pooled_ece_floor"] = _v(pooled["external"], "ece_floor")
+        if row["pooled_ece"] is not None and row["pooled_ece_floor"] is not None:
+            # what is left above the sampling floor: the part of the ECE a model could still remove
+            row["pooled_ece_minus_floor"] = row["pooled_ece"] - row["pooled_ece_floor"]
         row["pooled_ece_loco_calibrated"] = _v(pooled["external"], "ece_loco_calibrated")
         row["pooled_c"] = _v(pooled["external"], "c_index")
         if oracle and row["pooled_auc"] is not None:
@@ -206,4 +209,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from common.cli.errors import describe_error, expected_error
+
+    try:
+        raise SystemExit(main())
+    except Exception as exc:   # a run that failed (a site refused it, a bad override): one line, not a traceback
+        if not expected_error(exc):
+            raise
+        print(f"bench_quality: {describe_error(exc)}", file=sys.stderr)
+        raise SystemExit(2)

@@ -25,6 +25,20 @@ EVENTS_FILE = "events.jsonl"
 LOGGERS = ("newadj", "server")   # the ServerApp's loggers (newadj.server, server.roles, ...)
 
 
+def server_failure(run_dir: Path) -> str | None:
+    """Why the ServerApp of the run in RUN_DIR stopped, as it said in its ``failed`` event (None if it did not say)."""
+    path = Path(run_dir) / EVENTS_FILE
+    said = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            ev = json.loads(line)
+        except ValueError:   # a line cut short by the run's end
+            continue
+        if ev.get("event") == "failed" and ev.get("text"):
+            said.append(str(ev["text"]))
+    return "; ".join(said) or None
+
+
 class Events(logging.Handler):
     """Appends events to ``RUN_DIR/events.jsonl``; as a logging handler, every WARNING+ record too."""
 

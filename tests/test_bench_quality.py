@@ -41,6 +41,7 @@ def test_seed_row_ratios():
     assert row["fed_round_over_train_per_core"] == pytest.approx((10 / (7 / k) + 12 / (8 / k)) / 2)
     assert row["loco_auc"] == 0.81
     assert (row["oracle_ece"], row["oracle_ece_floor"], row["pooled_ece_floor"]) == (0.07, 0.08, 0.075)
+    assert row["pooled_ece_minus_floor"] == pytest.approx(0.04 - 0.075)
     assert row["pooled_ece_loco_calibrated"] == 0.06 and row["loco_ece_loco_calibrated"] == 0.11
     assert "loco_ece_floor" not in row                                 # no fold had it
 

@@ -184,3 +184,18 @@ def test_a_key_on_the_command_line_wins_over_the_feature_file(tmp_path):
     assert list(cfg.model.modalities) == ["pathology"] and list(cfg.data.genomic_features) == ["TP53_mut"]
     cfg = load_config(_with_features(Namespace(features=str(f), overrides=[])))
     assert list(cfg.model.modalities) == ["mri", "pathology", "genomics"]
+
+
+def test_a_federation_every_site_refuses_fails_on_one_line_that_says_why(tiny_cohort, tmp_path):
+    """A run asking for a site's own setting (here its torch threads) is refused by every site at the role
+    query; the coordinator sees the sites' reason in the one line, not only 'status finished:failed'."""
+    from tests.conftest import TEST_OVERRIDES
+
+    r = _run(["simulate", "--data", str(tiny_cohort), "--out", str(tmp_path / "r"), "--quiet", *TEST_OVERRIDES,
+              "train.num_threads=2"], 200)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    line = r.stderr.strip()
+    assert line.startswith("federation failed: run ") and "finished:failed" in line
+    assert "the server said: RuntimeError: only 0 training centers answered" in line
+    assert "train.num_threads not accepted" in line and str(tmp_path / "r" / "logs") in line

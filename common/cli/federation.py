@@ -53,12 +53,9 @@ def _federate(start, run_dir: Path) -> int:
     try:
         metrics = start()
     except RunFailed as exc:
-        err_console.print(f"[red]federation failed:[/red] {exc}")
-        events = Path(run_dir) / "events.jsonl"
-        for line in (events.read_text().splitlines() if events.exists() else []):
-            ev = json.loads(line)
-            if ev.get("event") == "failed":
-                err_console.print(f"the server said: {ev.get('text')}")
+        from rich.markup import escape
+
+        err_console.print(f"[red]federation failed:[/red] {escape(str(exc))}", highlight=False)
         return 1
     _print_federation(metrics, run_dir.resolve())
     return 0

@@ -20,6 +20,7 @@ from common.data.cohort import discover_sites
 from common.preprocess.cache import ensure_caches
 from common.config import join_overrides, load_config, save_config
 from server.ops.processes import ProcessGroup, flwr_run, flwr_status, start_superlink, write_flwr_config
+from server.progress import server_failure
 
 
 class RunFailed(RuntimeError):
@@ -112,7 +113,9 @@ def run_simulation(cohort_dir: Path, run_dir: Path, overrides: list[str], consol
     (run_dir / "flwr-status.json").write_text(json.dumps(status, indent=1))
     sub = str(status.get("status", ""))
     if "finished:completed" not in sub.replace(" ", "") or not result.exists():
-        raise RunFailed(f"run {run_id} ended with status {sub!r}; logs in {run_dir / 'logs'}")
+        said = server_failure(run_dir)
+        raise RunFailed(f"run {run_id} ended with status {sub!r}" + (f"; the server said: {said}" if said else "")
+                        + f"; logs in {run_dir / 'logs'}")
     metrics = json.loads(result.read_text())
     metrics["wall_seconds"] = wall
     metrics["flwr_run_id"] = run_id

@@ -17,6 +17,7 @@ from common.config import join_overrides, load_config, save_config
 from server.ops.processes import flwr_env
 from server.ops.deploy import CONNECTION, load_kit
 from server.ops.simulation import RESULT_FILE, RUN_SPEC, RunFailed, follow_run, read_run_spec, run_budget
+from server.progress import server_failure
 
 
 def resume_spec(run_dir: Path) -> list[str]:
@@ -50,7 +51,9 @@ def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Cons
                                 run_budget(load_config(overrides)), console, stream and mode == "run", verbose)
     (run_dir / "flwr-status.json").write_text(json.dumps(status, indent=1))
     if "finished:completed" not in str(status.get("status", "")).replace(" ", "") or not result.exists():
-        raise RunFailed(f"run {run_id} ended with status {status.get('status')!r}; see {run_dir}")
+        said = server_failure(run_dir)
+        raise RunFailed(f"run {run_id} ended with status {status.get('status')!r}"
+                        + (f"; the server said: {said}" if said else "") + f"; see {run_dir}")
     metrics = json.loads(result.read_text())
     metrics["wall_seconds"] = time.perf_counter() - t0
     metrics["flwr_run_id"] = run_id
