@@ -69,7 +69,7 @@ def seed_row(baseline: dict, fed: dict | None) -> dict:
     if loco:
         row["loco_auc"] = loco["auc"]["mean"]
         row["loco_ece"] = loco["ece"]["mean"]
-        for k in ("ece_floor", "ece_loco_calibrated"):
+        for k in ("ece_floor", "ece_loco_calibrated", "oracle_auc", "auc_over_oracle"):
             if (loco.get(k) or {}).get("mean") is not None:
                 row[f"loco_{k}"] = loco[k]["mean"]
         row["loco_c"] = loco["c_index"]["mean"]

@@ -21,7 +21,8 @@ def _runs(pooled, fed, local_best):
         "pooled": _arm(pooled, ece=0.04), "unimodal:mri": _arm(0.70), "unimodal:genomics": _arm(0.72),
         "local:center_a": _arm(local_best), "local:center_b": _arm(local_best - 0.1)},
         "loco": {"summary": {"auc": {"mean": 0.81}, "ece": {"mean": 0.13}, "c_index": {"mean": 0.6},
-                             "ece_loco_calibrated": {"mean": 0.11}, "ece_floor": {"mean": None}}}}
+                             "ece_loco_calibrated": {"mean": 0.11}, "ece_floor": {"mean": None},
+                             "auc_over_oracle": {"mean": 0.9}}}}
     base["arms"]["pooled"]["external"].update(ece_floor={"value": 0.075}, ece_loco_calibrated={"value": 0.06})
     fedm = {"external": {"centers": {"external": {"auc": fed, "ece": 0.07, "c_index": 0.61}}},
             "history": [{"seconds": 10.0, "client_train_seconds": {"a": 2.0, "b": 5.0}},
@@ -43,6 +44,7 @@ def test_seed_row_ratios():
     assert (row["oracle_ece"], row["oracle_ece_floor"], row["pooled_ece_floor"]) == (0.07, 0.08, 0.075)
     assert row["pooled_ece_minus_floor"] == pytest.approx(0.04 - 0.075)
     assert row["pooled_ece_loco_calibrated"] == 0.06 and row["loco_ece_loco_calibrated"] == 0.11
+    assert row["loco_auc_over_oracle"] == 0.9 and "loco_oracle_auc" not in row
     assert "loco_ece_floor" not in row                                 # no fold had it
 
 
