@@ -106,7 +106,19 @@ def _baseline_summary() -> dict:
            "seconds": 123.0}
     return {"external_site": "external", "n_external": 150, "oracle_external_auc": 0.865,
             "modalities": ["mri", "pathology", "genomics"], "skipped_arms": {},
-            "arms": {n: arm for n in ("pooled", "unimodal:pathology", "local:center-with-a-long-name")}}
+            "arms": {n: arm for n in ("pooled", "unimodal:pathology", "local:center-with-a-long-name")},
+            "loco": _loco()}
+
+
+LOCO_SHOWN = ("auc", "auc_over_oracle", "ece", "ece_floor", "ece_calibrated", "ece_loco_calibrated", "c_index")
+
+
+def _loco() -> dict:
+    """Leave-one-center-out results with every column the table can show (the widest case)."""
+    folds = {f"center_{c}": {"n_held_out": 142, **{k: {"value": 0.1234 + i / 100} for i, k in enumerate(LOCO_SHOWN)}}
+             for c in "abcdef"}
+    summary = {k: {"mean": 0.7404 + i / 100, "sd": 0.0712, "folds": 6} for i, k in enumerate(LOCO_SHOWN)}
+    return {"folds": folds, "summary": summary}
 
 
 def _tables():
@@ -143,6 +155,13 @@ def test_every_table_fits_80_columns_with_no_number_cut():
         assert "…" not in text, text
         for cell in re.findall(r"\d+\.\d+", text):   # every number whole: 3 decimals or 2 in a CI, none cut
             assert len(cell.split(".")[1]) >= 1
+    from common.learn.baseline import loco_table
+
+    con = Console(width=80, record=True, file=open(os.devnull, "w"))
+    con.print(loco_table(_loco()))        # seven metric columns: every center named, each mean and SD whole
+    text = con.export_text()
+    assert all(f"center_{c}" in text for c in "abcdef") and "0.740" in text and "0.800" in text, text
+    assert "0.071" in text.splitlines()[-1], text
     rounds = Console(width=80, record=True, file=open(os.devnull, "w"))
     rounds.print(_tables()[0])
     text = rounds.export_text()

@@ -368,11 +368,8 @@ def loco_table(loco: dict, title: str = "Leave-one-center-out CV (training cente
     cv = compact_table(title, [("held out", "left"), ("n", "right"), *((heads[k], "right") for k in shown_keys)])
     for c, f in loco["folds"].items():
         cv.add_row(c, str(f.get("n_held_out") or "n/a"), *(_num((f.get(k) or {}).get("value")) for k in shown_keys))
-    cv.add_row("mean +- SD", "", *(_mean_sd(loco["summary"][k]) for k in shown_keys))
+    # mean and SD on rows of their own: "0.740+-0.07" in seven columns overflows 80 and rich then squeezes
+    # the center names out of the table
+    cv.add_row("mean", "", *(_num(loco["summary"][k].get("mean")) for k in shown_keys))
+    cv.add_row("SD", "", *(_num(loco["summary"][k].get("sd")) for k in shown_keys))
     return cv
-
-
-def _mean_sd(e: dict) -> str:
-    if e.get("mean") is None:
-        return "n/a"
-    return f"{e['mean']:.3f}" + (f"+-{e['sd']:.2f}" if e.get("sd") is not None else "")
