@@ -47,6 +47,17 @@ def start_simulation_superlink(flwr_home: Path, group: ProcessGroup, log_dir: Pa
 RESULT_FILE = {"run": "metrics.json", "schema": "schema.json"}   # what a finished run of each mode leaves
 
 
+def raise_unless_finished(run_id: int, status: dict, run_dir: Path, result: Path, where: str) -> None:
+    """RunFailed unless ``flwr ls`` says the run completed and it left ``result``; the message carries the
+    ServerApp's own reason (its ``failed`` event) and ``where`` to look next."""
+    sub = str(status.get("status", ""))
+    if "finished:completed" in sub.replace(" ", "") and result.exists():
+        return
+    said = server_failure(run_dir)
+    raise RunFailed(f"run {run_id} ended with status {sub!r}" + (f"; the server said: {said}" if said else "")
+                    + f"; {where}")
+
+
 def follow_run(superlink: str, env: dict, run_config: dict, run_dir: Path, log_path: Path, budget: float,
                console: Console, stream: bool, verbose: bool, federation_config: dict | None = None) -> tuple[int, dict]:
     """``flwr run`` the app and wait for its end: (run id, ``flwr ls`` status).
@@ -111,11 +122,7 @@ def run_simulation(cohort_dir: Path, run_dir: Path, overrides: list[str], consol
         group.stop()
     wall = time.perf_counter() - t0
     (run_dir / "flwr-status.json").write_text(json.dumps(status, indent=1))
-    sub = str(status.get("status", ""))
-    if "finished:completed" not in sub.replace(" ", "") or not result.exists():
-        said = server_failure(run_dir)
-        raise RunFailed(f"run {run_id} ended with status {sub!r}" + (f"; the server said: {said}" if said else "")
-                        + f"; logs in {run_dir / 'logs'}")
+    raise_unless_finished(run_id, status, run_dir, result, f"logs in {run_dir / 'logs'}")
     metrics = json.loads(result.read_text())
     metrics["wall_seconds"] = wall
     metrics["flwr_run_id"] = run_id

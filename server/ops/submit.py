@@ -16,8 +16,8 @@ from rich.console import Console
 from common.config import join_overrides, load_config, save_config
 from server.ops.processes import flwr_env
 from server.ops.deploy import CONNECTION, load_kit
-from server.ops.simulation import RESULT_FILE, RUN_SPEC, RunFailed, follow_run, read_run_spec, run_budget
-from server.progress import server_failure
+from server.ops.simulation import (RESULT_FILE, RUN_SPEC, RunFailed, follow_run, raise_unless_finished, read_run_spec,
+                                   run_budget)
 
 
 def resume_spec(run_dir: Path) -> list[str]:
@@ -50,10 +50,7 @@ def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Cons
     run_id, status = follow_run(CONNECTION, env, run_config, run_dir, run_dir / "logs" / "flwr-run.log",
                                 run_budget(load_config(overrides)), console, stream and mode == "run", verbose)
     (run_dir / "flwr-status.json").write_text(json.dumps(status, indent=1))
-    if "finished:completed" not in str(status.get("status", "")).replace(" ", "") or not result.exists():
-        said = server_failure(run_dir)
-        raise RunFailed(f"run {run_id} ended with status {status.get('status')!r}"
-                        + (f"; the server said: {said}" if said else "") + f"; see {run_dir}")
+    raise_unless_finished(run_id, status, run_dir, result, f"see {run_dir}")
     metrics = json.loads(result.read_text())
     metrics["wall_seconds"] = time.perf_counter() - t0
     metrics["flwr_run_id"] = run_id
