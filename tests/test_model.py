@@ -119,6 +119,46 @@ def test_missing_modalities_cannot_leak():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_late_fusion_adds_one_term_per_modality():
+    """fusion=late: the benefit logit and the log-hazard are sums of per-modality terms, so changing one
+    modality's input moves a patient's logit by the same amount whatever the other modalities hold, and a
+    missing modality adds its learned constant (its garbage input is never read)."""
+    torch.manual_seed(0)
+    model = build(small_cfg(fusion="late", head={"dropout": 0.0}), K=2).eval()
+    assert not hasattr(model, "benefit_head")
+    with torch.no_grad():
+        model.absent_terms.copy_(torch.randn_like(model.absent_terms))
+    b = make_batch(K=2)
+    base = model(b)
+    new_gen = {k: v.clone() for k, v in b.items()}
+    new_gen["genomics"] = torch.randn_like(b["genomics"]) * new_gen["genomics_mask"]
+    other_mri = {k: v.clone() for k, v in b.items()}
+    other_mri["mri"] = torch.randn_like(b["mri"]) * 3
+    both = {k: v.clone() for k, v in other_mri.items()}
+    both["genomics"] = new_gen["genomics"]
+    for key in ("logit", "risk"):
+        d1 = model(new_gen)[key] - base[key]
+        d2 = model(both)[key] - model(other_mri)[key]
+        assert d1.abs().max() > 1e-3  # genomics does move the output ...
+        torch.testing.assert_close(d1, d2, atol=1e-5, rtol=0)  # ... by the same amount whatever the MRI
+    # a missing modality adds exactly its absent constant
+    gone = {k: v.clone() for k, v in b.items()}
+    gone["has_mri"][0] = False
+    j = model.modalities.index("mri")
+    with torch.no_grad():
+        h = model.post["mri"](model.branches["mri"](b["mri"][:1]))
+        term = model.benefit_terms["mri"](h).squeeze()
+    out = model(gone)
+    torch.testing.assert_close(out["logit"][0], base["logit"][0] - term + model.absent_terms[0, j], atol=1e-5,
+                               rtol=0)
+    gone["mri"][0] = float("nan")
+    assert torch.equal(model(gone)["logit"], out["logit"])
+    model.train()
+    loss, _ = multitask_loss(model(b), b, {"benefit_weight": 1.0, "dfs_weight": 0.5})
+    loss.backward()
+    assert model.absent_terms.grad is not None and torch.isfinite(model.absent_terms.grad).all()
+
+
 def test_all_missing_sample_gets_no_data_embedding():
     torch.manual_seed(0)
     model = build().eval()

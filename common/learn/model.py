@@ -19,7 +19,11 @@ Architecture
   or masked attention (``fusion: attention``).  A sample with no modality gets a
   learned "no data" embedding.  In train mode whole modalities are dropped per
   sample with probability ``modality_dropout`` (never all present ones).
-* **Heads** — benefit logit (small MLP) and DFS risk (linear log-hazard).
+* **Heads** — benefit logit (small MLP) and DFS risk (linear log-hazard) on the
+  fused embedding; or, with ``fusion: late``, one linear benefit term and one
+  log-hazard term per modality, summed, where an absent (or dropped) modality
+  adds a learned constant instead of its term (late fusion: the logit is
+  additive over modalities, as in a multivariable logistic / Cox model).
 
 Branches are evaluated only on the samples where the modality is present (and
 not dropped), so absent inputs (zero-filled, or garbage/NaN) can never leak
@@ -112,8 +116,8 @@ def resolve_model_cfg(cfg: Any = None) -> dict:
     if bad:
         raise ValueError(f"unknown modalities {bad}; choose from {list(MODALITIES)}")
     merged["modalities"] = [m for m in MODALITIES if m in mods]  # canonical order
-    if merged["fusion"] not in ("mean", "attention"):
-        raise ValueError(f"model.fusion must be 'mean' or 'attention', got {merged['fusion']!r}")
+    if merged["fusion"] not in ("mean", "attention", "late"):
+        raise ValueError(f"model.fusion must be 'mean', 'attention' or 'late', got {merged['fusion']!r}")
     return merged
 
 
@@ -381,8 +385,15 @@ class NewAdjNet(nn.Module):
             self.fusion_attn = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1))
         h, p = int(cfg["head"]["hidden"]), float(cfg["head"]["dropout"])
         self.head_drop = nn.Dropout(p)
-        self.benefit_head = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Dropout(p), nn.Linear(h, 1))
-        self.risk_head = nn.Linear(d, 1, bias=False)  # Cox log-hazard: bias is not identifiable
+        if self.fusion == "late":
+            # late fusion: every modality adds its own benefit logit and log-hazard term; a modality that
+            # is absent (or dropped) adds a learned constant instead
+            self.benefit_terms = nn.ModuleDict({m: nn.Linear(d, 1) for m in self.modalities})
+            self.risk_terms = nn.ModuleDict({m: nn.Linear(d, 1, bias=False) for m in self.modalities})
+            self.absent_terms = nn.Parameter(torch.zeros(2, len(self.modalities)))  # [benefit, risk] x modality
+        else:
+            self.benefit_head = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Dropout(p), nn.Linear(h, 1))
+            self.risk_head = nn.Linear(d, 1, bias=False)  # Cox log-hazard: bias is not identifiable
 
     # ---------------- presence / dropout ----------------
     @staticmethod
@@ -461,15 +472,30 @@ class NewAdjNet(nn.Module):
             embeddings[m] = emb
 
         fused = self._fuse(embeddings, present)
-        h = self.head_drop(fused)
+        if self.fusion == "late":
+            logit, risk = self._late_terms(embeddings, present)
+        else:
+            h = self.head_drop(fused)
+            logit, risk = self.benefit_head(h).squeeze(-1), self.risk_head(h).squeeze(-1)
         return {
-            "logit": self.benefit_head(h).squeeze(-1),
-            "risk": self.risk_head(h).squeeze(-1),
+            "logit": logit,
+            "risk": risk,
             "attention": attention,
             "embeddings": embeddings,
             "fused": fused,
             "present": {m: present[:, j] for j, m in enumerate(self.modalities)},
         }
+
+    def _late_terms(self, embeddings: dict[str, torch.Tensor], present: torch.Tensor):
+        """Late fusion: sum over modalities of each one's own term (its head on its embedding where present,
+        its learned absent constant where not) -> (benefit logit [B], log-hazard [B])."""
+        logit = torch.zeros(present.shape[0], dtype=self.no_data.dtype, device=present.device)
+        risk = torch.zeros_like(logit)
+        for j, m in enumerate(self.modalities):
+            h = self.head_drop(embeddings[m])
+            logit = logit + torch.where(present[:, j], self.benefit_terms[m](h).squeeze(-1), self.absent_terms[0, j])
+            risk = risk + torch.where(present[:, j], self.risk_terms[m](h).squeeze(-1), self.absent_terms[1, j])
+        return logit, risk
 
     def _fuse(self, embeddings: dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
         B, d = present.shape[0], self.embed_dim
@@ -479,7 +505,7 @@ class NewAdjNet(nn.Module):
         E = torch.stack([embeddings[m] for m in self.modalities], dim=1)  # [B, M, d]
         pm = present.to(E.dtype)
         any_present = present.any(1, keepdim=True)
-        if self.fusion == "mean":
+        if self.fusion in ("mean", "late"):  # late: the mean embedding is only reported
             fused = (E * pm.unsqueeze(-1)).sum(1) / pm.sum(1, keepdim=True).clamp_min(1.0)
         else:
             s = self.fusion_attn(E).squeeze(-1).masked_fill(~present, torch.finfo(E.dtype).min)
