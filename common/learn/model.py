@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "name": "newadjnet",
     "modalities": ["mri", "pathology", "genomics"],
     "embed_dim": 128,
-    "fusion": "mean",
+    "fusion": "late",
     "modality_dropout": 0.25,
     "branch_layernorm": True,
     "mri": {

@@ -1,0 +1,116 @@
+"""A linear reference for the network (issue 17): leave-one-center-out CV of an L2 logistic regression
+(scikit-learn) on the same cached inputs the model reads, over the training centers only.
+
+Features per patient: the MRI ROI's central box (the fraction ``model.mri.center_frac`` of each side, as the
+MRI branch computes it) mean and SD per phase; the mean over the slide's tiles of the cached tile features;
+the gene panel and the clinical covariates (AFP as log10).  A missing value is the center's mean
+(0 after standardisation); has-MRI / has-slide indicators are features.  ``--site-zscore`` standardises the
+image features within each center before the fit (label-free, as ``train.path_norm: site`` does for tiles).
+
+    python benchmarks/bench_linear_reference.py --cohort runs/full [--C 0.03] [--site-zscore image]
+
+Reads each site's latest cache manifest (``newadj preprocess`` first).  The external center is never read.
+A diagnostic: it chose nothing by itself (BENCHMARKS.md, "Late fusion").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def patient_features(cache: Path, manifest: dict, center_frac: float, afp_index: int | None) -> pd.DataFrame:
+    rows = []
+    for p in manifest["patients"]:
+        if p.get("benefit") is None:
+            continue
+        f = {"patient_id": p["patient_id"], "benefit": int(p["benefit"]),
+             "has_mri": float(bool(p.get("mri"))), "has_slide": float(bool(p.get("pathology")))}
+        if p.get("mri"):
+            a = np.load(cache / p["mri"]).astype(np.float32)
+            sl = tuple(slice((n - max(1, round(n * center_frac))) // 2,
+                             (n - max(1, round(n * center_frac))) // 2 + max(1, round(n * center_frac)))
+                       for n in a.shape[1:])
+            for k in range(a.shape[0]):
+                box = a[k][sl]
+                f[f"img_mri_mean{k}"], f[f"img_mri_sd{k}"] = float(box.mean()), float(box.std())
+        if p.get("pathology"):
+            bag = np.load(cache / p["pathology"])["features"]
+            for k, v in enumerate(bag.mean(0)):
+                f[f"img_path{k}"] = float(v)
+        if p.get("has_genomics"):
+            for k, (v, seen) in enumerate(zip(p["genomics"], p["genomics_observed"])):
+                f[f"gene{k}"] = float(v) if seen else np.nan
+        for k, (v, seen) in enumerate(zip(p.get("clinical") or [], p.get("clinical_observed") or [])):
+            f[f"clin{k}"] = (np.log10(max(float(v), 0.1)) if k == afp_index else float(v)) if seen else np.nan
+        rows.append(f)
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> int:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from common.config import load_config
+    from common.data.cohort import discover_sites
+    from common.preprocess.cache import load_manifest, resolve_cache_dir
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cohort", required=True, type=Path)
+    ap.add_argument("--C", type=float, default=0.03, help="inverse L2 strength (scikit-learn)")
+    ap.add_argument("--site-zscore", choices=("image", "all", "none"), default="image")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    cfg = load_config([])
+    frac = float(cfg.model.mri.center_frac) or 0.25
+    frames = []
+    for site in discover_sites(a.cohort):
+        if site.role == "external":
+            continue  # sealed
+        cache = resolve_cache_dir(site.path, cfg)
+        try:
+            man = load_manifest(cache)
+        except FileNotFoundError as e:
+            print(f"bench_linear_reference: {e}", file=sys.stderr)
+            return 2
+        clin = list(man.get("clinical_features") or [])
+        df = patient_features(cache, man, frac, clin.index("afp_ng_ml") if "afp_ng_ml" in clin else None)
+        frames.append(df.assign(center=site.name))
+    data = pd.concat(frames, ignore_index=True)
+    feats = [c for c in data.columns if c not in ("patient_id", "benefit", "center")]
+    X = data[feats].astype(float)
+    zcols = {"image": [c for c in feats if c.startswith("img_")], "all": [c for c in feats if not c.startswith("has_")],
+             "none": []}[a.site_zscore]
+    for _, idx in data.groupby("center").groups.items():
+        block = X.loc[idx, zcols]
+        X.loc[idx, zcols] = (block - block.mean()) / block.std().replace(0, 1).fillna(1)
+    X = X.fillna(X.mean()).fillna(0.0)
+    y = data["benefit"].to_numpy()
+    folds = {}
+    for center in sorted(data["center"].unique()):
+        held = (data["center"] == center).to_numpy()
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=a.C, max_iter=5000)).fit(X[~held], y[~held])
+        folds[center] = float(roc_auc_score(y[held], model.predict_proba(X[held])[:, 1]))
+    aucs = np.array(list(folds.values()))
+    print(f"linear reference, LOCO over {len(folds)} training centers ({len(feats)} features, C={a.C}, "
+          f"site z-score: {a.site_zscore}):")
+    for c, v in folds.items():
+        print(f"  {c:10s} AUC {v:.3f}")
+    print(f"  mean       AUC {aucs.mean():.3f} +- {aucs.std(ddof=1):.3f}")
+    if a.json:
+        a.json.write_text(json.dumps({"C": a.C, "site_zscore": a.site_zscore, "n_features": len(feats),
+                                      "folds": folds, "mean": float(aucs.mean())}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
