@@ -33,13 +33,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.synth._config import _sigmoid  # noqa: E402  (the generator's own link function)
+
 GRID = np.linspace(-5.0, 5.0, 401)
 PRIOR = np.exp(-GRID ** 2 / 2)
 MODALITIES = ("mri", "pathology", "genomics", "clinical")
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _gene_posterior(row: pd.Series | None, informative: dict) -> np.ndarray:

@@ -9,7 +9,7 @@ image features within each center before the fit (label-free, as ``train.path_no
 
     python benchmarks/bench_linear_reference.py --cohort runs/full [--C 0.03] [--site-zscore image]
 
-Reads each site's latest cache manifest (``newadj preprocess`` first).  The external center is never read.
+Reads each site's latest cache through ``SiteDataset`` (``newadj preprocess`` first).  The external center is never read.
 A diagnostic: it chose nothing by itself (BENCHMARKS.md, "Late fusion").
 """
 from __future__ import annotations
@@ -26,29 +26,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def patient_features(cache: Path, manifest: dict, center_frac: float, afp_index: int | None) -> pd.DataFrame:
+def patient_features(dataset, center_frac: float, afp_index: int | None) -> pd.DataFrame:
+    """One row per labelled patient of a site's ``SiteDataset`` (the project's one reader of cached site data)."""
+    import torch
+
+    from common.learn.model import center_box_stats
+
     rows = []
-    for p in manifest["patients"]:
-        if p.get("benefit") is None:
+    for it in dataset.items:
+        if np.isnan(it["benefit"]):
             continue
-        f = {"patient_id": p["patient_id"], "benefit": int(p["benefit"]),
-             "has_mri": float(bool(p.get("mri"))), "has_slide": float(bool(p.get("pathology")))}
-        if p.get("mri"):
-            a = np.load(cache / p["mri"]).astype(np.float32)
-            sl = tuple(slice((n - max(1, round(n * center_frac))) // 2,
-                             (n - max(1, round(n * center_frac))) // 2 + max(1, round(n * center_frac)))
-                       for n in a.shape[1:])
-            for k in range(a.shape[0]):
-                box = a[k][sl]
-                f[f"img_mri_mean{k}"], f[f"img_mri_sd{k}"] = float(box.mean()), float(box.std())
-        if p.get("pathology"):
-            bag = np.load(cache / p["pathology"])["features"]
-            for k, v in enumerate(bag.mean(0)):
+        f = {"patient_id": it["patient_id"], "benefit": int(it["benefit"]),
+             "has_mri": float(it["mri"] is not None), "has_slide": float(it["path"] is not None)}
+        if it["mri"] is not None:
+            stats = center_box_stats(torch.from_numpy(it["mri"])[None], center_frac)[0].numpy()
+            n = len(stats) // 2
+            for k in range(n):
+                f[f"img_mri_mean{k}"], f[f"img_mri_sd{k}"] = float(stats[k]), float(stats[n + k])
+        if it["path"] is not None:
+            for k, v in enumerate(it["path"].mean(0)):
                 f[f"img_path{k}"] = float(v)
-        if p.get("has_genomics"):
-            for k, (v, seen) in enumerate(zip(p["genomics"], p["genomics_observed"])):
+        if it["genomics_mask"].any():
+            for k, (v, seen) in enumerate(zip(it["genomics"], it["genomics_mask"])):
                 f[f"gene{k}"] = float(v) if seen else np.nan
-        for k, (v, seen) in enumerate(zip(p.get("clinical") or [], p.get("clinical_observed") or [])):
+        for k, (v, seen) in enumerate(zip(it["clinical"], it["clinical_mask"])):
             f[f"clin{k}"] = (np.log10(max(float(v), 0.1)) if k == afp_index else float(v)) if seen else np.nan
         rows.append(f)
     return pd.DataFrame(rows)
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
 
     from common.config import load_config
     from common.data.cohort import discover_sites
-    from common.preprocess.cache import load_manifest, resolve_cache_dir
+    from common.learn.dataset import SiteDataset
+    from common.preprocess.cache import resolve_cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cohort", required=True, type=Path)
@@ -76,14 +78,13 @@ def main(argv=None) -> int:
     for site in discover_sites(a.cohort):
         if site.role == "external":
             continue  # sealed
-        cache = resolve_cache_dir(site.path, cfg)
-        try:
-            man = load_manifest(cache)
+        try:  # raw tile features (path_norm none): --site-zscore decides the standardisation
+            ds = SiteDataset(resolve_cache_dir(site.path, cfg), path_norm="none")
         except FileNotFoundError as e:
             print(f"bench_linear_reference: {e}", file=sys.stderr)
             return 2
-        clin = list(man.get("clinical_features") or [])
-        df = patient_features(cache, man, frac, clin.index("afp_ng_ml") if "afp_ng_ml" in clin else None)
+        clin = list(ds.manifest.get("clinical_features") or [])
+        df = patient_features(ds, frac, clin.index("afp_ng_ml") if "afp_ng_ml" in clin else None)
         frames.append(df.assign(center=site.name))
     data = pd.concat(frames, ignore_index=True)
     feats = [c for c in data.columns if c not in ("patient_id", "benefit", "center")]

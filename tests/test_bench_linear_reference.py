@@ -15,13 +15,15 @@ spec.loader.exec_module(blr)
 
 def test_mri_features_are_the_branch_center_stats(tiny_cohort, test_cfg):
     from common.data.cohort import discover_sites
+    from common.learn.dataset import SiteDataset
     from common.learn.model import MRIEncoder
-    from common.preprocess.cache import load_manifest, resolve_cache_dir
+    from common.preprocess.cache import resolve_cache_dir
 
     site = next(s for s in discover_sites(tiny_cohort) if s.role == "train")
     cache = resolve_cache_dir(site.path, test_cfg)
-    man = load_manifest(cache)
-    df = blr.patient_features(cache, man, 0.25, None).set_index("patient_id")
+    ds = SiteDataset(cache, path_norm="none")
+    df = blr.patient_features(ds, 0.25, None).set_index("patient_id")
+    man = ds.manifest
     p = next(p for p in man["patients"] if p.get("mri") and p.get("benefit") is not None)
     arr = torch.from_numpy(np.load(cache / p["mri"]).astype(np.float32))[None]
     enc = MRIEncoder(arr.shape[1], 8, {"widths": [8], "center_frac": 0.25, "num_groups": 8})

@@ -155,6 +155,18 @@ def _lecun_init(module: nn.Module) -> None:
 # --------------------------------------------------------------------------- #
 # branches
 # --------------------------------------------------------------------------- #
+def center_box_stats(x: torch.Tensor, frac: float) -> torch.Tensor:
+    """Per-channel mean and SD of the central box of ``x [B, C, *spatial]`` (``frac`` of every spatial side,
+    at least one voxel) -> ``[B, 2C]`` (means, then SDs)."""
+    sl = [slice(None), slice(None)]
+    for n in x.shape[2:]:
+        k = max(1, int(round(n * frac)))
+        a = (n - k) // 2
+        sl.append(slice(a, a + k))
+    c = x[tuple(sl)].flatten(2).float()
+    return torch.cat([c.mean(-1), c.std(-1, unbiased=False)], dim=1).to(x.dtype)
+
+
 class MRIEncoder(nn.Module):
     """3-D CNN over stacked phases -> [B, out_dim]; spatial size is free."""
 
@@ -212,13 +224,7 @@ class MRIEncoder(nn.Module):
         self.proj = nn.Linear(feat_dim + n_stats, out_dim)
 
     def _center_stats(self, x: torch.Tensor) -> torch.Tensor:
-        sl = [slice(None), slice(None)]
-        for n in x.shape[2:]:
-            k = max(1, int(round(n * self.center_frac)))
-            a = (n - k) // 2
-            sl.append(slice(a, a + k))
-        c = x[tuple(sl)].flatten(2).float()
-        return torch.cat([c.mean(-1), c.std(-1, unbiased=False)], dim=1).to(x.dtype)
+        return center_box_stats(x, self.center_frac)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x)
