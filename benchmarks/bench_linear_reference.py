@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cohort", required=True, type=Path)
     ap.add_argument("--C", type=float, default=0.03, help="inverse L2 strength (scikit-learn)")
-    ap.add_argument("--site-zscore", choices=("image", "all", "none"), default="image")
+    ap.add_argument("--site-zscore", choices=("image", "mri", "path", "all", "none"), default="image")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     cfg = load_config([])
@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     data = pd.concat(frames, ignore_index=True)
     feats = [c for c in data.columns if c not in ("patient_id", "benefit", "center")]
     X = data[feats].astype(float)
-    zcols = {"image": [c for c in feats if c.startswith("img_")], "all": [c for c in feats if not c.startswith("has_")],
+    zcols = {"image": [c for c in feats if c.startswith("img_")],
+             "mri": [c for c in feats if c.startswith("img_mri")],
+             "path": [c for c in feats if c.startswith("img_path")], "all": [c for c in feats if not c.startswith("has_")],
              "none": []}[a.site_zscore]
     for _, idx in data.groupby("center").groups.items():
         block = X.loc[idx, zcols]

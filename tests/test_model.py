@@ -197,6 +197,26 @@ def test_attention_masked_softmax():
     assert torch.equal(out2["attention"], a) and torch.equal(out2["logit"], out["logit"])
 
 
+def test_mean_pooling_weighs_every_real_tile_the_same():
+    torch.manual_seed(0)
+    model = build(small_cfg(modalities=["pathology"], pathology={"pool": "mean"})).eval()
+    lens = [1, 4, 10, 7]
+    b = make_batch(B=4, n_tiles=lens)
+    out = model(b)
+    a = out["attention"]
+    for i, L in enumerate(lens):
+        assert torch.allclose(a[i, :L], torch.full((L,), 1.0 / L)) and (a[i, L:] == 0).all()
+    # the bag's order does not matter, padding garbage does not leak, and a tile's value does
+    g = {k: v.clone() for k, v in b.items()}
+    g["path_feats"][2, :10] = g["path_feats"][2, :10].flip(0)
+    g["path_feats"][~b["path_mask"]] = float("nan")
+    assert torch.allclose(model(g)["logit"], out["logit"], atol=1e-6)
+    g["path_feats"][3, 0] += 5.0
+    assert not torch.allclose(model(g)["logit"][3], out["logit"][3])
+    with pytest.raises(ValueError, match="pool"):
+        build(small_cfg(pathology={"pool": "max"}))
+
+
 def test_modality_dropout_train_only_and_never_all():
     torch.manual_seed(0)
     model = build(small_cfg(modality_dropout=0.8), K=2)

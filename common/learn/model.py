@@ -74,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "pathology": {
         "proj_dim": 128,
         "attn_dim": 64,
+        "pool": "attention",
         "dropout": 0.25,
         "tile_net": "auto",
         "cnn_widths": [16, 32, 64],
@@ -307,6 +308,9 @@ class GatedAttentionMIL(nn.Module):
         else:
             self.tile_proj = nn.Sequential(nn.Linear(in_dim, proj), nn.ReLU(), nn.Dropout(p))
         self.proj_dim = proj
+        self.pool = str(cfg.get("pool", "attention")).lower()
+        if self.pool not in ("attention", "mean"):
+            raise ValueError(f"model.pathology.pool must be attention or mean, got {self.pool!r}")
         self.V = nn.Linear(proj, attn)
         self.U = nn.Linear(proj, attn)
         self.w = nn.Linear(attn, 1)
@@ -321,6 +325,9 @@ class GatedAttentionMIL(nn.Module):
         else:
             feats = torch.where(mask.unsqueeze(-1), feats, torch.zeros((), dtype=feats.dtype, device=feats.device))
             h = self.tile_proj(feats)  # [B, N, P]
+        if self.pool == "mean":  # every real tile weighs the same (the bag's mean embedding)
+            attn = mask.to(h.dtype) / mask.sum(-1, keepdim=True).clamp(min=1).to(h.dtype)
+            return self.out(torch.bmm(attn.unsqueeze(1), h).squeeze(1)), attn
         g = self.attn_drop(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h)))
         scores = self.w(g).squeeze(-1)  # [B, N]
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
