@@ -5,7 +5,8 @@ Features per patient: the MRI ROI's central box (the fraction ``model.mri.center
 MRI branch computes it) mean and SD per phase; the mean over the slide's tiles of the cached tile features;
 the gene panel and the clinical covariates (AFP as log10).  A missing value is the center's mean
 (0 after standardisation); has-MRI / has-slide indicators are features.  ``--site-zscore`` standardises the
-image features within each center before the fit (label-free, as ``train.path_norm: site`` does for tiles).
+image features (``image``; ``mri`` or ``path`` for one modality's) within each center before the fit (label-free,
+as ``train.path_norm: site`` does for tiles).
 
     python benchmarks/bench_linear_reference.py --cohort runs/full [--C 0.03] [--site-zscore image]
 
