@@ -75,6 +75,9 @@ def center_entry(m: dict) -> tuple[dict, dict]:
         for key in W.full_report_keys(name):
             if key in m:
                 entry[key.replace("-", "_")] = float(m[key])
+    for key in W.FULL_REPORT_POINTS:
+        if key in m:
+            entry[key.replace("-", "_")] = float(m[key])
     for key, v in m.items():
         if (key.startswith("td-auc-") or key.startswith("dfs-cal-")) and isinstance(v, (int, float)):
             entry[key.replace("-", "_")] = float(v)

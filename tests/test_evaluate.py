@@ -269,6 +269,16 @@ def test_report_on_real_federation_and_baseline(tiny_cohort, tmp_path, flwr_home
     assert m["calibration"]["a"] == pytest.approx(platt["a"]) and m["calibration"]["a"] > 0
     ext = m["external"]["centers"]["external"]
     assert "ece_calibrated" in ext and "brier_calibrated" in ext and ext["ece_calibrated_lo"] <= ext["ece_calibrated"]
+    # the ECE floors (what a calibrated model would show on this many patients) come back with the report
+    assert 0 < ext["ece_floor"] < 1 and 0 < ext["ece_calibrated_floor"] < 1
+    from rich.console import Console
+
+    from common.reports.console import render_external
+    con = Console(record=True, width=200)
+    for t in render_external(m):
+        con.print(t)
+    text = con.export_text()
+    assert "ECE if calibrated (floor)" in text and "ECE floor, recalibrated" in text
     assert ev["calibration"]["recalibration"]["a"] == pytest.approx(platt["a"])
     assert "ece_calibrated" in ev["calibration"] and "reliability_calibrated" in ev["calibration"]
     # the baseline (train.calibration: none, the default) carries none

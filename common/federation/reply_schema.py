@@ -33,6 +33,9 @@ RISK_CELLS = ("risk-edges", "risk-counts")
 # a full report (one per run, the external center): value, -lo, -hi of each
 FULL_REPORT = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece", "c_index", "ibs",
                "brier_calibrated", "ece_calibrated")   # the last two: after the run's Platt scaling
+# point values of a full report, no CI: the ECE a perfectly calibrated model with the site's own probabilities
+# would show on that many patients (common.metrics.ece_floor), the raw (and recalibrated) ECE is read against it
+FULL_REPORT_POINTS = ("ece-floor", "ece_calibrated-floor")
 CAL_GROUPS = ("all", "low", "mid", "high")          # predicted-risk tertiles
 
 
@@ -51,7 +54,7 @@ def calibration_key(horizon: float, group: str, stat: str) -> str:
 
 METRIC_KEY_PATTERNS = (
     *TRAIN_METRICS, *BENEFIT_METRICS, *DFS_METRICS, "td-*-edges", "td-*-neg", "td-*-pos",
-    *HAZARD_CELLS, *RISK_CELLS, *(k for n in FULL_REPORT for k in full_report_keys(n)), "td-auc-*", "dfs-cal-*",
+    *HAZARD_CELLS, *RISK_CELLS, *(k for n in FULL_REPORT for k in full_report_keys(n)), *FULL_REPORT_POINTS, "td-auc-*", "dfs-cal-*",
 )
 # the role query: identity, split sizes, endpoint counts above the site's floors (0 below)
 QUERY_INFO = ("role", "center-id", "n-train", "n-val", "n-test", "n-benefit", "n-dfs")

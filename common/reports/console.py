@@ -195,8 +195,9 @@ def render_round_centers(metrics: dict) -> Table | None:
 
 EXTERNAL_ROWS = (("auc", "AUC (DeLong)"), ("accuracy", "accuracy"), ("sensitivity", "sensitivity"),
                  ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"), ("brier", "Brier score"),
-                 ("ece", "calibration error (ECE)"), ("brier_calibrated", "Brier, recalibrated"),
-                 ("ece_calibrated", "ECE, recalibrated"), ("c_index", "DFS C-index"),
+                 ("ece", "calibration error (ECE)"), ("ece_floor", "ECE if calibrated (floor)"),
+                 ("brier_calibrated", "Brier, recalibrated"), ("ece_calibrated", "ECE, recalibrated"),
+                 ("ece_calibrated_floor", "ECE floor, recalibrated"), ("c_index", "DFS C-index"),
                  ("ibs", "integrated Brier (DFS)"))
 
 
