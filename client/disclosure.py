@@ -260,10 +260,10 @@ def release_metrics(pred: dict, terms: "Terms", policy, cfg, notices: list[str],
         for name in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece",
                      "brier_calibrated", "ece_calibrated"):   # the last two only with a calibration
             _entry_keys(out, name, rep.get(name))
-        for key in W.FULL_REPORT_POINTS:   # ece-floor, ece_calibrated-floor: points, no CI
-            v = (rep.get(key.replace("-", "_")) or {}).get("value")
+        for name in W.FULL_REPORT_POINTS:   # points, no CI
+            v = (rep.get(name) or {}).get("value")
             if v is not None:
-                out[key] = float(v)
+                out[name] = float(v)
     if dfs_ok:
         bh_times, bh_cumhaz, cuts = baseline
         rep = dfs_report(t, e, r, horizons, bh_times or None, bh_cumhaz or None, n_boot=n_boot, seed=seed,

@@ -213,6 +213,8 @@ def test_mean_pooling_weighs_every_real_tile_the_same():
     assert torch.allclose(model(g)["logit"], out["logit"], atol=1e-6)
     g["path_feats"][3, 0] += 5.0
     assert not torch.allclose(model(g)["logit"][3], out["logit"][3])
+    assert not any(n.split(".")[-2] in ("V", "U", "w") for n, _ in model.named_parameters())   # no attention layers
+    assert any(n.split(".")[-2] == "V" for n, _ in build(small_cfg(modalities=["pathology"])).named_parameters())
     with pytest.raises(ValueError, match="pool"):
         build(small_cfg(pathology={"pool": "max"}))
 

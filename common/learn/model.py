@@ -311,10 +311,11 @@ class GatedAttentionMIL(nn.Module):
         self.pool = str(cfg.get("pool", "attention")).lower()
         if self.pool not in ("attention", "mean"):
             raise ValueError(f"model.pathology.pool must be attention or mean, got {self.pool!r}")
-        self.V = nn.Linear(proj, attn)
-        self.U = nn.Linear(proj, attn)
-        self.w = nn.Linear(attn, 1)
-        self.attn_drop = nn.Dropout(p)
+        if self.pool == "attention":   # mean pooling has no attention layers to train or send
+            self.V = nn.Linear(proj, attn)
+            self.U = nn.Linear(proj, attn)
+            self.w = nn.Linear(attn, 1)
+            self.attn_drop = nn.Dropout(p)
         self.out = nn.Linear(proj, out_dim)
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
