@@ -189,6 +189,7 @@ def release_metrics(pred: dict, terms: "Terms", policy, cfg, notices: list[str],
     ``min_patients.dfs`` patients with DFS and ``min_cell_count`` events.  Why an endpoint
     abstains goes into ``notices``.
     """
+    from common.data.policy import key_listed
     from common.federation import reply_schema as W
     from common.learn.engine import prediction_loss
     from common.metrics import concordance_pairs, dfs_report, evaluate_predictions, td_auc_labels
@@ -260,9 +261,9 @@ def release_metrics(pred: dict, terms: "Terms", policy, cfg, notices: list[str],
         for name in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece",
                      "brier_calibrated", "ece_calibrated"):   # the last two only with a calibration
             _entry_keys(out, name, rep.get(name))
-        for name in W.FULL_REPORT_POINTS:   # points, no CI
-            v = (rep.get(name) or {}).get("value")
-            if v is not None:
+        for name in W.FULL_REPORT_POINTS:   # points, no CI; newer than some sites' own metric_keys lists:
+            v = (rep.get(name) or {}).get("value")   # sent only where the site's whitelist has them
+            if v is not None and key_listed(name, policy.metric_keys):
                 out[name] = float(v)
     if dfs_ok:
         bh_times, bh_cumhaz, cuts = baseline

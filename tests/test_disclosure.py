@@ -19,7 +19,7 @@ from client import disclosure as D
 from client import policy as policy_module
 from client.policy import policy_mod
 from common.metrics import auc_from_cells, auc_from_histograms, score_histogram
-from common.data.policy import PolicyError, load_policy, site_config
+from common.data.policy import PolicyError, key_listed, load_policy, site_config
 
 
 def _exact_auc(y, p) -> float:
@@ -113,6 +113,32 @@ def test_sites_that_release_no_round_metrics_answer_one_full_report_per_run(tmp_
     assert t.release and t.full_report
     t, _ = D.admit_evaluate(pol, ledger, 1, {"split": "test", "full-report": True})
     assert not t.release and "already released" in t.notices[0]
+
+
+def test_the_full_report_sends_the_ece_floor_only_where_the_sites_whitelist_has_it(tmp_path):
+    from common.config import load_config
+    from common.federation import reply_schema as W
+
+    rng = np.random.default_rng(0)
+    n = 120
+    prob = rng.uniform(0.05, 0.95, n)
+    risk = rng.normal(size=n)
+    pred = {"benefit": (rng.uniform(size=n) < prob).astype(float), "prob": prob, "logit": np.log(prob / (1 - prob)),
+            "dfs_time": rng.uniform(1, 60, n), "dfs_event": (rng.uniform(size=n) < 0.6).astype(float), "risk": risk}
+    cfg = load_config(["train.n_boot=20"])
+    terms = D.Terms(bins=10, threshold=0.5, full_report=True)
+    listed = {"ece_floor", "ece_calibrated_floor"}
+
+    out = D.release_metrics(pred, terms, load_policy(_site(tmp_path)), cfg, [])   # default policy: the schema
+    assert 0 < out["ece_floor"] < 1 and "ece-lo" in out and "ece_calibrated_floor" not in out   # no calibration
+    # a site that wrote its own list before the floor existed: no floor, and the reply stays within its list
+    own = sorted(k for n_ in W.FULL_REPORT for k in W.full_report_keys(n_)) + list(W.BENEFIT_METRICS) + [
+        "num-examples", "dfs-abstained", "n-dfs", "n-events", "td-*", "dfs-cal-*", *W.PAIR_WIRE.values()]
+    site = _site(tmp_path, "metric_keys = [" + ", ".join(f'"{k}"' for k in own) + "]\n")
+    pol = load_policy(site)
+    out = D.release_metrics(pred, terms, pol, cfg, [])
+    assert "ece" in out and not listed & set(out)
+    assert all(key_listed(k, pol.metric_keys) for k in out)
 
 
 @pytest.mark.parametrize("text, needle", [
