@@ -258,9 +258,9 @@ def release_metrics(pred: dict, terms: "Terms", policy, cfg, notices: list[str],
     if benefit_ok:
         rep = evaluate_predictions(y, p, out["threshold-used"], n_boot=n_boot, seed=seed, min_patients=floor_b,
                                    calibration=terms.calibration)
-        for name in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece",
-                     "brier_calibrated", "ece_calibrated"):   # the last two only with a calibration
-            _entry_keys(out, name, rep.get(name))
+        for name in W.FULL_REPORT:   # the benefit endpoint's (*_calibrated only with a calibration)
+            if name not in W.FULL_REPORT_DFS:
+                _entry_keys(out, name, rep.get(name))
         for name in W.FULL_REPORT_POINTS:   # points, no CI; newer than some sites' own metric_keys lists:
             v = (rep.get(name) or {}).get("value")   # sent only where the site's whitelist has them
             if v is not None and key_listed(name, policy.metric_keys):
@@ -269,8 +269,8 @@ def release_metrics(pred: dict, terms: "Terms", policy, cfg, notices: list[str],
         bh_times, bh_cumhaz, cuts = baseline
         rep = dfs_report(t, e, r, horizons, bh_times or None, bh_cumhaz or None, n_boot=n_boot, seed=seed,
                          min_patients=floor_d, min_events=k, risk_cuts=cuts)
-        _entry_keys(out, "c_index", rep["c_index"])
-        _entry_keys(out, "ibs", rep["ibs"])
+        for name in W.FULL_REPORT_DFS:
+            _entry_keys(out, name, rep[name])
         for h, entry in rep["td_auc"].items():
             _entry_keys(out, W.td_auc_key(float(h)), entry)
         if isinstance(rep["calibration"], dict) and not rep["calibration"].get("abstained"):

@@ -33,6 +33,7 @@ RISK_CELLS = ("risk-edges", "risk-counts")
 # a full report (one per run, the external center): value, -lo, -hi of each
 FULL_REPORT = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "ece", "c_index", "ibs",
                "brier_calibrated", "ece_calibrated")   # the last two: after the run's Platt scaling
+FULL_REPORT_DFS = ("c_index", "ibs")                 # of the DFS endpoint; the others are the benefit endpoint's
 # point values of a full report (the value key only, no -lo/-hi): the ECE a perfectly calibrated model with the
 # site's own probabilities would show on that many patients (common.metrics.ece_floor); the ECE is read against it
 FULL_REPORT_POINTS = ("ece_floor", "ece_calibrated_floor")

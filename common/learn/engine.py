@@ -70,6 +70,7 @@ class TrainResult:
     samples_per_s: float = 0.0
     seconds: float = 0.0
     calibration: dict | None = None              # Platt scaling fitted on the validation split (train.calibration)
+    refit: bool = False                          # train.refit: final weights trained on train + validation
 
 
 @torch.no_grad()
@@ -152,53 +153,77 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
     model.to(device)
     epochs = int(epochs if epochs is not None else tc["epochs"])
     amp = tc.get("amp", "auto")
-    collate = make_collate(train_ds.mri_shape, train_ds.path_dim)
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_ds, batch_size=int(tc["batch_size"]), shuffle=True, generator=gen,
-                        collate_fn=collate, drop_last=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
+    refit = bool(tc.get("refit", False)) and select_best and val_ds is not None and len(val_ds) > 0
+    init_state = copy.deepcopy(model.state_dict()) if refit else None
+    ema_decay = float(tc.get("ema", 0) or 0) if select_best else 0.0
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"train.ema={ema_decay!r}: a decay per step in [0, 1) (0 = off)")
+
+    def new_ema():
+        """Exponential moving average of the weights (torch.optim.swa_utils), validated and selected in place
+        of the raw weights where train.ema > 0 and the engine selects epochs."""
+        if not ema_decay:
+            return None
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp != "off"
                                   and not torch.cuda.is_bf16_supported()) if device.type == "cuda" else None
     start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     from common.learn.augment import build_mri_augmentation
 
-    augment_mri = build_mri_augmentation((tc.get("augment") or {}).get("mri"), seed)
+    def epochs_on(ds, ema=None):
+        """A fresh optimiser, data order and augmentation stream for training on ``ds`` (a generator of
+        epochs: each ``next`` trains one epoch and gives its mean loss and sample count)."""
+        gen = torch.Generator().manual_seed(seed)
+        loader = DataLoader(ds, batch_size=int(tc["batch_size"]), shuffle=True, generator=gen,
+                            collate_fn=make_collate(ds.mri_shape, ds.path_dim), drop_last=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
+        augment_mri = build_mri_augmentation((tc.get("augment") or {}).get("mri"), seed)
+        while True:
+            model.train()
+            total, count = 0.0, 0
+            for batch in loader:
+                if augment_mri is not None:
+                    batch["mri"] = augment_mri(batch["mri"], batch["has_mri"])
+                batch = _to(batch, device)
+                with _autocast(device, amp):
+                    out = model(batch)
+                    loss, _ = multitask_loss(out, batch, loss_cfg)
+                if start is not None:
+                    loss = loss + 0.5 * proximal_mu * sum(((p - s) ** 2).sum()
+                                                          for p, s in zip(model.parameters(), start))
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None and scaler.is_enabled():
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc["grad_clip"]))
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc["grad_clip"]))
+                    opt.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                bs = len(batch["benefit"])
+                total += float(loss.detach()) * bs
+                count += bs
+            yield total / max(count, 1), count
 
     metric = str(tc.get("select_metric", "auto"))
     best_key, best_state, best_epoch, best_val = None, None, 0, {}
     history, stale, t0, n_seen = [], 0, time.perf_counter(), 0
     train_loss = float("nan")
+    ema = new_ema()
+    scored = ema.module if ema is not None else model
+    stream = epochs_on(train_ds, ema)
     for epoch in range(1, epochs + 1):
-        model.train()
-        total, count = 0.0, 0
-        for batch in loader:
-            if augment_mri is not None:
-                batch["mri"] = augment_mri(batch["mri"], batch["has_mri"])
-            batch = _to(batch, device)
-            with _autocast(device, amp):
-                out = model(batch)
-                loss, _ = multitask_loss(out, batch, loss_cfg)
-            if start is not None:
-                loss = loss + 0.5 * proximal_mu * sum(((p - s) ** 2).sum() for p, s in zip(model.parameters(), start))
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None and scaler.is_enabled():
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc["grad_clip"]))
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc["grad_clip"]))
-                opt.step()
-            bs = len(batch["benefit"])
-            total += float(loss.detach()) * bs
-            count += bs
+        train_loss, count = next(stream)
         n_seen += count
-        train_loss = total / max(count, 1)
         rec = {"epoch": epoch, "train_loss": train_loss}
         if val_ds is not None and len(val_ds) and (select_best or early_stopping):
-            rec.update(_val_score(predict(model, val_ds, int(tc["eval_batch_size"]), device, amp), loss_cfg))
+            rec.update(_val_score(predict(scored, val_ds, int(tc["eval_batch_size"]), device, amp), loss_cfg))
         history.append(rec)
         if on_epoch:
             on_epoch(rec)
@@ -207,7 +232,7 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
             best_key, best_epoch, stale = key, epoch, 0
             best_val = {k: rec[k] for k in VAL_KEYS if k in rec}
             if select_best:
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy(scored.state_dict())
         else:
             stale += 1
             if early_stopping and stale >= int(tc["patience"]):
@@ -231,11 +256,27 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
                 calibration = fit_platt(y[lab], p[lab])
         best_val["n"] = int(lab.sum())
         best_val["n_pos"] = int(np.nansum(y[lab]))
+    if refit:
+        # train.refit: the selected epoch count, again from the same initial weights and seed, on training
+        # and validation patients together; the threshold and any calibration stay those fitted above on
+        # the validation split (a model cannot pick its threshold on patients it was trained on)
+        from common.learn.dataset import ConcatSites
+
+        model.load_state_dict(init_state)
+        seed_everything(seed)
+        ema = new_ema()
+        stream = epochs_on(ConcatSites([train_ds, val_ds]), ema)
+        for _ in range(best_epoch):
+            train_loss, count = next(stream)
+            n_seen += count
+        if ema is not None:
+            model.load_state_dict(ema.module.state_dict())
+        seconds = time.perf_counter() - t0
     return TrainResult(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
                        threshold=threshold, best_epoch=best_epoch, epochs_run=len(history), history=history,
                        val=best_val, train_loss=train_loss, n_train=len(train_ds), n_val=n_val,
                        samples_per_s=n_seen / seconds if seconds > 0 else 0.0, seconds=seconds,
-                       calibration=calibration)
+                       calibration=calibration, refit=refit)
 
 
 def baseline_hazard(model: torch.nn.Module, dataset, train_cfg) -> dict | None:

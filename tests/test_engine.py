@@ -1,0 +1,93 @@
+"""The training engine's model selection: ``train.refit`` trains the selected epoch count again on training and
+validation patients together, keeps the validation split's threshold, and leaves federated clients alone."""
+from __future__ import annotations
+
+import torch
+
+
+def _setup(tiny_cohort, refit: bool, epochs: int = 3, extra: tuple = ()):
+    from common.config import load_config
+    from common.learn.dataset import ConcatSites, site_dataset
+    from common.preprocess.cache import resolve_cache_dir
+    from tests.conftest import LOCAL_OVERRIDES
+
+    cfg = load_config(LOCAL_OVERRIDES + [f"train.epochs={epochs}", f"train.refit={str(refit).lower()}",
+                                         "train.patience=10", *extra])
+    sites = ["center_a", "center_b", "center_c"]
+    tr = ConcatSites([site_dataset(resolve_cache_dir(tiny_cohort / s, cfg), ["train"], cfg) for s in sites])
+    va = ConcatSites([site_dataset(resolve_cache_dir(tiny_cohort / s, cfg), ["val"], cfg) for s in sites])
+    return cfg, tr, va
+
+
+def _train(cfg, train_ds, val_ds, **kw):
+    from common.learn.baseline import model_for
+    from common.learn.engine import train_model
+
+    torch.manual_seed(0)
+    model = model_for(cfg, train_ds)
+    return train_model(model, train_ds, val_ds, cfg.train, cfg.model.loss, seed=5, **kw)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refit_trains_the_selected_epochs_on_train_and_validation_and_keeps_the_validation_threshold(tiny_cohort):
+    from common.learn.dataset import ConcatSites
+
+    cfg, tr, va = _setup(tiny_cohort, refit=False)
+    assert len(va) > 0
+    plain = _train(cfg, tr, va)
+    cfg_r, tr_r, va_r = _setup(tiny_cohort, refit=True)
+    refit = _train(cfg_r, tr_r, va_r)
+    assert not plain.refit and refit.refit
+    # the selection pass is the same run: same epoch, same validation scores, same threshold
+    assert refit.best_epoch == plain.best_epoch and refit.history == plain.history
+    assert refit.threshold == plain.threshold and refit.val == plain.val
+    # ... and the weights are those of training from the same start on train + validation for that many epochs
+    assert not _same(refit.state_dict, plain.state_dict)
+    both = _train(cfg, ConcatSites([tr, va]), None, epochs=plain.best_epoch, select_best=False,
+                  early_stopping=False)
+    assert _same(refit.state_dict, both.state_dict)
+
+
+def test_refit_leaves_federated_training_and_runs_without_validation_alone(tiny_cohort):
+    cfg, tr, va = _setup(tiny_cohort, refit=False, epochs=1)
+    cfg_r, tr_r, va_r = _setup(tiny_cohort, refit=True, epochs=1)
+    # a federated client: a few local epochs, the server selects rounds
+    fed = _train(cfg, tr, va, select_best=False, early_stopping=False)
+    fed_r = _train(cfg_r, tr_r, va_r, select_best=False, early_stopping=False)
+    assert not fed_r.refit and _same(fed.state_dict, fed_r.state_dict)
+    # no validation split: nothing to select on, nothing to refit
+    no_val = _train(cfg_r, tr_r, None)
+    assert not no_val.refit
+
+
+def test_ema_selects_and_keeps_the_moving_average_of_the_weights(tiny_cohort):
+    import pytest
+
+    from common.config import load_config
+    from common.learn.baseline import model_for
+    from tests.conftest import LOCAL_OVERRIDES
+
+    small = "train.batch_size=3"                      # several steps in the one epoch
+    cfg, tr, va = _setup(tiny_cohort, refit=False, epochs=1, extra=(small,))
+    torch.manual_seed(0)
+    init = {k: v.clone() for k, v in model_for(cfg, tr).state_dict().items()}
+    raw = _train(cfg, tr, va)
+
+    def with_ema(decay):
+        c = load_config(LOCAL_OVERRIDES + ["train.epochs=1", small, f"train.ema={decay}"])
+        return _train(c, tr, va)
+
+    def dist(a, b):
+        return sum(float((a[k].float() - b[k].float()).abs().sum()) for k in a if a[k].is_floating_point())
+
+    # a decay near 0 follows the raw weights; a decay near 1 stays at the first step's weights (the average starts there)
+    assert dist(with_ema(1e-9).state_dict, raw.state_dict) < 1e-3 * dist(raw.state_dict, init)
+    slow = with_ema(0.999999)
+    assert dist(slow.state_dict, init) < 0.5 * dist(raw.state_dict, init)     # 1 of 5 Adam steps: 0.38
+    # the average is what was validated: its validation scores are not the raw weights'
+    assert slow.val != raw.val
+    with pytest.raises(ValueError, match="train.ema"):
+        with_ema(1.5)
