@@ -156,6 +156,9 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
     refit = bool(tc.get("refit", False)) and select_best and val_ds is not None and len(val_ds) > 0
     init_state = copy.deepcopy(model.state_dict()) if refit else None
     ema_decay = float(tc.get("ema", 0) or 0) if select_best else 0.0
+    if not select_best and (tc.get("refit") or tc.get("ema")):
+        log.info("train.refit / train.ema apply where the engine selects epochs; these %d local epochs use neither",
+                 epochs)
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"train.ema={ema_decay!r}: a decay per step in [0, 1) (0 = off)")
 
