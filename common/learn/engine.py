@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.config import to_plain
-from common.learn.dataset import make_collate
+from common.learn.dataset import ConcatSites, make_collate
 from common.learn.losses import multitask_loss
 from common.metrics import evaluate_predictions, fit_platt, youden_threshold
 
@@ -263,8 +263,6 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
         # train.refit: the selected epoch count, again from the same initial weights and seed, on training
         # and validation patients together; the threshold and any calibration stay those fitted above on
         # the validation split (a model cannot pick its threshold on patients it was trained on)
-        from common.learn.dataset import ConcatSites
-
         model.load_state_dict(init_state)
         seed_everything(seed)
         ema = new_ema()
