@@ -91,3 +91,55 @@ def test_ema_selects_and_keeps_the_moving_average_of_the_weights(tiny_cohort):
     assert slow.val != raw.val
     with pytest.raises(ValueError, match="train.ema"):
         with_ema(1.5)
+
+
+def test_lr_schedule_cosine_and_plateau_follow_their_rules_and_leave_federated_training_alone(tiny_cohort):
+    import math
+
+    import pytest
+
+    from common.learn.engine import _selection
+
+    epochs = 4
+    cfg, tr, va = _setup(tiny_cohort, refit=False, epochs=epochs)
+    const = _train(cfg, tr, va)
+    assert all("lr" not in rec for rec in const.history)       # the default: train.lr throughout
+    lr0 = float(cfg.train.lr)
+
+    cfg_c, tr_c, va_c = _setup(tiny_cohort, refit=False, epochs=epochs, extra=("train.lr_schedule=cosine",))
+    cos = _train(cfg_c, tr_c, va_c)
+    want = [lr0 * 0.5 * (1 + math.cos(math.pi * e / epochs)) for e in range(len(cos.history))]
+    assert [rec["lr"] for rec in cos.history] == pytest.approx(want)
+    if cos.best_epoch > 1:                                         # epoch 1 runs at train.lr either way
+        assert not _same(cos.state_dict, const.state_dict)
+
+    # plateau with patience 0: the rate halves after every epoch that does not beat the best selection key so far
+    cfg_p, tr_p, va_p = _setup(tiny_cohort, refit=False, epochs=epochs,
+                               extra=("train.lr_schedule=plateau", "train.lr_plateau.patience=0"))
+    pla = _train(cfg_p, tr_p, va_p)
+    best, lr = None, lr0
+    for rec in pla.history:
+        assert rec["lr"] == pytest.approx(lr)
+        key = _selection(rec, "auto", rec["train_loss"])[0]
+        if best is None or key > best * (1 + 1e-4):          # torch's default relative threshold
+            best = key
+        else:
+            lr *= 0.5
+
+    # refit replays the selection run's rates: it differs from a constant-rate refit of the same epochs
+    cfg_rc, tr_rc, va_rc = _setup(tiny_cohort, refit=True, epochs=epochs, extra=("train.lr_schedule=cosine",))
+    refit_cos = _train(cfg_rc, tr_rc, va_rc)
+    assert refit_cos.history == cos.history and refit_cos.refit
+    if cos.best_epoch > 1:
+        cfg_r, tr_r, va_r = _setup(tiny_cohort, refit=True, epochs=cos.best_epoch)
+        refit_const = _train(cfg_r, tr_r, va_r)
+        if refit_const.best_epoch == cos.best_epoch:
+            assert not _same(refit_cos.state_dict, refit_const.state_dict)
+
+    # a federated client's local epochs keep train.lr; a wrong name is refused, naming the setting
+    fed = _train(cfg, tr, va, epochs=2, select_best=False, early_stopping=False)
+    fed_c = _train(cfg_c, tr_c, va_c, epochs=2, select_best=False, early_stopping=False)
+    assert _same(fed.state_dict, fed_c.state_dict)
+    cfg_x, tr_x, va_x = _setup(tiny_cohort, refit=False, epochs=1, extra=("train.lr_schedule=step",))
+    with pytest.raises(ValueError, match="train.lr_schedule"):
+        _train(cfg_x, tr_x, va_x)

@@ -156,9 +156,13 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
     refit = bool(tc.get("refit", False)) and select_best and val_ds is not None and len(val_ds) > 0
     init_state = copy.deepcopy(model.state_dict()) if refit else None
     ema_decay = float(tc.get("ema", 0) or 0) if select_best else 0.0
-    if not select_best and (tc.get("refit") or tc.get("ema")):
-        log.info("train.refit / train.ema apply where the engine selects epochs; these %d local epochs use neither",
-                 epochs)
+    schedule = str(tc.get("lr_schedule", "constant") or "constant") if select_best else "constant"
+    if schedule not in ("constant", "cosine", "plateau"):
+        raise ValueError(f"train.lr_schedule={schedule!r}: choose constant, cosine or plateau")
+    if not select_best and (tc.get("refit") or tc.get("ema")
+                            or str(tc.get("lr_schedule", "constant") or "constant") != "constant"):
+        log.info("train.refit / train.ema / train.lr_schedule apply where the engine selects epochs; these %d "
+                 "local epochs use none of them", epochs)
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"train.ema={ema_decay!r}: a decay per step in [0, 1) (0 = off)")
 
@@ -175,13 +179,26 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
     start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     from common.learn.augment import build_mri_augmentation
 
-    def epochs_on(ds, ema=None):
-        """A fresh optimiser, data order and augmentation stream for training on ``ds`` (a generator of
-        epochs: each ``next`` trains one epoch and gives its mean loss and sample count)."""
+    def new_optimizer():
+        return torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
+
+    def new_scheduler(opt):
+        """train.lr_schedule (torch.optim.lr_scheduler), stepped once an epoch: cosine from train.lr to 0 over
+        the epoch budget, or halved when the validation selection key has not improved (ReduceLROnPlateau)."""
+        if schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        if schedule == "plateau":
+            pc = tc.get("lr_plateau") or {}
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=float(pc.get("factor", 0.5)),
+                                                              patience=int(pc.get("patience", 2)))
+        return None
+
+    def epochs_on(ds, opt, ema=None):
+        """A fresh data order and augmentation stream for training on ``ds`` with the optimiser ``opt`` (a
+        generator of epochs: each ``next`` trains one epoch and gives its mean loss and sample count)."""
         gen = torch.Generator().manual_seed(seed)
         loader = DataLoader(ds, batch_size=int(tc["batch_size"]), shuffle=True, generator=gen,
                             collate_fn=make_collate(ds.mri_shape, ds.path_dim), drop_last=False)
-        opt = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
         augment_mri = build_mri_augmentation((tc.get("augment") or {}).get("mri"), seed)
         while True:
             model.train()
@@ -220,17 +237,26 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
     train_loss = float("nan")
     ema = new_ema()
     scored = ema.module if ema is not None else model
-    stream = epochs_on(train_ds, ema)
+    opt = new_optimizer()
+    scheduler = new_scheduler(opt)
+    stream = epochs_on(train_ds, opt, ema)
     for epoch in range(1, epochs + 1):
+        lr = float(opt.param_groups[0]["lr"])
         train_loss, count = next(stream)
         n_seen += count
         rec = {"epoch": epoch, "train_loss": train_loss}
+        if scheduler is not None:
+            rec["lr"] = lr
         if val_ds is not None and len(val_ds) and (select_best or early_stopping):
             rec.update(_val_score(predict(scored, val_ds, int(tc["eval_batch_size"]), device, amp), loss_cfg))
         history.append(rec)
         if on_epoch:
             on_epoch(rec)
         key = _selection(rec, metric, train_loss)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(key[0])
+        elif scheduler is not None:
+            scheduler.step()
         if best_key is None or key > best_key:
             best_key, best_epoch, stale = key, epoch, 0
             best_val = {k: rec[k] for k in VAL_KEYS if k in rec}
@@ -266,8 +292,12 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
         model.load_state_dict(init_state)
         seed_everything(seed)
         ema = new_ema()
-        stream = epochs_on(ConcatSites([train_ds, val_ds]), ema)
-        for _ in range(best_epoch):
+        opt = new_optimizer()
+        stream = epochs_on(ConcatSites([train_ds, val_ds]), opt, ema)
+        for rec in history[:best_epoch]:
+            if "lr" in rec:      # train.lr_schedule: the selection run's learning rate at each epoch, replayed
+                for group in opt.param_groups:
+                    group["lr"] = rec["lr"]
             train_loss, count = next(stream)
             n_seen += count
         if ema is not None:
