@@ -47,9 +47,11 @@ def query_schema(grid, node_ids, timeout: float) -> tuple[dict, dict]:
 
 
 def _coverage(answers: dict, columns_key: str, counts_key: str, kind: str | None = None) -> dict:
-    """{name: {"centers": k, "patients": n, and the summed moments}} over the given answers."""
+    """{name: {"centers": k, "patients": n, and the summed moments}} over the given answers, taken in the order
+    of the centers' names -- not of their replies' arrival -- so that the same answers always give the same
+    feature order (the model's input layout) and the same sums."""
     out: dict = {}
-    for a in answers.values():
+    for _, a in sorted(answers.items()):
         moments = [a.get(f"{kind}-{m}") or [] for m in MOMENTS] if kind else []
         for j, (name, n) in enumerate(zip(a.get(columns_key) or [], a.get(counts_key) or [])):
             c = out.setdefault(str(name), {"centers": 0, "patients": 0, **({m: 0.0 for m in MOMENTS} if kind else {})})

@@ -207,3 +207,33 @@ def test_a_center_keeps_its_own_normalisation_layers_between_rounds():
     for k in got:
         assert torch.equal(got[k], mine[k] if k in norm_parameter_names(trained) else glob[k]), k
         assert not torch.equal(mine[k], glob[k])
+
+
+def test_schema_proposal_does_not_depend_on_the_order_the_centers_answered_in():
+    """The feature lists are the model's input layout: the same answers arriving in another order (replies race
+    each other) must propose the same features in the same order, with the same scaling."""
+    from common.federation.reply_schema import MOMENTS
+    from server.schema import propose_features
+
+    def answer(genes: dict, n: int) -> dict:
+        vals = {m: [] for m in MOMENTS}
+        for k, (mean, sd) in enumerate(genes.values()):
+            vals["sum"].append(mean * n)
+            vals["sumsq"].append((sd ** 2 + mean ** 2) * n)
+            vals["logsum"].append(mean * n / 2)
+            vals["logsumsq"].append(sd * n)
+            vals["nonneg"].append(1)
+        return {"role": "train", "n-patients": n, "genomic-columns": list(genes), "genomic-counts": [n] * len(genes),
+                **{f"genomic-{m}": v for m, v in vals.items()}, "clinical-columns": [], "clinical-counts": [],
+                "modality-names": ["mri"], "modality-counts": [n]}
+
+    answers = {"center_b": answer({"CD274_expr": (0.1, 1.0), "TP53_mut": (0.2, 0.4)}, 30),
+               "center_a": answer({"TP53_mut": (0.3, 0.46), "MYC_cnv": (0.1, 0.3)}, 40),
+               "center_c": answer({"MYC_cnv": (0.123456789, 0.3), "CD274_expr": (0.3, 1.1)}, 17)}
+    rule = OmegaConf.create({"min_centers": 1, "min_patient_fraction": 0.2})
+    proposals = [propose_features(dict(order), rule) for order in
+                 (answers.items(), reversed(list(answers.items())),
+                  sorted(answers.items(), key=lambda kv: kv[1]["n-patients"]))]
+    assert proposals[0]["genomic_features"] == ["TP53_mut", "MYC_cnv", "CD274_expr"]    # center_a's columns first
+    for other in proposals[1:]:
+        assert other == proposals[0]
