@@ -217,7 +217,7 @@ def test_schema_proposal_does_not_depend_on_the_order_the_centers_answered_in():
 
     def answer(genes: dict, n: int) -> dict:
         vals = {m: [] for m in MOMENTS}
-        for k, (mean, sd) in enumerate(genes.values()):
+        for mean, sd in genes.values():
             vals["sum"].append(mean * n)
             vals["sumsq"].append((sd ** 2 + mean ** 2) * n)
             vals["logsum"].append(mean * n / 2)

@@ -156,11 +156,11 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
     refit = bool(tc.get("refit", False)) and select_best and val_ds is not None and len(val_ds) > 0
     init_state = copy.deepcopy(model.state_dict()) if refit else None
     ema_decay = float(tc.get("ema", 0) or 0) if select_best else 0.0
-    schedule = str(tc.get("lr_schedule", "constant") or "constant") if select_best else "constant"
+    asked_schedule = str(tc.get("lr_schedule", "constant") or "constant")
+    schedule = asked_schedule if select_best else "constant"
     if schedule not in ("constant", "cosine", "plateau"):
         raise ValueError(f"train.lr_schedule={schedule!r}: choose constant, cosine or plateau")
-    if not select_best and (tc.get("refit") or tc.get("ema")
-                            or str(tc.get("lr_schedule", "constant") or "constant") != "constant"):
+    if not select_best and (tc.get("refit") or tc.get("ema") or asked_schedule != "constant"):
         log.info("train.refit / train.ema / train.lr_schedule apply where the engine selects epochs; these %d "
                  "local epochs use none of them", epochs)
     if not 0.0 <= ema_decay < 1.0:
