@@ -8,7 +8,7 @@ the gene panel and the clinical covariates (AFP as log10).  A missing value is t
 image features (``image``; ``mri`` or ``path`` for one modality's) within each center before the fit (label-free,
 as ``train.path_norm: site`` does for tiles).
 
-    python benchmarks/bench_linear_reference.py --cohort runs/full [--C 0.03] [--site-zscore image]
+    python benchmarks/bench_linear_reference.py --cohort runs/full [--C 0.03] [--site-zscore image] [--modalities mri]
 
 Reads each site's latest cache through ``SiteDataset`` (``newadj preprocess`` first).  The external center is never read.
 A diagnostic: it chose nothing by itself (BENCHMARKS.md, "Late fusion").
@@ -71,8 +71,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cohort", required=True, type=Path)
     ap.add_argument("--C", type=float, default=0.03, help="inverse L2 strength (scikit-learn)")
     ap.add_argument("--site-zscore", choices=("image", "mri", "path", "all", "none"), default="image")
+    ap.add_argument("--modalities", default="mri,pathology,genomics,clinical",
+                    help="comma-separated subset of mri, pathology, genomics, clinical (a unimodal reference)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
+    prefixes = {"mri": ("img_mri", "has_mri"), "pathology": ("img_path", "has_slide"), "genomics": ("gene",),
+                "clinical": ("clin",)}
+    chosen = [m.strip() for m in a.modalities.split(",") if m.strip()]
+    unknown = sorted(set(chosen) - set(prefixes))
+    if unknown or not chosen:
+        ap.error(f"--modalities: {', '.join(unknown) or 'empty'}; choose from {', '.join(prefixes)}")
     cfg = load_config([])
     frac = float(cfg.model.mri.center_frac) or 0.25
     frames = []
@@ -88,7 +96,8 @@ def main(argv=None) -> int:
         df = patient_features(ds, frac, clin.index("afp_ng_ml") if "afp_ng_ml" in clin else None)
         frames.append(df.assign(center=site.name))
     data = pd.concat(frames, ignore_index=True)
-    feats = [c for c in data.columns if c not in ("patient_id", "benefit", "center")]
+    keep = tuple(p for m in chosen for p in prefixes[m])
+    feats = [c for c in data.columns if c not in ("patient_id", "benefit", "center") and c.startswith(keep)]
     X = data[feats].astype(float)
     zcols = {"image": [c for c in feats if c.startswith("img_")],
              "mri": [c for c in feats if c.startswith("img_mri")],
@@ -106,12 +115,12 @@ def main(argv=None) -> int:
         folds[center] = float(roc_auc_score(y[held], model.predict_proba(X[held])[:, 1]))
     aucs = np.array(list(folds.values()))
     print(f"linear reference, LOCO over {len(folds)} training centers ({len(feats)} features, C={a.C}, "
-          f"site z-score: {a.site_zscore}):")
+          f"site z-score: {a.site_zscore}; {', '.join(chosen)}):")
     for c, v in folds.items():
         print(f"  {c:10s} AUC {v:.3f}")
     print(f"  mean       AUC {aucs.mean():.3f} +- {aucs.std(ddof=1):.3f}")
     if a.json:
-        a.json.write_text(json.dumps({"C": a.C, "site_zscore": a.site_zscore, "n_features": len(feats),
+        a.json.write_text(json.dumps({"C": a.C, "site_zscore": a.site_zscore, "modalities": chosen, "n_features": len(feats),
                                       "folds": folds, "mean": float(aucs.mean())}, indent=2) + "\n")
     return 0
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["benefit_loss", "cox_ph_loss", "multitask_loss"]
+__all__ = ["benefit_loss", "cox_ph_loss", "multitask_loss", "unimodal_loss"]
 
 
 def _zero_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +103,11 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
 
 
 def multitask_loss(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], cfg_loss: Any = None):
-    """Weighted sum ``benefit_weight * BCE + dfs_weight * Cox``.
+    """Weighted sum ``benefit_weight * BCE + dfs_weight * Cox`` (+ ``unimodal_weight`` x the same loss of each
+    modality's unimodal output, averaged over modalities, where the model returned them: train mode).
 
     ``cfg_loss`` is the ``model.loss`` node (keys ``benefit_weight``, ``dfs_weight``,
-    ``ties``, ``pos_weight``).  A head whose weight is 0 is not evaluated.
+    ``ties``, ``pos_weight``, ``unimodal_weight``).  A head whose weight is 0 is not evaluated.
     Returns ``(total, parts)`` where ``parts`` holds detached 0-d tensors ``total``,
     ``benefit``, ``dfs`` and the ints ``n_labeled`` / ``n_events`` (use ``float()`` to log).
     """
@@ -128,5 +129,31 @@ def multitask_loss(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torc
         parts["dfs"] = ld.detach()
         ok = torch.isfinite(batch["dfs_time"]) & torch.isfinite(batch["dfs_event"])
         parts["n_events"] = int(((batch["dfs_event"] > 0.5) & ok).sum())
+    wu = float(_get(cfg_loss, "unimodal_weight", 0.0) or 0.0)
+    uni = outputs.get("unimodal")
+    if wu > 0 and uni is not None:
+        lu = unimodal_loss(uni, batch, wb, wd, ties, pos_weight)
+        total = total + wu * lu
+        parts["unimodal"] = lu.detach()
     parts["total"] = total.detach()
     return total, parts
+
+
+def unimodal_loss(uni: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], wb: float, wd: float,
+                  ties: str = "efron", pos_weight=None) -> torch.Tensor:
+    """Mean over modalities of the multitask loss of each modality's unimodal output (``uni``: ``logit`` and
+    ``risk`` [B, M], ``present`` [B, M] bool), each on the samples where that modality is present."""
+    losses = []
+    for j in range(uni["present"].shape[1]):
+        sel = uni["present"][:, j]
+        if not bool(sel.any()):
+            continue
+        lj = _zero_with_grad(uni["logit"][sel, j])
+        if wb > 0:
+            lj = lj + wb * benefit_loss(uni["logit"][sel, j], batch["benefit"][sel], pos_weight=pos_weight)
+        if wd > 0:
+            lj = lj + wd * cox_ph_loss(uni["risk"][sel, j], batch["dfs_time"][sel], batch["dfs_event"][sel], ties=ties)
+        losses.append(lj)
+    if not losses:
+        return _zero_with_grad(uni["logit"])
+    return torch.stack(losses).mean()

@@ -24,6 +24,11 @@ Architecture
   log-hazard term per modality, summed, where an absent (or dropped) modality
   adds a learned constant instead of its term (late fusion: the logit is
   additive over modalities, as in a multivariable logistic / Cox model).
+* **Unimodal outputs** (train mode, only when ``loss.unimodal_weight`` > 0) —
+  for every modality, what the model would output if that modality were the
+  sample's only one (its term plus the other modalities' absent constants under
+  late fusion; the heads on its embedding alone under mean / attention fusion),
+  for the per-modality loss in ``common/learn/losses.py``.
 
 Branches are evaluated only on the samples where the modality is present (and
 not dropped), so absent inputs (zero-filled, or garbage/NaN) can never leak
@@ -99,6 +104,7 @@ DEFAULTS: dict[str, Any] = {
         "dfs_weight": 0.5,
         "ties": "efron",
         "pos_weight": None,
+        "unimodal_weight": 0.0,
     },
 }
 
@@ -119,6 +125,8 @@ def resolve_model_cfg(cfg: Any = None) -> dict:
     merged["modalities"] = [m for m in MODALITIES if m in mods]  # canonical order
     if merged["fusion"] not in ("mean", "attention", "late"):
         raise ValueError(f"model.fusion must be 'mean', 'attention' or 'late', got {merged['fusion']!r}")
+    if float(merged["loss"].get("unimodal_weight") or 0.0) < 0:
+        raise ValueError(f"model.loss.unimodal_weight must be >= 0, got {merged['loss']['unimodal_weight']!r}")
     return merged
 
 
@@ -369,6 +377,9 @@ class NewAdjNet(nn.Module):
         self.embed_dim = d
         self.fusion = cfg["fusion"]
         self.modality_dropout = float(cfg["modality_dropout"])
+        # the unimodal outputs are computed only when a loss uses them (their dropout draws would otherwise
+        # change the random stream, hence the training, of a run that does not)
+        self.unimodal = float((cfg.get("loss") or {}).get("unimodal_weight") or 0.0) > 0
         self.branches = nn.ModuleDict()
         self.post = nn.ModuleDict()
         mods = list(cfg["modalities"])
@@ -486,12 +497,26 @@ class NewAdjNet(nn.Module):
             embeddings[m] = emb
 
         fused = self._fuse(embeddings, present)
+        unimodal = self.training and self.unimodal and len(self.modalities) > 1
         if self.fusion == "late":
-            logit, risk = self._late_terms(embeddings, present)
+            logit, risk, terms = self._late_terms(embeddings, present)
         else:
             h = self.head_drop(fused)
             logit, risk = self.benefit_head(h).squeeze(-1), self.risk_head(h).squeeze(-1)
+        extra = {}
+        if unimodal:
+            if self.fusion == "late":
+                # modality m alone: its term plus every other modality's absent constant
+                absent = self.absent_terms.sum(1)                       # [2]
+                uni_logit = terms[0] + (absent[0] - self.absent_terms[0]).unsqueeze(0)
+                uni_risk = terms[1] + (absent[1] - self.absent_terms[1]).unsqueeze(0)
+            else:   # the fused embedding of a sample with one modality is that modality's embedding
+                hs = [self.head_drop(embeddings[m]) for m in self.modalities]
+                uni_logit = torch.stack([self.benefit_head(h).squeeze(-1) for h in hs], dim=1)
+                uni_risk = torch.stack([self.risk_head(h).squeeze(-1) for h in hs], dim=1)
+            extra["unimodal"] = {"logit": uni_logit, "risk": uni_risk, "present": present}
         return {
+            **extra,
             "logit": logit,
             "risk": risk,
             "attention": attention,
@@ -502,14 +527,16 @@ class NewAdjNet(nn.Module):
 
     def _late_terms(self, embeddings: dict[str, torch.Tensor], present: torch.Tensor):
         """Late fusion: sum over modalities of each one's own term (its head on its embedding where present,
-        its learned absent constant where not) -> (benefit logit [B], log-hazard [B])."""
+        its learned absent constant where not) -> (benefit logit [B], log-hazard [B], the terms [2, B, M])."""
         logit = torch.zeros(present.shape[0], dtype=self.no_data.dtype, device=present.device)
         risk = torch.zeros_like(logit)
+        benefit_terms, risk_terms = [], []
         for j, m in enumerate(self.modalities):
             h = self.head_drop(embeddings[m])
-            logit = logit + torch.where(present[:, j], self.benefit_terms[m](h).squeeze(-1), self.absent_terms[0, j])
-            risk = risk + torch.where(present[:, j], self.risk_terms[m](h).squeeze(-1), self.absent_terms[1, j])
-        return logit, risk
+            benefit_terms.append(torch.where(present[:, j], self.benefit_terms[m](h).squeeze(-1), self.absent_terms[0, j]))
+            risk_terms.append(torch.where(present[:, j], self.risk_terms[m](h).squeeze(-1), self.absent_terms[1, j]))
+            logit, risk = logit + benefit_terms[-1], risk + risk_terms[-1]
+        return logit, risk, (torch.stack(benefit_terms, dim=1), torch.stack(risk_terms, dim=1))
 
     def _fuse(self, embeddings: dict[str, torch.Tensor], present: torch.Tensor) -> torch.Tensor:
         B, d = present.shape[0], self.embed_dim
