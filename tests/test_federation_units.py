@@ -237,3 +237,23 @@ def test_schema_proposal_does_not_depend_on_the_order_the_centers_answered_in():
     assert proposals[0]["genomic_features"] == ["TP53_mut", "MYC_cnv", "CD274_expr"]    # center_a's columns first
     for other in proposals[1:]:
         assert other == proposals[0]
+
+
+def test_pooled_evaluation_does_not_depend_on_the_order_the_replies_arrived_in():
+    """The pooled figures (and what the server fits from them) are sums over the centers' replies: the same
+    replies in another arrival order must give the same numbers, to the last bit."""
+    from types import SimpleNamespace
+
+    from server.rounds import pooled_evaluation
+
+    def reply(loss: float, n: int):
+        return SimpleNamespace(content={"metrics": {"num-examples": n, "loss": loss, "abstained": 1,
+                                                    "dfs-abstained": 1}})
+
+    replies = {"center_a": reply(0.1, 1), "center_b": reply(0.2, 1), "center_c": reply(0.3, 1)}
+    # (0.1 + 0.2) + 0.3 != (0.3 + 0.2) + 0.1 in floating point: arrival order would show in the pooled loss
+    assert (0.1 + 0.2) + 0.3 != (0.3 + 0.2) + 0.1
+    runs = [pooled_evaluation(dict(order), "metrics") for order in
+            (replies.items(), reversed(list(replies.items())))]
+    assert runs[0]["pooled"]["loss"] == runs[1]["pooled"]["loss"]
+    assert list(runs[0]["centers"]) == list(runs[1]["centers"]) == ["center_a", "center_b", "center_c"]

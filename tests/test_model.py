@@ -419,3 +419,53 @@ def test_tile_colour_jitter_is_train_only():
     assert not torch.allclose(cnn(flat), cnn(flat))
     with pytest.raises(ValueError, match="tile_jitter must be >= 0"):
         _thumb_model(tile_jitter=-1.0)
+
+
+def _only(batch, keep):
+    """The batch as if each sample had only the modality ``keep``."""
+    b = {k: v.clone() for k, v in batch.items()}
+    for m, flag in (("mri", "has_mri"), ("pathology", "has_path"), ("genomics", "has_genomics")):
+        if m != keep:
+            b[flag] = torch.zeros_like(b[flag])
+    if keep != "clinical":
+        b["clinical_mask"] = torch.zeros_like(b["clinical_mask"])
+    return b
+
+
+@pytest.mark.parametrize("fusion", ["late", "mean", "attention"])
+def test_unimodal_outputs_are_the_model_with_that_modality_alone(fusion):
+    """model.loss.unimodal_weight > 0: in training the model also returns, for every modality, its output had
+    the sample only that modality; the per-modality loss is the mean of those outputs' losses."""
+    torch.manual_seed(0)
+    quiet = {"modality_dropout": 0.0, "head": {"dropout": 0.0}, "pathology": {"dropout": 0.0},
+             "genomics": {"dropout": 0.0}, "clinical": {"dropout": 0.0}}
+    model = build(small_cfg(fusion=fusion, loss={"unimodal_weight": 0.5}, **quiet), K=2)
+    if fusion == "late":
+        with torch.no_grad():
+            model.absent_terms.copy_(torch.randn_like(model.absent_terms))
+    b = make_batch(K=2)
+    b["has_genomics"][1] = False            # a modality a sample lacks has no unimodal loss there
+    uni = model.train()(b)["unimodal"]
+    assert uni["logit"].shape == (6, len(model.modalities)) and not bool(uni["present"][1, 2])
+    model.eval()
+    assert "unimodal" not in model(b)       # training only: prediction and validation are unchanged
+    for j, m in enumerate(model.modalities):
+        alone = model(_only(b, m))
+        sel = uni["present"][:, j]
+        torch.testing.assert_close(uni["logit"][sel, j], alone["logit"][sel], atol=1e-5, rtol=0)
+        torch.testing.assert_close(uni["risk"][sel, j], alone["risk"][sel], atol=1e-5, rtol=0)
+    cfg = {"benefit_weight": 1.0, "dfs_weight": 0.5, "unimodal_weight": 0.5}
+    total, parts = multitask_loss({**model(b), "unimodal": uni}, b, cfg)
+    each = [multitask_loss({"logit": uni["logit"][uni["present"][:, j], j],
+                            "risk": uni["risk"][uni["present"][:, j], j]},
+                           {k: b[k][uni["present"][:, j]] for k in ("benefit", "dfs_time", "dfs_event")}, cfg)[0]
+            for j in range(len(model.modalities))]
+    torch.testing.assert_close(parts["unimodal"], torch.stack(each).mean().detach())
+    torch.testing.assert_close(total.detach(), parts["benefit"] + 0.5 * parts["dfs"] + 0.5 * parts["unimodal"])
+
+
+def test_unimodal_loss_off_by_default_and_refuses_a_negative_weight():
+    model = build(small_cfg(), K=2).train()
+    assert "unimodal" not in model(make_batch(K=2))
+    with pytest.raises(ValueError, match="unimodal_weight"):
+        build(small_cfg(loss={"unimodal_weight": -1.0}), K=2)
