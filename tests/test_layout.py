@@ -134,6 +134,18 @@ def test_leave_one_center_out_cv_never_touches_the_external_center(tiny_cohort, 
             assert agg["mean"] == pytest.approx(float(np.mean(vals)))
     saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert saved["complete"] and sorted(saved["loco"]["folds"]) == train
+    # each held-out patient's prediction, by center (for comparing runs); none of the external center
+    import pandas as pd
+    from common.metrics import delong_auc_ci
+
+    pred = pd.read_csv(tmp_path / "b" / "loco_predictions.csv", dtype={"patient_id": str})
+    assert sorted(pred["center"].unique()) == train
+    for name, fold in loco["folds"].items():
+        rows = pred[pred["center"] == name]
+        ids = pd.read_csv(sites[name].path / "clinical.csv", dtype=str)["patient_id"]
+        assert sorted(rows["patient_id"]) == sorted(ids)
+        if (fold.get("auc") or {}).get("value") is not None:
+            assert delong_auc_ci(rows["benefit"], rows["prob"])[0] == pytest.approx(fold["auc"]["value"])
 
 
 def test_a_tile_cnn_learns_from_thumbnails_from_the_cli_to_a_saved_model(tiny_cohort, tmp_path):

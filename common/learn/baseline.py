@@ -185,7 +185,7 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
                       f"({r['seconds']:.0f}s, {r['train_samples_per_s']:.0f} samples/s)")
     if "loco" in arms:
         summary["loco"] = leave_one_center_out(cfg, train_sites, caches, tr, va, wanted, seed, console,
-                                               cohort_dir=cohort_dir)
+                                               cohort_dir=cohort_dir, out_dir=out_dir)
         params = summary["loco"].get("recalibration")
         if params and "pooled" in summary["arms"] and pooled_pred:
             summary["arms"]["pooled"]["external"].update(
@@ -214,7 +214,8 @@ def fold_oracle(cohort_dir, center: str, auc) -> dict:
             "auc_over_oracle": {"value": auc / o_auc if o_auc and auc is not None else None}}
 
 
-def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, console, cohort_dir=None) -> dict:
+def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, console, cohort_dir=None,
+                         out_dir: Path | None = None) -> dict:
     """Leave-one-center-out CV over the training centers, for development without the external center:
     each fold trains the pooled model on the other centers' train splits (selection, threshold and
     recalibration on their validation splits) and scores it on every patient of the held-out center,
@@ -223,7 +224,9 @@ def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, con
 
     Recalibration for a new center (:func:`transfer_recalibration`): Platt scaling fitted on the folds'
     held-out predictions, i.e. on centers the scoring model had not seen; each fold's ``ece_loco_calibrated``
-    is that of a map fitted on the other folds only, and ``recalibration`` the map fitted on all folds."""
+    is that of a map fitted on the other folds only, and ``recalibration`` the map fitted on all folds.
+    With ``out_dir``, each held-out patient's benefit label and probability go to ``loco_predictions.csv``
+    there (a pooled run on data the caller already holds: for comparing runs, e.g. ensembles of seeds)."""
     folds: dict = {}
     held_pred: dict = {}
     for s in train_sites:
@@ -235,9 +238,15 @@ def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, con
         console.print(f"[bold]loco:{s.name}[/bold]: {len(trd)} train / {len(vad)} val patients, {len(held)} held out")
         held_pred[s.name] = {}
         r = run_arm(f"loco:{s.name}", cfg, trd, vad, held, modalities, seed, predictions=held_pred[s.name])
+        held_pred[s.name]["patient_id"] = [it["patient_id"] for it in held.items]
         folds[s.name] = {"n_held_out": len(held), "n_train": r["n_train"], "val": r["val"],
                          **{k: r["external"].get(k) for k in LOCO_KEYS},
                          **fold_oracle(cohort_dir, s.name, r["external"].get("auc"))}
+    if out_dir is not None and held_pred:
+        import pandas as pd
+
+        pd.concat([pd.DataFrame({"center": c, "patient_id": h["patient_id"], "benefit": h["y"], "prob": h["p"]})
+                   for c, h in held_pred.items()]).to_csv(Path(out_dir) / "loco_predictions.csv", index=False)
     per_fold, params = transfer_recalibration(held_pred, seed=seed)
     for name, entry in per_fold.items():
         folds[name].update(entry)
