@@ -3,7 +3,8 @@
 Each run directory holds ``loco_predictions.csv`` (``newadj baseline --arms loco`` writes it; bench_quality's
 ``--out DIR`` keeps one per seed under ``DIR/seed<k>/baseline``). For every K from 1 to the number of runs and
 every K-subset of the runs, the patients' probabilities are averaged over the subset's runs and each held-out
-center's AUC is computed; the table gives, per K, the LOCO AUC (mean over folds) averaged over the subsets.
+center's AUC and ECE are computed; the table gives, per K, the LOCO AUC and ECE (means over folds) averaged
+over the subsets.
 K = 1 is the mean of the single runs.
 
     python benchmarks/bench_ensemble.py runs/ens-default-loco/seed{0,1,2,3,4}/baseline [--json F]
@@ -41,13 +42,15 @@ def load_runs(dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame({"benefit": labels.iloc[:, 0], **{f"run{i}": data[f"run{i}"] for i in range(len(dirs))}})
 
 
-def loco_auc(data: pd.DataFrame, runs: tuple[str, ...]) -> float:
-    """Mean over held-out centers of the AUC of the runs' mean probability."""
-    from common.metrics import delong_auc_ci
+def loco_scores(data: pd.DataFrame, runs: tuple[str, ...]) -> tuple[float, float]:
+    """Mean over held-out centers of the AUC and of the ECE of the runs' mean probability."""
+    from common.metrics import delong_auc_ci, expected_calibration_error
 
     p = data[list(runs)].mean(axis=1)
-    aucs = [delong_auc_ci(data.loc[c, "benefit"], p.loc[c])[0] for c in data.index.unique("center")]
-    return float(np.nanmean(aucs))
+    centers = data.index.unique("center")
+    aucs = [delong_auc_ci(data.loc[c, "benefit"], p.loc[c])[0] for c in centers]
+    eces = [expected_calibration_error(data.loc[c, "benefit"], p.loc[c]) for c in centers]
+    return float(np.nanmean(aucs)), float(np.nanmean(eces))
 
 
 def main(argv=None) -> int:
@@ -59,11 +62,12 @@ def main(argv=None) -> int:
     names = [c for c in data.columns if c.startswith("run")]
     table = {}
     for k in range(1, len(names) + 1):
-        vals = [loco_auc(data, sub) for sub in itertools.combinations(names, k)]
+        scores = np.array([loco_scores(data, sub) for sub in itertools.combinations(names, k)])
+        vals = scores[:, 0]
         table[k] = {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
-                    "subsets": len(vals)}
+                    "ece": float(np.mean(scores[:, 1])), "subsets": len(vals)}
         sd = f" +- {table[k]['sd']:.3f}" if table[k]["sd"] is not None else ""
-        print(f"K={k}: LOCO AUC {table[k]['mean']:.3f}{sd} over {len(vals)} subset(s)")
+        print(f"K={k}: LOCO AUC {table[k]['mean']:.3f}{sd}, ECE {table[k]['ece']:.3f} over {len(vals)} subset(s)")
     print(f"ensemble of all {len(names)} minus the mean single run: {table[len(names)]['mean'] - table[1]['mean']:+.3f}")
     if a.json:
         a.json.write_text(json.dumps({"runs": [str(r) for r in a.runs], "n_patients": len(data),

@@ -41,6 +41,11 @@ def test_ensemble_averages_each_patients_probability_and_scores_each_center(tmp_
     assert res["1"]["mean"] == pytest.approx(np.mean([fold_mean(p) for p in probs]))
     assert res["3"]["mean"] == pytest.approx(fold_mean(np.mean(probs, axis=0))) and res["3"]["subsets"] == 1
     assert res["2"]["subsets"] == 3
+    from common.metrics import expected_calibration_error
+    mean_p = pd.Series(np.mean(probs, axis=0))
+    assert res["3"]["ece"] == pytest.approx(np.mean([expected_calibration_error(base["benefit"][m], mean_p[m])
+                                                     for m in (base["center"] == "center_a",
+                                                               base["center"] == "center_b")]))
 
 
 def test_runs_with_other_patients_or_labels_are_refused(tmp_path):
