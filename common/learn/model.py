@@ -527,7 +527,8 @@ class NewAdjNet(nn.Module):
 
     def _late_terms(self, embeddings: dict[str, torch.Tensor], present: torch.Tensor):
         """Late fusion: sum over modalities of each one's own term (its head on its embedding where present,
-        its learned absent constant where not) -> (benefit logit [B], log-hazard [B], the terms [2, B, M])."""
+        its learned absent constant where not) -> (benefit logit [B], log-hazard [B], (benefit terms [B, M],
+        log-hazard terms [B, M]))."""
         logit = torch.zeros(present.shape[0], dtype=self.no_data.dtype, device=present.device)
         risk = torch.zeros_like(logit)
         benefit_terms, risk_terms = [], []
