@@ -469,3 +469,35 @@ def test_unimodal_loss_off_by_default_and_refuses_a_negative_weight():
     assert "unimodal" not in model(make_batch(K=2))
     with pytest.raises(ValueError, match="unimodal_weight"):
         build(small_cfg(loss={"unimodal_weight": -1.0}), K=2)
+
+
+def test_a_linear_configuration_is_a_linear_model_of_the_summary_features():
+    """model.mri.arch=stats (no CNN: the central box's mean and SD per phase) and tile_net=linear with mean
+    pooling, linear genomics/clinical branches and no LayerNorm, under late fusion: the benefit logit is affine
+    in the tile features and the genes, and the MRI enters only through its central box."""
+    torch.manual_seed(0)
+    cfg = small_cfg(fusion="late", branch_layernorm=False, modality_dropout=0.0, head={"dropout": 0.0},
+                    mri={"arch": "stats", "center_frac": 0.5},
+                    pathology={"tile_net": "linear", "pool": "mean", "dropout": 0.0},
+                    genomics={"hidden": []}, clinical={"hidden": []})
+    model = build(cfg, K=2).eval()
+    assert model.branches["mri"].features is None
+    a, b = make_batch(K=2, seed=1, n_tiles=[3] * 6), make_batch(K=2, seed=2, n_tiles=[3] * 6)
+    mid = {k: v.clone() for k, v in a.items()}
+    for k in ("path_feats", "genomics"):
+        b[k] = torch.randn_like(a[k]) * (a["path_mask"].unsqueeze(-1) if k == "path_feats" else a["genomics_mask"])
+        mid[k] = (a[k] + b[k]) / 2
+    for k in ("mri", "clinical"):
+        b[k] = a[k]
+    with torch.no_grad():
+        fa, fb, fm = model(a)["logit"], model({**a, "path_feats": b["path_feats"], "genomics": b["genomics"]})["logit"], model(mid)["logit"]
+    torch.testing.assert_close(fm, (fa + fb) / 2, atol=1e-5, rtol=0)
+    assert (fa - fb).abs().max() > 1e-3
+    outside = {k: v.clone() for k, v in a.items()}
+    outside["mri"][:, :, :4] = torch.randn_like(outside["mri"][:, :, :4]) * 5   # outside the central half
+    with torch.no_grad():
+        assert torch.equal(model(outside)["logit"], fa)
+    with pytest.raises(ValueError, match="center_frac"):
+        build(small_cfg(mri={"arch": "stats", "center_frac": 0.0}))
+    with pytest.raises(ValueError, match="tile_net"):
+        build(small_cfg(pathology={"tile_net": "affine"}))

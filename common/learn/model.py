@@ -217,8 +217,13 @@ class MRIEncoder(nn.Module):
             # blocks still get BatchNorm3d: swap every BatchNorm for the configured norm.
             _replace_batchnorm(self.features, norm, groups)
             feat_dim = widths[-1]
+        elif arch == "stats":   # no CNN: the central box's statistics only (a linear model's MRI features)
+            if not float(cfg.get("center_frac", 0.0) or 0.0) > 0:
+                raise ValueError("model.mri.arch=stats reads the central box: set model.mri.center_frac > 0")
+            self.features = None
+            feat_dim = 0
         else:
-            raise ValueError(f"model.mri.arch must be 'resunit' or 'resnet', got {arch!r}")
+            raise ValueError(f"model.mri.arch must be 'resunit', 'resnet' or 'stats', got {arch!r}")
         self.arch = arch
         # center_frac > 0: the per-channel mean and std of the input's central box
         # (this fraction of every spatial side; the ROI is centred on the tumor) are
@@ -236,6 +241,8 @@ class MRIEncoder(nn.Module):
         return center_box_stats(x, self.center_frac)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features is None:   # arch=stats
+            return self.proj(self._center_stats(x))
         h = self.features(x)
         if h.dim() > 2:  # resunit: global average pool
             h = h.flatten(2).mean(-1)
@@ -306,13 +313,15 @@ class GatedAttentionMIL(nn.Module):
         super().__init__()
         proj, attn, p = int(cfg["proj_dim"]), int(cfg["attn_dim"]), float(cfg.get("dropout", 0.0))
         tile_net = str(cfg["tile_net"]).lower()
-        if tile_net not in ("auto", "mlp", "cnn"):
-            raise ValueError(f"model.pathology.tile_net must be auto, mlp or cnn, got {tile_net!r}")
+        if tile_net not in ("auto", "mlp", "cnn", "linear"):
+            raise ValueError(f"model.pathology.tile_net must be auto, mlp, cnn or linear, got {tile_net!r}")
         self.cnn = tile_net == "cnn"
         if self.cnn:
             # cfg is merged over DEFAULTS (resolve_model_cfg): every key is there
             self.tile_proj = TileCNN(in_dim, proj, list(cfg["cnn_widths"]), p, bool(cfg["tile_augment"]),
                                      float(cfg["tile_jitter"]))
+        elif tile_net == "linear":   # a linear map of each tile's embedding (with mean pooling: of the bag's mean)
+            self.tile_proj = nn.Linear(in_dim, proj)
         else:
             self.tile_proj = nn.Sequential(nn.Linear(in_dim, proj), nn.ReLU(), nn.Dropout(p))
         self.proj_dim = proj
