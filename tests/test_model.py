@@ -393,7 +393,7 @@ def test_tile_augmentation_is_train_only_and_keeps_each_tile_whole():
 def test_tile_cnn_refuses_embeddings_with_a_named_setting():
     with pytest.raises(ValueError, match="tile_net=cnn needs tile thumbnails.*encoder.name=thumbnail.*got 12 values"):
         build_model(small_cfg(pathology={"tile_net": "cnn"}), in_channels=C, path_dim=FEAT, n_genes=G)
-    with pytest.raises(ValueError, match="tile_net must be auto, mlp or cnn"):
+    with pytest.raises(ValueError, match="tile_net must be auto, mlp, cnn or linear"):
         build_model(small_cfg(pathology={"tile_net": "vit"}), in_channels=C, path_dim=FEAT, n_genes=G)
 
 
