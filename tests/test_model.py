@@ -326,8 +326,8 @@ def test_configs_match_defaults_and_dict_input():
     def keys(d, prefix=""):
         return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, prefix + k + ".")}
 
-    small = OmegaConf.to_container(OmegaConf.load(CONF / "small.yaml"))
-    assert keys(small) == keys(DEFAULTS)
+    for variant in ("small.yaml", "linear.yaml"):
+        assert keys(OmegaConf.to_container(OmegaConf.load(CONF / variant))) == keys(DEFAULTS), variant
     # plain (partial) dicts are merged over the defaults
     m = build_model({"modalities": ["genomics"], "embed_dim": 16}, in_channels=C, path_dim=FEAT, n_genes=G, n_clinical=0)
     assert isinstance(m, NewAdjNet) and m.embed_dim == 16 and list(m.branches) == ["genomics"]
@@ -501,3 +501,15 @@ def test_a_linear_configuration_is_a_linear_model_of_the_summary_features():
         build(small_cfg(mri={"arch": "stats", "center_frac": 0.0}))
     with pytest.raises(ValueError, match="tile_net"):
         build(small_cfg(pathology={"tile_net": "affine"}))
+
+
+def test_model_linear_is_the_linear_configuration():
+    """`model=linear` (conf/model/linear.yaml) is the configuration the linear test above checks."""
+    from common.config import load_config
+
+    m = load_config(["model=linear"]).model
+    assert (m.mri.arch, m.pathology.tile_net, m.pathology.pool, m.branch_layernorm, list(m.genomics.hidden),
+            list(m.clinical.hidden), m.fusion) == ("stats", "linear", "mean", False, [], [], "late")
+    model = build_model(OmegaConf.to_container(m), in_channels=C, path_dim=FEAT, n_genes=G, n_clinical=2)
+    assert model.branches["mri"].features is None and isinstance(model.branches["pathology"].tile_proj, torch.nn.Linear)
+    assert all(isinstance(layer, torch.nn.Linear) for b in ("genomics", "clinical") for layer in model.branches[b].net)
