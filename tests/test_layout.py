@@ -166,3 +166,24 @@ def test_a_tile_cnn_learns_from_thumbnails_from_the_cli_to_a_saved_model(tiny_co
     pkg = next((tmp_path / "b").rglob("pooled*.pt"))
     model = load_model_package(pkg)[0]
     assert model.branches["pathology"].cnn and any("tile_proj.features" in k for k in model.state_dict())
+
+
+def test_a_baseline_arm_is_the_same_model_whatever_the_process_random_state(tiny_cohort, tmp_path):
+    """The seed fixes the initial weights too: torch seeds every new process at random, and the arm's model
+    was built before the engine seeded, so the same run twice trained different models."""
+    import torch
+
+    from common.config import load_config
+    from common.learn.baseline import run_baseline
+
+    cfg = load_config(LOCAL_OVERRIDES + ["train.epochs=1"])
+    runs = []
+    for i, state in enumerate((1, 2)):
+        torch.manual_seed(state)     # what a new process would have
+        runs.append(run_baseline(tiny_cohort, tmp_path / f"r{i}", cfg, arms=("pooled",)))
+    a, b = (r["arms"]["pooled"] for r in runs)
+    assert a["val"] == b["val"] and a["threshold"] == b["threshold"]
+    from common.federation.model_io import load_model_package
+
+    sa, sb = (load_model_package(tmp_path / f"r{i}" / "models" / "pooled.pt")[0].state_dict() for i in range(2))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

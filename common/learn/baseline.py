@@ -20,7 +20,7 @@ from common.data.cohort import discover_sites
 from common.preprocess.cache import ensure_caches
 from common.config import config_hash, save_config
 from common.learn.dataset import ConcatSites, site_dataset
-from common.learn.engine import baseline_hazard, evaluate_model, train_model
+from common.learn.engine import baseline_hazard, evaluate_model, seed_everything, train_model
 from common.hashing import json_safe
 from common.learn.model import build_model
 from common.learn.task import model_config
@@ -46,6 +46,9 @@ def present_modalities(ds) -> list[str]:
 
 def run_arm(name, cfg, train_ds, val_ds, test_ds, modalities=None, seed=0, model_path: Path | None = None,
             predictions: dict | None = None) -> dict:
+    # the seed fixes the initial weights too (torch seeds each new process at random): the same run twice
+    # gives the same model
+    seed_everything(seed)
     model = model_for(cfg, train_ds, modalities)
     res = train_model(model, train_ds, val_ds, cfg.train, cfg.model.loss, seed=seed)
     hazard = baseline_hazard(model, train_ds, cfg.train)
