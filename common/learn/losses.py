@@ -132,28 +132,24 @@ def multitask_loss(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torc
     wu = float(_get(cfg_loss, "unimodal_weight", 0.0) or 0.0)
     uni = outputs.get("unimodal")
     if wu > 0 and uni is not None:
-        lu = unimodal_loss(uni, batch, wb, wd, ties, pos_weight)
+        lu = unimodal_loss(uni, batch, cfg_loss)
         total = total + wu * lu
         parts["unimodal"] = lu.detach()
     parts["total"] = total.detach()
     return total, parts
 
 
-def unimodal_loss(uni: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], wb: float, wd: float,
-                  ties: str = "efron", pos_weight=None) -> torch.Tensor:
-    """Mean over modalities of the multitask loss of each modality's unimodal output (``uni``: ``logit`` and
-    ``risk`` [B, M], ``present`` [B, M] bool), each on the samples where that modality is present."""
+def unimodal_loss(uni: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], cfg_loss: Any = None):
+    """Mean over modalities of the multitask loss (:func:`multitask_loss`, the same weights) of each modality's
+    unimodal output (``uni``: ``logit`` and ``risk`` [B, M], ``present`` [B, M] bool), each on the samples
+    where that modality is present."""
     losses = []
     for j in range(uni["present"].shape[1]):
         sel = uni["present"][:, j]
-        if not bool(sel.any()):
-            continue
-        lj = _zero_with_grad(uni["logit"][sel, j])
-        if wb > 0:
-            lj = lj + wb * benefit_loss(uni["logit"][sel, j], batch["benefit"][sel], pos_weight=pos_weight)
-        if wd > 0:
-            lj = lj + wd * cox_ph_loss(uni["risk"][sel, j], batch["dfs_time"][sel], batch["dfs_event"][sel], ties=ties)
-        losses.append(lj)
+        if bool(sel.any()):
+            alone = {"logit": uni["logit"][sel, j], "risk": uni["risk"][sel, j]}
+            losses.append(multitask_loss(alone, {k: batch[k][sel] for k in ("benefit", "dfs_time", "dfs_event")},
+                                         cfg_loss)[0])
     if not losses:
         return _zero_with_grad(uni["logit"])
     return torch.stack(losses).mean()
