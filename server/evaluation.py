@@ -82,9 +82,6 @@ def center_entry(m: dict) -> tuple[dict, dict]:
 
 def pool(per_center: dict, released: dict) -> dict:
     """Pooled validation metrics of one round from every center's released aggregates."""
-    # in the order of the centers' names, not of their replies' arrival: the floating-point sums (pooled loss,
-    # AUC cells, Platt fit, baseline hazard) are then the same for the same replies, run after run
-    per_center, released = dict(sorted(per_center.items())), dict(sorted(released.items()))
     pooled: dict = {}
     cells = [r["cells"] for r in released.values() if r["cells"] is not None]
     if cells:

@@ -50,7 +50,9 @@ def pooled_evaluation(replies: dict, record: str, failures: dict | None = None) 
     """{centers, pooled, failures, notices} from the ``record`` of each center's reply (``metrics`` of an
     evaluate reply, ``evaluation`` of a train reply); a notice is logged as a warning when it is news."""
     per_center, released, notices = {}, {}, {}
-    for center, r in sorted(replies.items()):   # by center name, whatever order the replies arrived in
+    # by center name, not reply arrival: pool()'s floating-point sums (pooled loss, AUC cells, Platt fit,
+    # baseline hazard) are then the same for the same replies, run after run
+    for center, r in sorted(replies.items()):
         if record not in r.content:
             continue
         if "info" in r.content and r.content["info"].get("notice"):
