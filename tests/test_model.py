@@ -405,9 +405,9 @@ def test_tile_net_auto_follows_the_encoder(encoder, expected):
     from common.config import load_config
     from common.learn.task import model_config
 
-    cfg = load_config([f"preprocess.pathology.encoder.name={encoder}"])
+    cfg = load_config(["model=newadjnet", f"preprocess.pathology.encoder.name={encoder}"])   # the CNN network
     assert model_config(cfg)["pathology"]["tile_net"] == expected
-    cfg = load_config([f"preprocess.pathology.encoder.name={encoder}", "model.pathology.tile_net=mlp"])
+    cfg = load_config(["model=newadjnet", f"preprocess.pathology.encoder.name={encoder}", "model.pathology.tile_net=mlp"])
     assert model_config(cfg)["pathology"]["tile_net"] == "mlp"
 
 
