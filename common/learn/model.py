@@ -57,8 +57,8 @@ __all__ = ["DEFAULTS", "MODALITIES", "NewAdjNet", "build_model", "resolve_model_
 
 MODALITIES = ("mri", "pathology", "genomics")
 
-# Mirrors conf/model/newadjnet.yaml, the base of every model config (tests check that the two agree; the
-# default run composes conf/model/linear.yaml over it).  A partial
+# Mirrors conf/model/newadjnet.yaml (tests check that the two agree; the default run composes
+# conf/model/linear.yaml, which extends it).  A partial
 # config passed to build_model is deep-merged over these defaults.
 DEFAULTS: dict[str, Any] = {
     "name": "newadjnet",
