@@ -1,10 +1,11 @@
 """Model quality over several training seeds (issue 17): the baseline arms (pooled, unimodal, local-only,
-optionally leave-one-center-out CV) and optionally the federated arm (``newadj simulate``), each seed a
+optionally leave-one-center-out CV), optionally the federated arm (``newadj simulate``) and the federation's
+own leave-one-center-out CV (``newadj simulate --loco``: the basis for choosing federation settings), each seed a
 full run on the same cohort; the table gives mean +- SD over seeds and the issue's targets as ratios.
 
     python benchmarks/bench_quality.py --cohort runs/full --seeds 0,1,2,3,4 \
         --out runs/quality-default --json benchmarks/results/quality_default.json \
-        [--features runs/full-schema/features.yaml] [--fed] [--loco] [KEY=VALUE ...]
+        [--features runs/full-schema/features.yaml] [--fed] [--loco] [--fed-loco] [KEY=VALUE ...]
 
 The seed changes model initialisation, data order, dropout and augmentation; the cohort, its splits and
 its external center stay the same (a new cohort per seed would also resample the patients: see
@@ -33,8 +34,22 @@ def _v(report: dict | None, key: str):
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def seed_row(baseline: dict, fed: dict | None) -> dict:
+def seed_row(baseline: dict, fed: dict | None, fed_loco: dict | None = None) -> dict:
     """The issue's quantities for one seed."""
+    row = baseline_row(baseline) if baseline else {}
+    if fed:
+        row.update(fed_row(fed, row))
+    summary = (fed_loco or {}).get("summary")
+    if summary:   # the federation's leave-one-center-out CV (the external center sealed)
+        for k, name in (("auc", "auc"), ("ece", "ece"), ("c_index", "c"), ("auc_over_oracle", "auc_over_oracle")):
+            if (summary.get(k) or {}).get("mean") is not None:
+                row[f"fed_loco_{name}"] = summary[k]["mean"]
+        row["fed_loco_failed_folds"] = float(len(fed_loco.get("failed") or {}))
+    return row
+
+
+def baseline_row(baseline: dict) -> dict:
+    """The baseline arms' quantities for one seed."""
     arms = baseline["arms"]
     oracle = baseline.get("oracle_external_auc")
     row: dict = {"oracle": oracle}
@@ -73,26 +88,31 @@ def seed_row(baseline: dict, fed: dict | None) -> dict:
             if (loco.get(k) or {}).get("mean") is not None:
                 row[f"loco_{k}"] = loco[k]["mean"]
         row["loco_c"] = loco["c_index"]["mean"]
-    if fed:
-        # the external center's full report (flat keys: auc, ece, c_index, ...)
-        ext = next(iter(((fed.get("external") or {}).get("centers") or {}).values()), None) or {}
-        row["fed_auc"] = _v(ext, "auc")
-        row["fed_ece"] = _v(ext, "ece")
-        row["fed_c"] = _v(ext, "c_index")
-        if row["fed_auc"] is not None and row.get("pooled_auc"):
-            row["fed_over_pooled"] = row["fed_auc"] / row["pooled_auc"]
-        if row["fed_auc"] is not None and row.get("best_local_auc") is not None:
-            row["fed_minus_best_local"] = row["fed_auc"] - row["best_local_auc"]
-        # issue 16: a simulated round's wall time over its slowest center's training time, and over the
-        # centers' training time per core (six centers share the machine's cores in simulation); medians
-        rounds = [(h["seconds"], list(h["client_train_seconds"].values())) for h in fed.get("history") or []
-                  if h.get("seconds") and h.get("client_train_seconds")]
-        if rounds:
-            cores = os.cpu_count() or 1
-            row["fed_round_over_slowest_train"] = float(np.median([s / max(t) for s, t in rounds]))
-            row["fed_round_over_train_per_core"] = float(np.median([s / (sum(t) / min(cores, len(t)))
-                                                                     for s, t in rounds]))
-            row["fed_round_s"] = float(np.median([h["seconds"] for h in fed["history"] if h.get("seconds")]))
+    return row
+
+
+def fed_row(fed: dict, row: dict) -> dict:
+    """The federated arm's quantities for one seed, beside the baseline's ``row``."""
+    row = dict(row)
+    # the external center's full report (flat keys: auc, ece, c_index, ...)
+    ext = next(iter(((fed.get("external") or {}).get("centers") or {}).values()), None) or {}
+    row["fed_auc"] = _v(ext, "auc")
+    row["fed_ece"] = _v(ext, "ece")
+    row["fed_c"] = _v(ext, "c_index")
+    if row["fed_auc"] is not None and row.get("pooled_auc"):
+        row["fed_over_pooled"] = row["fed_auc"] / row["pooled_auc"]
+    if row["fed_auc"] is not None and row.get("best_local_auc") is not None:
+        row["fed_minus_best_local"] = row["fed_auc"] - row["best_local_auc"]
+    # issue 16: a simulated round's wall time over its slowest center's training time, and over the
+    # centers' training time per core (six centers share the machine's cores in simulation); medians
+    rounds = [(h["seconds"], list(h["client_train_seconds"].values())) for h in fed.get("history") or []
+              if h.get("seconds") and h.get("client_train_seconds")]
+    if rounds:
+        cores = os.cpu_count() or 1
+        row["fed_round_over_slowest_train"] = float(np.median([s / max(t) for s, t in rounds]))
+        row["fed_round_over_train_per_core"] = float(np.median([s / (sum(t) / min(cores, len(t)))
+                                                                 for s, t in rounds]))
+        row["fed_round_s"] = float(np.median([h["seconds"] for h in fed["history"] if h.get("seconds")]))
     return row
 
 
@@ -150,6 +170,9 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default="pooled,unimodal,local")
     ap.add_argument("--loco", action="store_true", help="also leave-one-center-out CV (6 more trainings a seed)")
     ap.add_argument("--fed", action="store_true", help="also the federation (newadj simulate) per seed")
+    ap.add_argument("--fed-loco", action="store_true",
+                    help="also the federation's leave-one-center-out CV (newadj simulate --loco) per seed; "
+                         "with --arms '' and no --loco, only that")
     ap.add_argument("--features", help="the schema step's features.yaml (newadj schema), as --features of baseline")
     ap.add_argument("--from-runs", action="store_true",
                     help="train nothing: summarise the metrics.json files an earlier run left under --out")
@@ -172,18 +195,24 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for s in seeds:
         overrides = [*args.overrides, f"seed={s}"]
+        base = fed = fed_loco = None
+        t_base = t_fed = t_fed_loco = None
         if args.from_runs:
-            base = json.loads((out / f"seed{s}" / "baseline" / "metrics.json").read_text())
+            base_file = out / f"seed{s}" / "baseline" / "metrics.json"
+            base = json.loads(base_file.read_text()) if arms else None
             fed_file = out / f"seed{s}" / "fedavg" / "metrics.json"
             fed = json.loads(fed_file.read_text()) if args.fed and fed_file.exists() else None
-            t_base = base.get("seconds")
+            loco_file = out / f"seed{s}" / "fed-loco" / "loco.json"
+            fed_loco = json.loads(loco_file.read_text()) if args.fed_loco and loco_file.exists() else None
+            t_base = (base or {}).get("seconds")
             t_fed = sum(h.get("seconds", 0) for h in (fed or {}).get("history", [])) or None
+            t_fed_loco = (fed_loco or {}).get("seconds")
         else:
-            t0 = time.perf_counter()
-            base = run_baseline(Path(args.cohort), out / f"seed{s}" / "baseline", load_config(overrides),
-                                arms=arms, console=console)
-            t_base = time.perf_counter() - t0
-            fed = t_fed = None
+            if arms:
+                t0 = time.perf_counter()
+                base = run_baseline(Path(args.cohort), out / f"seed{s}" / "baseline", load_config(overrides),
+                                    arms=arms, console=console)
+                t_base = time.perf_counter() - t0
             if args.fed:
                 from server.ops.simulation import run_simulation
 
@@ -191,13 +220,21 @@ def main(argv=None) -> int:
                 fed = run_simulation(Path(args.cohort), out / f"seed{s}" / "fedavg", overrides, console=console,
                                      stream=False)
                 t_fed = time.perf_counter() - t1
-        row = {**seed_row(base, fed), "seed": s}
+            if args.fed_loco:
+                from server.ops.simulation import run_loco
+
+                t2 = time.perf_counter()
+                fed_loco = run_loco(Path(args.cohort), out / f"seed{s}" / "fed-loco", overrides, console=console,
+                                    stream=False, on_failure=lambda c, exc: console.print(f"fold {c} failed: {exc}"))
+                t_fed_loco = time.perf_counter() - t2
+        row = {**seed_row(base, fed, fed_loco), "seed": s}
         rows.append(row)
-        timings.append({"seed": s, "baseline_s": t_base, "fed_s": t_fed})
+        timings.append({"seed": s, "baseline_s": t_base, "fed_s": t_fed, "fed_loco_s": t_fed_loco})
         if not args.from_runs:
             console.print(f"seed {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
     summary = summarise(rows)
     result = {"cohort": str(args.cohort), "features": args.features, "seeds": seeds, "arms": list(arms), "fed": bool(args.fed),
+              "fed_loco": bool(args.fed_loco),
               "overrides": list(args.overrides), "rows": rows, "timings": timings,
               "wall_s": time.perf_counter() - t_all, **summary}
     if args.json:

@@ -58,3 +58,15 @@ def test_verdicts_follow_the_mean_over_seeds():
     assert t["pooled_ece"]["met"] and not t["fed_ece"]["met"]
     assert not t["pooled_over_oracle"]["met"]            # 0.73 / 0.8 = 0.9125 < 0.92
     assert "| pooled_auc | 0.730 +- 0.042 |" in bq.markdown(s, [0, 1])
+
+
+def test_federated_loco_row_stands_alone_or_beside_the_baseline():
+    loco = {"summary": {"auc": {"mean": 0.79}, "ece": {"mean": 0.12}, "c_index": {"mean": None},
+                        "auc_over_oracle": {"mean": 0.88}}, "failed": {"center_f": "boom"}}
+    alone = bq.seed_row(None, None, loco)                # --arms '' --fed-loco: no baseline, no federation
+    assert alone == {"fed_loco_auc": 0.79, "fed_loco_ece": 0.12, "fed_loco_auc_over_oracle": 0.88,
+                     "fed_loco_failed_folds": 1.0}        # a C-index every fold abstained on is left out
+    base, fedm = _runs(0.76, 0.75, 0.74)
+    both = bq.seed_row(base, fedm, loco)
+    assert both["fed_loco_auc"] == 0.79 and both["fed_minus_best_local"] == pytest.approx(0.01)
+    assert bq.seed_row(base, fedm) == {k: v for k, v in both.items() if not k.startswith("fed_loco")}

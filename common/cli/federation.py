@@ -1,7 +1,6 @@
 """``newadj`` verbs of a federation: schema, simulate, demo, run, provision, site keygen / start, server start."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from common.reports.console import compact_table, console, err_console, shown  # noqa: F401
@@ -100,46 +99,21 @@ def cmd_simulate(args) -> int:
 
 
 def _simulate_loco(data: Path, out: Path, overrides: list[str], args) -> int:
-    """Leave-one-center-out CV of the federation: one simulation per training center, that center held out
-    (``federation.holdout_center``: it does not train and is scored at the end with the full report); the
-    external center is sealed in every fold.  ``OUT/<center>/`` holds each fold's run, ``OUT/loco.json`` the
-    folds and their mean and SD."""
-    import time
-
+    """Leave-one-center-out CV of the federation (:func:`server.ops.simulation.run_loco`): ``OUT/<center>/``
+    holds each fold's run, ``OUT/loco.json`` the folds and their mean and SD."""
     from common.data.cohort import discover_sites
-    from common.hashing import json_safe
-    from common.learn.baseline import LOCO_KEYS, _num, fold_oracle, loco_summary, loco_table
-    from server.ops.simulation import RunFailed, run_simulation
+    from common.learn.baseline import loco_table
+    from server.ops.simulation import run_loco
 
     centers = [s.name for s in discover_sites(data) if s.role != "external"]
     if len(centers) < 3:
         err_console.print(f"[red]--loco needs at least 3 training centers in {data} (found {len(centers)})[/red]")
         return 2
-    out.mkdir(parents=True, exist_ok=True)
-    folds, failed = {}, {}
-    t0 = time.perf_counter()
-    for c in centers:
-        console.print(f"[bold]loco fold: {c} held out[/bold]")
-        run_dir = out / c
-        try:
-            m = run_simulation(data, run_dir, [*overrides, f"federation.holdout_center={c}"], console=console,
-                               stream=not args.quiet, verbose=args.verbose)
-        except RunFailed as exc:
-            failed[c] = str(exc)
-            err_console.print(f"[red]fold {c} failed:[/red] {exc}")
-            continue
-        rep = ((m.get("external") or {}).get("centers") or {}).get(c) or {}
-        folds[c] = {"n_held_out": rep.get("n"), "selected_round": m.get("selected_round"),
-                    **{k: {"value": rep.get(k)} for k in LOCO_KEYS}, **fold_oracle(data, c, rep.get("auc"))}
-        console.print(f"  held-out {c}: AUC {_num(rep.get('auc'))}, ECE {_num(rep.get('ece'))}, "
-                      f"C {_num(rep.get('c_index'))}")
-    loco = {"folds": folds, "failed": failed, "summary": loco_summary(folds), "seconds": time.perf_counter() - t0,
-            "overrides": overrides,
-            "basis": "federated leave-one-center-out over the training centers; the external center sealed"}
-    (out / "loco.json").write_text(json.dumps(json_safe(loco), indent=1, allow_nan=False))
+    loco = run_loco(data, out, overrides, console=console, stream=not args.quiet, verbose=args.verbose,
+                    on_failure=lambda c, exc: err_console.print(f"[red]fold {c} failed:[/red] {exc}"))
     console.print(loco_table(loco, "Federated leave-one-center-out CV (the external center sealed)"))
     console.print(f"folds: {shown(out)}; summary: {shown(out / 'loco.json')}", soft_wrap=True)
-    return 1 if failed else 0
+    return 1 if loco["failed"] else 0
 
 
 def cmd_demo(args) -> int:
