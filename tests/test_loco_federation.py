@@ -88,3 +88,26 @@ def test_the_federation_trains_the_tile_cnn_from_thumbnails(tiny_cohort, tmp_pat
     w1, w2 = round_weights(tmp_path / "run", 1), round_weights(tmp_path / "run", 2)
     cnn = {k: w1[k] for k in w1 if "tile_proj.features" in k}
     assert cnn and max_abs_diff(cnn, {k: w2[k] for k in cnn}) > 0
+
+
+@pytest.mark.slow
+def test_simulate_loco_runs_one_fold_per_training_center(tiny_cohort, tmp_path, flwr_home, capsys):
+    """`newadj simulate --loco` (the CLI over server.ops.simulation.run_loco, which bench_quality --fed-loco also
+    uses): one real simulation per training center held out, the external center sealed in each, loco.json with
+    every fold and the summary the table prints."""
+    from common.cli import main
+
+    out = tmp_path / "fed-cv"
+    assert main(["simulate", "--data", str(tiny_cohort), "--out", str(out), "--loco", "--quiet",
+                 *TEST_OVERRIDES, "federation.num_rounds=1"]) == 0
+    loco = json.loads((out / "loco.json").read_text())
+    centers = ["center_a", "center_b", "center_c", "center_d", "center_e", "center_f"]
+    assert sorted(loco["folds"]) == centers and loco["failed"] == {}
+    for c in centers:
+        fold = json.loads((out / c / "metrics.json").read_text())
+        assert list(fold["external"]["centers"]) == [c] and fold["centers"]["external"]["role"] == "sealed"
+        assert loco["folds"][c]["n_held_out"] == fold["centers"][c]["n_test"]
+    assert loco["summary"]["auc"]["folds"] + loco["summary"]["auc"]["abstained"] == 6
+    assert "Federated leave-one-center-out CV" in capsys.readouterr().out
+    # --loco runs its folds afresh: it does not resume one
+    assert main(["simulate", "--resume", str(out / "center_a"), "--loco"]) == 2
