@@ -128,23 +128,49 @@ def resolve_select_metric(metric: str, endpoints: dict) -> str | None:
     return None if metric == "auto" else metric
 
 
-def decide_auto(pooled: dict, endpoints: dict) -> tuple[str | None, str]:
-    """``auto`` at the first round whose validation released something: (metric, why).
+def decide_auto(pooled: dict, endpoints: dict, final: bool = False) -> tuple[str | None, str]:
+    """``auto`` at the first round whose validation ranks models: (metric, why), or (None, why) to wait.
 
-    The pooled AUC when the training centers have benefit labels and their cells rank
-    models (exact bounds narrower than [0, 1]); else the pooled C-index; else the loss.
-    Small validation splits under the sites' floors often release one cell per label or
-    none, so the AUC cannot rank rounds there while the pair counts still can.
+    The pooled AUC when the training centers have benefit labels and their cells rank models (exact
+    bounds narrower than [0, 1]). While they do not, the decision waits: the first rounds' near-constant
+    scores fall into one or two cells even where a trained model's would rank, and deciding there would
+    select the whole run on another metric. ``final`` (after the last round, ``pooled`` the last
+    validation): the cells never ranked, so the pooled C-index, else the loss. Small validation splits
+    under the sites' floors often release one cell per label or none, while the pair counts still rank.
     """
     if endpoints.get("benefit") and "auc" in pooled and pooled["auc_upper"] - pooled["auc_lower"] < 1.0:
         return "pooled_auc", "the training centers' benefit cells rank models"
+    if endpoints.get("benefit") and not final:
+        return None, "the training centers' released benefit cells do not rank models yet"
     why = ("no benefit label at the training centers" if not endpoints.get("benefit") else
-           "the training centers' released benefit cells cannot rank models (AUC bounds [0, 1])")
+           "the training centers' released benefit cells never ranked models (AUC bounds [0, 1])")
     if pooled.get("c_index") is not None and pooled["c_index"] == pooled["c_index"]:
         return "pooled_c_index", why
     if "loss" in pooled:
         return "val_loss", why + "; no DFS pair counts either"
-    return None, "no training center released validation metrics yet"
+    return None, "no training center released validation metrics"
+
+
+def best_entry(rec: dict, key: float) -> dict:
+    """A round as the selection's current best: its key, threshold, validation and calibration."""
+    return {"round": rec["round"], "key": key, **decision_threshold(rec["val"]), "val": rec["val"],
+            "calibration": rec["val"].get("platt")}
+
+
+def better(key: float, best: dict | None) -> bool:
+    """Whether a round with selection ``key`` replaces ``best``: a higher key; the first of equal keys; the
+    latest round while no round could be ranked (every key -inf)."""
+    return best is None or key > best["key"] or (key == -np.inf and best["key"] == -np.inf)
+
+
+def best_of(history: list[dict], metric: str | None) -> dict | None:
+    """The selected round over ``history`` (records with their pooled ``val``) on ``metric``."""
+    best = None
+    for rec in history:
+        key = selection_key(rec["val"], metric) if metric else -np.inf
+        if better(key, best):
+            best = best_entry(rec, key)
+    return best
 
 
 def selection_key(pooled: dict, metric: str) -> float:

@@ -33,8 +33,8 @@ from server import evaluation, messaging
 from server.progress import Events
 from server.rounds import (centers_of, evaluate_centers, membership, merge_failures, plain_round,
                            secure_round)
-from server.evaluation import (endpoints_of, selection_summary, decision_threshold, decide_auto, resolve_select_metric,
-                               selection_key)
+from server.evaluation import (best_entry, best_of, better, endpoints_of, selection_summary, decide_auto,
+                               resolve_select_metric, selection_key)
 from server.checkpoints import annotate_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from server.roles import NodeView, admit_new_nodes, apply_holdout, query_roles, wait_for_nodes
 from server.secure_aggregation import check_secure_config
@@ -146,6 +146,13 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     stopped_early = None
     eval_request = {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5}
 
+    def decided(rnd: int, why: str) -> None:
+        """``auto`` chose ``select_metric`` at round ``rnd``: say so, and select again over every round so far."""
+        nonlocal best
+        log.info("round %d: rounds are selected on %s (select_metric auto: %s)", rnd, select_metric, why)
+        events("note", text=f"rounds are selected on {select_metric} (select_metric auto: {why})")
+        best = best_of(history, select_metric)
+
     def complete(rec: dict, val: dict) -> None:
         """Round ``rec``'s model was scored: fill in its validation, select, write it down."""
         nonlocal best, select_metric
@@ -155,18 +162,16 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
                         "n", "c_index", "n_dfs", "loss", "abstained", "dfs_abstained")}}
                         for c, e in val["centers"].items()},
                     "failures": merge_failures(rec["failures"], val["failures"])})
+        history.append(rec)
         if select_metric is None:
             select_metric, why = decide_auto(val["pooled"], endpoints)
-            if select_metric is not None:
-                log.info("round %d: rounds are selected on %s (select_metric auto: %s)", rnd, select_metric, why)
-                events("note", text=f"rounds are selected on {select_metric} (select_metric auto: {why})")
+            if select_metric is not None:   # every round so far is ranked on it, not only those from now on
+                decided(rnd, why)
         key = selection_key(val["pooled"], select_metric) if select_metric else -np.inf
         # no center released validation metrics yet (all abstained under their floors): the latest model
-        if best is None or key > best["key"] or (key == -np.inf and best["key"] == -np.inf):
-            best = {"round": rnd, "key": key, **decision_threshold(val["pooled"]), "val": rec["val"],
-                    "calibration": val["pooled"].get("platt")}
+        if better(key, best):
+            best = best_entry(rec, key)
         rec["best_round"] = best["round"]
-        history.append(rec)
         events("round", of=num_rounds, **{k: rec.get(k) for k in ("round", "train_loss", "val", "failures", "dropped",
                                                                  "bytes_sent", "seconds")},
                abstained=sum(1 for e in rec["val_centers"].values() if e["abstained"] and e["dfs_abstained"]),
@@ -269,6 +274,11 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     # --- the selected model on the external center -----------------------------------
     if best is None:
         raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
+    if select_metric is None and history:           # auto, and the benefit cells never ranked a round
+        last = next((h["val"] for h in reversed(history) if h["val"].get("c_index") is not None), history[-1]["val"])
+        select_metric, why = decide_auto(last, endpoints, final=True)
+        if select_metric is not None:
+            decided(history[-1]["round"], why)
     select_metric = select_metric or "val_loss"     # nothing was ever released: the last round, on no metric
     selection = selection_summary(best, select_metric, fed)
     events("selected", **selection, threshold=best["threshold"],

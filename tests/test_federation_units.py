@@ -257,3 +257,27 @@ def test_pooled_evaluation_does_not_depend_on_the_order_the_replies_arrived_in()
             (replies.items(), reversed(list(replies.items())))]
     assert runs[0]["pooled"]["loss"] == runs[1]["pooled"]["loss"]
     assert list(runs[0]["centers"]) == list(runs[1]["centers"]) == ["center_a", "center_b", "center_c"]
+
+
+def test_auto_selection_waits_for_ranking_cells_and_then_ranks_every_round():
+    """``federation.select_metric: auto`` decides on the pooled AUC at the first round whose benefit cells rank
+    models, not at round 1 (whose near-constant scores fill one cell), and then selects over every round so far;
+    if the cells never rank, the C-index decides after the last round."""
+    from server.evaluation import best_of, decide_auto
+
+    both = {"benefit": 80, "dfs": 80}
+    flat = {"auc": 0.5, "auc_lower": 0.0, "auc_upper": 1.0, "c_index": 0.70, "loss": 1.2, "youden_threshold": 0.5}
+    ranks = {"auc": 0.74, "auc_lower": 0.6, "auc_upper": 0.85, "c_index": 0.62, "loss": 1.1, "youden_threshold": 0.4}
+    assert decide_auto(flat, both) == (None, "the training centers' released benefit cells do not rank models yet")
+    assert decide_auto(ranks, both)[0] == "pooled_auc"
+    assert decide_auto(flat, both, final=True)[0] == "pooled_c_index"
+    assert decide_auto(flat, {"benefit": 0, "dfs": 80})[0] == "pooled_c_index"      # DFS only: at once
+    assert decide_auto({"loss": 1.0}, {"benefit": 0, "dfs": 0})[0] == "val_loss"
+    history = [{"round": 1, "val": flat}, {"round": 2, "val": ranks},
+               {"round": 3, "val": {**ranks, "auc": 0.71, "c_index": 0.75}}]
+    best = best_of(history, "pooled_auc")
+    assert (best["round"], best["key"], best["threshold"]) == (2, 0.74, 0.4)   # round 1 cannot rank: never chosen
+    assert best_of(history, "pooled_c_index")["round"] == 3
+    assert best_of(history, "val_loss")["round"] == 2                           # the first of equal keys
+    assert best_of(history[:1], "pooled_auc")["round"] == 1                     # nothing ranks: the latest round
+    assert best_of(history, None)["round"] == 3
