@@ -168,7 +168,8 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
             if select_metric is not None:   # every round so far is ranked on it, not only those from now on
                 decided(rnd, why)
         key = selection_key(val["pooled"], select_metric) if select_metric else -np.inf
-        # no center released validation metrics yet (all abstained under their floors): the latest model
+        # nothing ranks this round (no center released validation metrics under its floors, or auto still waits
+        # for cells that rank): while no round ranks, the latest model
         if better(key, best):
             best = best_entry(rec, key)
         rec["best_round"] = best["round"]
@@ -275,11 +276,15 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     if best is None:
         raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
     if select_metric is None and history:           # auto, and the benefit cells never ranked a round
-        last = next((h["val"] for h in reversed(history) if h["val"].get("c_index") is not None), history[-1]["val"])
+        def released(v: dict, k: str) -> bool:
+            return v.get(k) is not None and bool(np.isfinite(v[k]))
+        # the latest round that released a C-index, else a loss: what the fallback can rank the rounds on
+        last = next((h["val"] for k in ("c_index", "loss") for h in reversed(history) if released(h["val"], k)),
+                    history[-1]["val"])
         select_metric, why = decide_auto(last, endpoints, final=True)
         if select_metric is not None:
             decided(history[-1]["round"], why)
-    select_metric = select_metric or "val_loss"     # nothing was ever released: the last round, on no metric
+    select_metric = select_metric or "val_loss"     # nothing that ranks was ever released: the last round
     selection = selection_summary(best, select_metric, fed)
     events("selected", **selection, threshold=best["threshold"],
            threshold_source=best.get("threshold_source", "Youden on pooled validation"))

@@ -101,16 +101,15 @@ def cmd_simulate(args) -> int:
 def _simulate_loco(data: Path, out: Path, overrides: list[str], args) -> int:
     """Leave-one-center-out CV of the federation (:func:`server.ops.simulation.run_loco`): ``OUT/<center>/``
     holds each fold's run, ``OUT/loco.json`` the folds and their mean and SD."""
-    from common.data.cohort import discover_sites
     from common.learn.baseline import loco_table
-    from server.ops.simulation import run_loco
+    from server.ops.simulation import RunFailed, run_loco
 
-    centers = [s.name for s in discover_sites(data) if s.role != "external"]
-    if len(centers) < 3:
-        err_console.print(f"[red]--loco needs at least 3 training centers in {data} (found {len(centers)})[/red]")
+    try:
+        loco = run_loco(data, out, overrides, console=console, stream=not args.quiet, verbose=args.verbose,
+                        on_failure=lambda c, exc: err_console.print(f"[red]fold {c} failed:[/red] {exc}"))
+    except RunFailed as exc:   # too few training centers: no fold ran
+        err_console.print(f"[red]{exc}[/red]")
         return 2
-    loco = run_loco(data, out, overrides, console=console, stream=not args.quiet, verbose=args.verbose,
-                    on_failure=lambda c, exc: err_console.print(f"[red]fold {c} failed:[/red] {exc}"))
     console.print(loco_table(loco, "Federated leave-one-center-out CV (the external center sealed)"))
     console.print(f"folds: {shown(out)}; summary: {shown(out / 'loco.json')}", soft_wrap=True)
     return 1 if loco["failed"] else 0

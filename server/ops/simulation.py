@@ -136,19 +136,21 @@ def run_loco(cohort_dir: Path, out: Path, overrides: list[str], console: Console
     (``federation.holdout_center``: it never trains and is scored at the end with the full report, as the
     external center would be); the external center is sealed in every fold.  ``out/<center>/`` holds each
     fold's run; the folds, their mean and SD are returned and written to ``out/loco.json``.  A fold that
-    fails is recorded under ``failed`` (and passed to ``on_failure(center, exc)``); the others still run."""
+    fails is recorded under ``failed`` (and passed to ``on_failure(center, exc)``); the others still run.
+    Raises :class:`RunFailed` before any fold when the cohort has fewer than 3 training centers."""
     from common.hashing import json_safe
     from common.learn.baseline import LOCO_KEYS, _num, fold_oracle, loco_summary
 
     console = console or Console()
     out = Path(out)
     centers = [s.name for s in discover_sites(cohort_dir) if s.role != "external"]
+    if len(centers) < 3:
+        raise RunFailed(f"--loco needs at least 3 training centers in {cohort_dir} (found {len(centers)})")
     out.mkdir(parents=True, exist_ok=True)
     folds, failed = {}, {}
     t0 = time.perf_counter()
     for c in centers:
-        if stream:
-            console.print(f"[bold]loco fold: {c} held out[/bold]")
+        console.print(f"[bold]loco fold: {c} held out[/bold]")
         try:
             m = run_simulation(cohort_dir, out / c, [*overrides, f"federation.holdout_center={c}"], console=console,
                                stream=stream, verbose=verbose)
@@ -160,9 +162,8 @@ def run_loco(cohort_dir: Path, out: Path, overrides: list[str], console: Console
         rep = ((m.get("external") or {}).get("centers") or {}).get(c) or {}
         folds[c] = {"n_held_out": rep.get("n"), "selected_round": m.get("selected_round"),
                     **{k: {"value": rep.get(k)} for k in LOCO_KEYS}, **fold_oracle(cohort_dir, c, rep.get("auc"))}
-        if stream:
-            console.print(f"  held-out {c}: AUC {_num(rep.get('auc'))}, ECE {_num(rep.get('ece'))}, "
-                          f"C {_num(rep.get('c_index'))}")
+        console.print(f"  held-out {c}: AUC {_num(rep.get('auc'))}, ECE {_num(rep.get('ece'))}, "
+                      f"C {_num(rep.get('c_index'))}")
     loco = {"folds": folds, "failed": failed, "summary": loco_summary(folds), "seconds": time.perf_counter() - t0,
             "overrides": list(overrides),
             "basis": "federated leave-one-center-out over the training centers; the external center sealed"}
