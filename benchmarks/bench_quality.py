@@ -34,11 +34,11 @@ def _v(report: dict | None, key: str):
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def seed_row(baseline: dict, fed: dict | None, fed_loco: dict | None = None) -> dict:
-    """The issue's quantities for one seed."""
+def seed_row(baseline: dict | None, fed: dict | None, fed_loco: dict | None = None) -> dict:
+    """The issue's quantities for one seed (``baseline`` None: no baseline arm ran)."""
     row = baseline_row(baseline) if baseline else {}
     if fed:
-        row.update(fed_row(fed, row))
+        row = fed_row(fed, row)
     summary = (fed_loco or {}).get("summary")
     if summary:   # the federation's leave-one-center-out CV (the external center sealed)
         for k, name in (("auc", "auc"), ("ece", "ece"), ("c_index", "c"), ("auc_over_oracle", "auc_over_oracle")):
@@ -92,7 +92,7 @@ def baseline_row(baseline: dict) -> dict:
 
 
 def fed_row(fed: dict, row: dict) -> dict:
-    """The federated arm's quantities for one seed, beside the baseline's ``row``."""
+    """``row`` (the baseline's quantities for one seed) with the federated arm's added, as a new dict."""
     row = dict(row)
     # the external center's full report (flat keys: auc, ece, c_index, ...)
     ext = next(iter(((fed.get("external") or {}).get("centers") or {}).values()), None) or {}

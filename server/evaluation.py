@@ -151,6 +151,17 @@ def decide_auto(pooled: dict, endpoints: dict, final: bool = False) -> tuple[str
     return None, "no training center released validation metrics"
 
 
+def decide_auto_at_end(history: list[dict], endpoints: dict) -> tuple[str | None, str]:
+    """``auto`` after the last round, the benefit cells having never ranked one: :func:`decide_auto` (``final``)
+    on the latest round that released a finite C-index, else a finite loss, so that one round without them
+    does not hide what the others released."""
+    def released(v: dict, k: str) -> bool:
+        return v.get(k) is not None and bool(np.isfinite(v[k]))
+    last = next((h["val"] for k in ("c_index", "loss") for h in reversed(history) if released(h["val"], k)),
+                history[-1]["val"])
+    return decide_auto(last, endpoints, final=True)
+
+
 def best_entry(rec: dict, key: float) -> dict:
     """A round as the selection's current best: its key, threshold, validation and calibration."""
     return {"round": rec["round"], "key": key, **decision_threshold(rec["val"]), "val": rec["val"],

@@ -34,7 +34,7 @@ from server.progress import Events
 from server.rounds import (centers_of, evaluate_centers, membership, merge_failures, plain_round,
                            secure_round)
 from server.evaluation import (best_entry, best_of, better, endpoints_of, selection_summary, decide_auto,
-                               resolve_select_metric, selection_key)
+                               decide_auto_at_end, resolve_select_metric, selection_key)
 from server.checkpoints import annotate_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from server.roles import NodeView, admit_new_nodes, apply_holdout, query_roles, wait_for_nodes
 from server.secure_aggregation import check_secure_config
@@ -276,12 +276,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     if best is None:
         raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
     if select_metric is None and history:           # auto, and the benefit cells never ranked a round
-        def released(v: dict, k: str) -> bool:
-            return v.get(k) is not None and bool(np.isfinite(v[k]))
-        # the latest round that released a C-index, else a loss: what the fallback can rank the rounds on
-        last = next((h["val"] for k in ("c_index", "loss") for h in reversed(history) if released(h["val"], k)),
-                    history[-1]["val"])
-        select_metric, why = decide_auto(last, endpoints, final=True)
+        select_metric, why = decide_auto_at_end(history, endpoints)
         if select_metric is not None:
             decided(history[-1]["round"], why)
     select_metric = select_metric or "val_loss"     # nothing that ranks was ever released: the last round

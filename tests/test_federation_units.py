@@ -263,7 +263,7 @@ def test_auto_selection_waits_for_ranking_cells_and_then_ranks_every_round():
     """``federation.select_metric: auto`` decides on the pooled AUC at the first round whose benefit cells rank
     models, not at round 1 (whose near-constant scores fill one cell), and then selects over every round so far;
     if the cells never rank, the C-index decides after the last round."""
-    from server.evaluation import best_of, decide_auto
+    from server.evaluation import best_of, decide_auto, decide_auto_at_end
 
     both = {"benefit": 80, "dfs": 80}
     flat = {"auc": 0.5, "auc_lower": 0.0, "auc_upper": 1.0, "c_index": 0.70, "loss": 1.2, "youden_threshold": 0.5}
@@ -281,3 +281,7 @@ def test_auto_selection_waits_for_ranking_cells_and_then_ranks_every_round():
     assert best_of(history, "val_loss")["round"] == 2                           # the first of equal keys
     assert best_of(history[:1], "pooled_auc")["round"] == 1                     # nothing ranks: the latest round
     assert best_of(history, None)["round"] == 3
+    # after the last round: a last round without a C-index does not hide the earlier rounds' C-indices
+    no_c = {"round": 4, "val": {**flat, "c_index": float("nan")}}
+    assert decide_auto_at_end([history[0], no_c], both)[0] == "pooled_c_index"
+    assert decide_auto_at_end([{"round": 1, "val": {"loss": 1.0}}, {"round": 2, "val": {}}], both)[0] == "val_loss"
