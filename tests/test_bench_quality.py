@@ -70,3 +70,20 @@ def test_federated_loco_row_stands_alone_or_beside_the_baseline():
     both = bq.seed_row(base, fedm, loco)
     assert both["fed_loco_auc"] == 0.79 and both["fed_minus_best_local"] == pytest.approx(0.01)
     assert bq.seed_row(base, fedm) == {k: v for k, v in both.items() if not k.startswith("fed_loco")}
+
+
+def test_loco_folds_compare_with_the_best_local_only_model_on_the_same_center():
+    local = {"summary": {"best_local_auc": {"mean": 0.78}, "mean_local_auc": {"mean": 0.70}},
+             "folds": {"center_a": {"best_local_auc": {"value": 0.80}}, "center_b": {"best_local_auc": {"value": 0.76}},
+                       "center_c": {"best_local_auc": {"value": None}}}}
+    pooled = {"folds": {"center_a": {"auc": {"value": 0.82}}, "center_b": {"auc": {"value": 0.75}},
+                        "center_c": {"auc": {"value": 0.9}}}}
+    fed = {"summary": {"auc": {"mean": 0.8}}, "folds": {"center_a": {"auc": {"value": 0.79}},
+                                                        "center_b": {"auc": {"value": 0.78}}}}
+    row = bq.seed_row({"arms": {}, "loco_local": local, "loco": pooled}, None, fed)
+    assert row["loco_best_local_auc"] == 0.78 and row["loco_mean_local_auc"] == 0.70
+    assert row["loco_minus_best_local"] == pytest.approx((0.02 - 0.01) / 2)     # center_c: no local score
+    assert row["loco_above_best_local_share"] == 0.5
+    assert row["fed_loco_minus_best_local"] == pytest.approx((-0.01 + 0.02) / 2)
+    assert bq.summarise([row])["targets"]["fed_loco_minus_best_local"]["met"]
+    assert "fed_loco_minus_best_local" not in bq.seed_row(None, None, fed)        # no local-only models ran

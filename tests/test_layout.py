@@ -148,6 +148,47 @@ def test_leave_one_center_out_cv_never_touches_the_external_center(tiny_cohort, 
             assert delong_auc_ci(rows["benefit"], rows["prob"])[0] == pytest.approx(fold["auc"]["value"])
 
 
+def test_local_only_models_are_scored_on_every_other_training_center(tiny_cohort, tmp_path):
+    """`--arms loco-local`: each training center's local-only model (the very model of its `local:` arm) scored on
+    every patient of each other training center; per held-out center the best and the mean of those AUCs."""
+    from common.config import load_config
+    from common.data.cohort import discover_sites
+    from common.federation.model_io import load_model_package
+    from common.learn.baseline import run_baseline
+    from common.learn.dataset import site_dataset
+    from common.learn.engine import predict
+    from common.metrics import delong_auc_ci
+    from common.preprocess.cache import ensure_caches
+    import torch
+
+    cfg = load_config(LOCAL_OVERRIDES + ["train.epochs=2"])
+    summary = run_baseline(tiny_cohort, tmp_path / "b", cfg, arms=("local", "loco-local"))
+    sites = {s.name: s for s in discover_sites(tiny_cohort)}
+    train = sorted(n for n, s in sites.items() if s.role != "external")
+    folds = summary["loco_local"]["folds"]
+    assert sorted(folds) == train
+    caches = ensure_caches(list(sites.values()), cfg, progress=False)
+    checked = 0
+    for held, f in folds.items():
+        assert set(f["local_auc"]) <= set(train) - {held}
+        if not f["local_auc"]:
+            continue
+        assert f["best_local_auc"]["value"] == max(f["local_auc"].values())
+        assert f["local_auc"][f["best_local_center"]] == f["best_local_auc"]["value"]
+        assert f["mean_local_auc"]["value"] == pytest.approx(np.mean(list(f["local_auc"].values())))
+        # the score is that of the local: arm's saved model on every patient of the held-out center
+        center, auc = next(iter(f["local_auc"].items()))
+        model = load_model_package(tmp_path / "b" / "models" / f"local_{center}.pt")[0]
+        pred = predict(model, site_dataset(caches[held], None, cfg), 64, torch.device("cpu"), "off")
+        assert delong_auc_ci(pred["benefit"], pred["prob"])[0] == pytest.approx(auc, abs=1e-6)
+        checked += 1
+    assert checked >= 3
+    s = summary["loco_local"]["summary"]["best_local_auc"]
+    assert s["mean"] == pytest.approx(np.mean([f["best_local_auc"]["value"] for f in folds.values()
+                                               if f["best_local_auc"]["value"] is not None]))
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["loco_local"]["folds"].keys() == folds.keys()
+
+
 def test_a_tile_cnn_learns_from_thumbnails_from_the_cli_to_a_saved_model(tiny_cohort, tmp_path):
     """`preprocess.pathology.encoder.name=thumbnail` end to end: the overrides after the folders reach
     `newadj preprocess`, the pooled model gets the tile CNN (tile_net auto), and the saved model reloads."""

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="cohort folder (one site folder per center)")
     p.add_argument("--out", required=True, help="run directory (metrics.json, config.yaml)")
     p.add_argument("--arms", default="pooled,unimodal,local",
-                   help="comma list of pooled, unimodal, local, loco (leave-one-center-out CV over the training centers)")
+                   help="comma list of pooled, unimodal, local, loco (leave-one-center-out CV over the training centers), "
+                        "loco-local (each center's local-only model scored on every other training center)")
     p.add_argument("--features", default=None, metavar="FILE", help="feature file from `newadj schema`")
     _add_overrides(p)
     p.set_defaults(func=cmd_baseline)

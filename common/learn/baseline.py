@@ -4,7 +4,10 @@ Arms (same cohort, same budget, same engine, evaluated on the external center):
 - ``pooled``: every training center's data together (upper bound of federation;
   possible only in simulation);
 - ``local:<center>``: one model per training center on its own data;
-- ``unimodal:<modality>``: pooled data, one modality only (ablations).
+- ``unimodal:<modality>``: pooled data, one modality only (ablations);
+- ``loco`` and ``loco-local``: leave-one-center-out CV over the training centers, of the pooled model and of
+  the local-only models (each center's own model scored on every other training center), for development
+  without the external center.
 """
 from __future__ import annotations
 
@@ -120,7 +123,7 @@ def oracle_ece(cohort_dir: Path, center: str) -> dict | None:
     return {"observed": expected_calibration_error(*truth), "floor": ece_floor(truth[1])}
 
 
-ARMS = ("pooled", "unimodal", "local", "loco")
+ARMS = ("pooled", "unimodal", "local", "loco", "loco-local")
 
 
 def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", "unimodal"),
@@ -195,6 +198,10 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
                 loco_recalibrated(pooled_pred, params, summary["arms"]["pooled"]["threshold"], cfg, seed))
         summary["seconds"] = time.perf_counter() - t0
         _write(out_dir, summary)
+    if "loco-local" in arms:
+        summary["loco_local"] = local_cross_center(cfg, train_sites, caches, tr, va, wanted, seed, console)
+        summary["seconds"] = time.perf_counter() - t0
+        _write(out_dir, summary)
     summary["complete"] = True
     _write(out_dir, summary)
     for t in render_table(summary):
@@ -255,6 +262,41 @@ def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, con
         folds[name].update(entry)
     return {"folds": folds, "summary": loco_summary(folds), "recalibration": params,
             "basis": "leave-one-center-out over the training centers; the external center is not used"}
+
+
+def local_cross_center(cfg, train_sites, caches, tr, va, modalities, seed, console) -> dict:
+    """The local-only counterpart of leave-one-center-out CV: each training center's own model (its train split,
+    selected on its validation split: the ``local:<center>`` arm's model) scored on every patient of each other
+    training center, and, per held-out center, the best and the mean of the other centers' local-only AUCs.  A
+    pooled or federated LOCO fold compares with the best of them ("above every local-only model", measured
+    without the external center, which this never reads)."""
+    held = {s.name: site_dataset(caches[s.name], None, cfg) for s in train_sites}
+    scores: dict = {name: {} for name in held}
+    for s in train_sites:
+        seed_everything(seed)
+        model = model_for(cfg, tr[s.name], modalities)
+        res = train_model(model, tr[s.name], va[s.name], cfg.train, cfg.model.loss, seed=seed)
+        for name, ds in held.items():
+            if name != s.name:
+                rep = evaluate_model(model, ds, res.threshold, cfg.train, seed=seed, calibration=res.calibration)
+                scores[name][s.name] = {k: (rep.get(k) or {}).get("value") for k in ("auc", "ece")}
+        console.print(f"  loco-local:{s.name} ({len(tr[s.name])} train): held-out AUC "
+                      + ", ".join(f"{h} {_num(scores[h][s.name]['auc'])}" for h in held if h != s.name))
+    folds = {}
+    for name, by in scores.items():
+        auc = {c: v["auc"] for c, v in by.items() if v["auc"] is not None and np.isfinite(v["auc"])}
+        best = max(auc, key=auc.get) if auc else None
+        folds[name] = {"local_auc": auc, "best_local_center": best,
+                       "best_local_auc": {"value": auc[best] if best else None},
+                       "mean_local_auc": {"value": float(np.mean(list(auc.values()))) if auc else None}}
+    summary = {}
+    for k in ("best_local_auc", "mean_local_auc"):
+        vals = [f[k]["value"] for f in folds.values() if f[k]["value"] is not None]
+        summary[k] = {"mean": float(np.mean(vals)) if vals else None,
+                      "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "folds": len(vals)}
+    return {"folds": folds, "summary": summary,
+            "basis": "each training center's local-only model scored on every other training center; "
+                     "the external center is not used"}
 
 
 def transfer_recalibration(held_pred: dict, seed: int = 0) -> tuple[dict, dict | None]:
@@ -365,7 +407,26 @@ def render_table(summary: dict) -> list:
     tables = [ext, val]
     if summary.get("loco"):
         tables.append(loco_table(summary["loco"]))
+    if summary.get("loco_local"):
+        tables.append(loco_local_table(summary["loco_local"], summary.get("loco")))
     return tables
+
+
+def loco_local_table(loco_local: dict, loco: dict | None = None):
+    """Per held-out training center: the best and the mean of the other centers' local-only AUCs there (and the
+    pooled model's LOCO fold beside them, when it ran)."""
+    from common.reports.console import compact_table
+
+    cols = [("held out", "left"), ("best local-only", "left"), ("AUC", "right"), ("mean local", "right")]
+    if loco:
+        cols.append(("pooled LOCO", "right"))
+    t = compact_table("Local-only models on the other training centers (the local-only counterpart of LOCO)", cols)
+    for c, f in loco_local["folds"].items():
+        row = [c, f["best_local_center"] or "n/a", _num(f["best_local_auc"]["value"]), _num(f["mean_local_auc"]["value"])]
+        if loco:
+            row.append(_num(((loco["folds"].get(c) or {}).get("auc") or {}).get("value")))
+        t.add_row(*row)
+    return t
 
 
 def loco_table(loco: dict, title: str = "Leave-one-center-out CV (training centers only; each fold's held-out "
