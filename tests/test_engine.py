@@ -143,3 +143,27 @@ def test_lr_schedule_cosine_and_plateau_follow_their_rules_and_leave_federated_t
     cfg_x, tr_x, va_x = _setup(tiny_cohort, refit=False, epochs=1, extra=("train.lr_schedule=step",))
     with pytest.raises(ValueError, match="train.lr_schedule"):
         _train(cfg_x, tr_x, va_x)
+
+
+def test_l2_penalises_weight_matrices_only_and_applies_to_federated_local_epochs(tiny_cohort):
+    """`train.l2`: (l2/2)||W||^2 of every weight matrix added to the training loss; biases and the absent-modality
+    constants are not penalised; the same engine (and penalty) trains a federated client's local epochs."""
+    import pytest
+
+    fast = ("model=linear", "train.lr=0.05")          # a few steps on tiny sites: a larger step lets the penalty act
+    cfg, tr, va = _setup(tiny_cohort, refit=False, epochs=6, extra=fast)
+    cfg_l2, _, _ = _setup(tiny_cohort, refit=False, epochs=6, extra=(*fast, "train.l2=5"))
+    kw = dict(select_best=False, early_stopping=False)   # the last epoch's weights, as a federated client sends
+
+    def norms(sd):
+        mats = sum(float((v ** 2).sum()) for k, v in sd.items() if k.endswith("weight") and v.dim() >= 2)
+        return mats, sd["absent_terms"]
+
+    plain, pen = _train(cfg, tr, va, **kw), _train(cfg_l2, tr, va, **kw)
+    (w_plain, absent_plain), (w_pen, absent_pen) = norms(plain.state_dict), norms(pen.state_dict)
+    assert w_pen < 0.5 * w_plain, (w_pen, w_plain)   # the penalty shrinks the weight matrices ...
+    assert not torch.equal(absent_plain, absent_pen)  # ... while the unpenalised constants still train
+    assert pen.history[-1]["train_loss"] > plain.history[-1]["train_loss"]   # the reported loss includes it
+    cfg_bad, _, _ = _setup(tiny_cohort, refit=False, epochs=1, extra=("train.l2=-1",))
+    with pytest.raises(ValueError, match="train.l2"):
+        _train(cfg_bad, tr, va, **kw)

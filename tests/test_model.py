@@ -516,3 +516,22 @@ def test_model_linear_is_the_linear_configuration():
     model = build_model(OmegaConf.to_container(m), in_channels=C, path_dim=FEAT, n_genes=G, n_clinical=2)
     assert model.branches["mri"].features is None and isinstance(model.branches["pathology"].tile_proj, torch.nn.Linear)
     assert all(isinstance(layer, torch.nn.Linear) for b in ("genomics", "clinical") for layer in model.branches[b].net)
+
+
+@pytest.mark.parametrize("fusion", ["late", "mean"])
+def test_zero_init_starts_from_a_constant_prediction_that_still_learns(fusion):
+    """model.head.zero_init: the benefit and DFS output layers start at zero, so the untrained model gives every
+    patient the same logit and risk; one optimiser step moves them apart (the branches still get gradients)."""
+    torch.manual_seed(0)
+    model = build(small_cfg(fusion=fusion, modality_dropout=0.0, head={"zero_init": True, "dropout": 0.0}))
+    batch = make_batch(seed=3)
+    out = model.eval()(batch)
+    assert torch.equal(out["logit"], out["logit"][:1].expand_as(out["logit"]))
+    assert torch.equal(out["risk"], torch.zeros_like(out["risk"]))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        multitask_loss(model.train()(batch), batch, OmegaConf.create(DEFAULTS["loss"]))[0].backward()
+        opt.step()
+    assert model.eval()(batch)["logit"].std() > 1e-4
+    assert build(small_cfg(fusion=fusion)).eval()(batch)["logit"].std() > 1e-4   # off: random output layers

@@ -177,6 +177,13 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp != "off"
                                   and not torch.cuda.is_bf16_supported()) if device.type == "cuda" else None
     start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    l2 = float(tc.get("l2", 0.0) or 0.0)
+    if l2 < 0:
+        raise ValueError(f"train.l2={l2!r}: a penalty strength >= 0 (0 = off)")
+    # train.l2: (l2/2) x the squared norm of every weight matrix or kernel (not biases, norm scales or the
+    # absent-modality constants), added to the training loss: a coupled L2 penalty, so that Adam's fixed point
+    # is the penalised optimum (AdamW's decoupled weight_decay is not a penalty on the loss)
+    penalised = [q for n, q in model.named_parameters() if n.endswith("weight") and q.dim() >= 2] if l2 > 0 else []
     from common.learn.augment import build_mri_augmentation
 
     def new_optimizer():
@@ -210,6 +217,8 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
                 with _autocast(device, amp):
                     out = model(batch)
                     loss, _ = multitask_loss(out, batch, loss_cfg)
+                if penalised:
+                    loss = loss + 0.5 * l2 * sum((q ** 2).sum() for q in penalised)
                 if start is not None:
                     loss = loss + 0.5 * proximal_mu * sum(((p - s) ** 2).sum()
                                                           for p, s in zip(model.parameters(), start))

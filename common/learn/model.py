@@ -99,6 +99,7 @@ DEFAULTS: dict[str, Any] = {
     "head": {
         "hidden": 64,
         "dropout": 0.2,
+        "zero_init": False,
     },
     "loss": {
         "benefit_weight": 1.0,
@@ -429,6 +430,16 @@ class NewAdjNet(nn.Module):
         else:
             self.benefit_head = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Dropout(p), nn.Linear(h, 1))
             self.risk_head = nn.Linear(d, 1, bias=False)  # Cox log-hazard: bias is not identifiable
+        if cfg["head"].get("zero_init"):
+            # the output layers start at zero: the initial model predicts a constant, and with linear branches
+            # (model=linear) the initial coefficients of the features are zero, as a logistic regression's fit
+            # starts, instead of the product of two random matrices
+            last = ([*self.benefit_terms.values(), *self.risk_terms.values()] if self.fusion == "late"
+                    else [self.benefit_head[-1], self.risk_head])
+            for layer in last:
+                nn.init.zeros_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     # ---------------- presence / dropout ----------------
     @staticmethod
