@@ -8,7 +8,8 @@ the gene panel and the clinical covariates (AFP as log10).  A missing value is t
 image features (``image``; ``mri`` or ``path`` for one modality's) within each center before the fit (label-free,
 as ``train.path_norm: site`` does for tiles).
 
-    python benchmarks/bench_linear_reference.py --cohort runs/full [--C 0.03] [--site-zscore image] [--modalities mri]
+    python benchmarks/bench_linear_reference.py --cohort runs/full [--C 0.03] [--site-zscore image] [--modalities mri] \
+        [--fit-on train]
 
 Reads each site's latest cache through ``SiteDataset`` (``newadj preprocess`` first).  The external center is never read.
 A diagnostic: it chose nothing by itself (BENCHMARKS.md, "Late fusion").
@@ -37,7 +38,7 @@ def patient_features(dataset, center_frac: float, afp_index: int | None) -> pd.D
     for it in dataset.items:
         if np.isnan(it["benefit"]):
             continue
-        f = {"patient_id": it["patient_id"], "benefit": int(it["benefit"]),
+        f = {"patient_id": it["patient_id"], "benefit": int(it["benefit"]), "split": it["split"],
              "has_mri": float(it["mri"] is not None), "has_slide": float(it["path"] is not None)}
         if it["mri"] is not None:
             stats = center_box_stats(torch.from_numpy(it["mri"])[None], center_frac)[0].numpy()
@@ -73,6 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--site-zscore", choices=("image", "mri", "path", "all", "none"), default="image")
     ap.add_argument("--modalities", default="mri,pathology,genomics,clinical",
                     help="comma-separated subset of mri, pathology, genomics, clinical (a unimodal reference)")
+    ap.add_argument("--fit-on", choices=("all", "train"), default="all",
+                    help="fit on every patient of the other centers (all) or on their train splits only, as the "
+                         "network (which selects on the validation splits)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     prefixes = {"mri": ("img_mri", "has_mri"), "pathology": ("img_path", "has_slide"), "genomics": ("gene",),
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
         frames.append(df.assign(center=site.name))
     data = pd.concat(frames, ignore_index=True)
     keep = tuple(p for m in chosen for p in prefixes[m])
-    feats = [c for c in data.columns if c not in ("patient_id", "benefit", "center") and c.startswith(keep)]
+    feats = [c for c in data.columns if c not in ("patient_id", "benefit", "center", "split") and c.startswith(keep)]
     X = data[feats].astype(float)
     zcols = {"image": [c for c in feats if c.startswith("img_")],
              "mri": [c for c in feats if c.startswith("img_mri")],
@@ -111,16 +115,17 @@ def main(argv=None) -> int:
     folds = {}
     for center in sorted(data["center"].unique()):
         held = (data["center"] == center).to_numpy()
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=a.C, max_iter=5000)).fit(X[~held], y[~held])
+        fit = ~held & ((data["split"] == "train").to_numpy() if a.fit_on == "train" else True)
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=a.C, max_iter=5000)).fit(X[fit], y[fit])
         folds[center] = float(roc_auc_score(y[held], model.predict_proba(X[held])[:, 1]))
     aucs = np.array(list(folds.values()))
-    print(f"linear reference, LOCO over {len(folds)} training centers ({len(feats)} features, C={a.C}, "
+    print(f"linear reference, LOCO over {len(folds)} training centers ({len(feats)} features, C={a.C}, fit on {a.fit_on}, "
           f"site z-score: {a.site_zscore}; {', '.join(chosen)}):")
     for c, v in folds.items():
         print(f"  {c:10s} AUC {v:.3f}")
     print(f"  mean       AUC {aucs.mean():.3f} +- {aucs.std(ddof=1):.3f}")
     if a.json:
-        a.json.write_text(json.dumps({"C": a.C, "site_zscore": a.site_zscore, "modalities": chosen, "n_features": len(feats),
+        a.json.write_text(json.dumps({"C": a.C, "fit_on": a.fit_on, "site_zscore": a.site_zscore, "modalities": chosen, "n_features": len(feats),
                                       "folds": folds, "mean": float(aucs.mean())}, indent=2) + "\n")
     return 0
 
