@@ -145,10 +145,15 @@ def test_lr_schedule_cosine_and_plateau_follow_their_rules_and_leave_federated_t
         _train(cfg_x, tr_x, va_x)
 
 
-def test_l2_penalises_weight_matrices_only_and_applies_to_federated_local_epochs(tiny_cohort):
-    """`train.l2`: (l2/2)||W||^2 of every weight matrix added to the training loss; biases and the absent-modality
-    constants are not penalised; the same engine (and penalty) trains a federated client's local epochs."""
+def test_l2_penalises_weight_matrices_only(tiny_cohort):
+    """`train.l2`: (l2/2)||W||^2 of every weight matrix added to the training loss (also where the engine trains
+    a fixed number of epochs without selecting, as a federated client's local epochs); biases, LayerNorm scales,
+    the no-data embedding and the absent-modality constants are not penalised."""
     import pytest
+
+    from common.config import load_config
+    from common.learn.baseline import model_for
+    from common.learn.engine import l2_penalised
 
     fast = ("model=linear", "train.lr=0.05")          # a few steps on tiny sites: a larger step lets the penalty act
     cfg, tr, va = _setup(tiny_cohort, refit=False, epochs=6, extra=fast)
@@ -159,6 +164,10 @@ def test_l2_penalises_weight_matrices_only_and_applies_to_federated_local_epochs
         mats = sum(float((v ** 2).sum()) for k, v in sd.items() if k.endswith("weight") and v.dim() >= 2)
         return mats, sd["absent_terms"]
 
+    names = {n for n, _ in l2_penalised(model_for(load_config(["model=newadjnet"]), tr))}
+    assert names and all(n.endswith("weight") for n in names)
+    assert not names & {"absent_terms", "no_data"} and not any(".post." in n or n.startswith("post.") for n in names)
+    assert any(n.startswith("branches.mri.features") for n in names)       # convolution kernels are
     plain, pen = _train(cfg, tr, va, **kw), _train(cfg_l2, tr, va, **kw)
     (w_plain, absent_plain), (w_pen, absent_pen) = norms(plain.state_dict), norms(pen.state_dict)
     assert w_pen < 0.5 * w_plain, (w_pen, w_plain)   # the penalty shrinks the weight matrices ...

@@ -148,7 +148,7 @@ def test_leave_one_center_out_cv_never_touches_the_external_center(tiny_cohort, 
             assert delong_auc_ci(rows["benefit"], rows["prob"])[0] == pytest.approx(fold["auc"]["value"])
 
 
-def test_local_only_models_are_scored_on_every_other_training_center(tiny_cohort, tmp_path):
+def test_local_only_models_are_scored_on_every_other_training_center(tiny_cohort, tmp_path, monkeypatch):
     """`--arms loco-local`: each training center's local-only model (the very model of its `local:` arm) scored on
     every patient of each other training center; per held-out center the best and the mean of those AUCs."""
     from common.config import load_config
@@ -164,6 +164,31 @@ def test_local_only_models_are_scored_on_every_other_training_center(tiny_cohort
     cfg = load_config(LOCAL_OVERRIDES + ["train.epochs=2"])
     summary = run_baseline(tiny_cohort, tmp_path / "b", cfg, arms=("local", "loco-local"))
     sites = {s.name: s for s in discover_sites(tiny_cohort)}
+    # without the local arms: the same models (the same scores), and the external center is never read
+    import common.learn.baseline as bl
+
+    ext = next(s for s in sites.values() if s.role == "external")
+    ext_cache = ensure_caches([ext], cfg, progress=False)[ext.name]
+    real_dataset, real_oracle = bl.site_dataset, bl.oracle_auc
+
+    def sealed(cache_dir, *a, **k):
+        assert Path(cache_dir) != Path(ext_cache), "the external center was read"
+        return real_dataset(cache_dir, *a, **k)
+
+    def oracle(cohort, center):
+        assert center != ext.name, "the external oracle was read"
+        return real_oracle(cohort, center)
+    monkeypatch.setattr(bl, "site_dataset", sealed)
+    monkeypatch.setattr(bl, "oracle_auc", oracle)
+    real_ensure = bl.ensure_caches
+
+    def ensure(site_refs, *a, **k):
+        assert ext.name not in {x.name for x in site_refs}, "the external center was preprocessed"
+        return real_ensure(site_refs, *a, **k)
+    monkeypatch.setattr(bl, "ensure_caches", ensure)
+    alone = run_baseline(tiny_cohort, tmp_path / "c", cfg, arms=("loco", "loco-local"))
+    assert alone["arms"] == {} and alone["n_external"] is None and alone["oracle_external_auc"] is None
+    assert alone["loco_local"]["folds"] == summary["loco_local"]["folds"]
     train = sorted(n for n, s in sites.items() if s.role != "external")
     folds = summary["loco_local"]["folds"]
     assert sorted(folds) == train

@@ -1,6 +1,6 @@
 """``newadj baseline``: the non-federated reference arms, all on one training engine.
 
-Arms (same cohort, same budget, same engine, evaluated on the external center):
+Arms (same cohort, same budget, same engine; the first three are evaluated on the external center):
 - ``pooled``: every training center's data together (upper bound of federation;
   possible only in simulation);
 - ``local:<center>``: one model per training center on its own data;
@@ -47,16 +47,25 @@ def present_modalities(ds) -> list[str]:
     return [m for m in MODALITIES if any(have[m](it) for it in ds.items)]
 
 
-def run_arm(name, cfg, train_ds, val_ds, test_ds, modalities=None, seed=0, model_path: Path | None = None,
-            predictions: dict | None = None) -> dict:
+def train_arm(cfg, train_ds, val_ds, modalities=None, seed=0):
+    """(model, TrainResult) of one arm: built and trained from the seed."""
     # the seed fixes the initial weights too (torch seeds each new process at random): the same run twice
     # gives the same model
     seed_everything(seed)
     model = model_for(cfg, train_ds, modalities)
-    res = train_model(model, train_ds, val_ds, cfg.train, cfg.model.loss, seed=seed)
+    return model, train_model(model, train_ds, val_ds, cfg.train, cfg.model.loss, seed=seed)
+
+
+def run_arm(name, cfg, train_ds, val_ds, test_ds, modalities=None, seed=0, model_path: Path | None = None,
+            predictions: dict | None = None, also: dict | None = None) -> dict:
+    """Train one arm and score it on ``test_ds`` (None: scored nowhere); ``also``: {name: dataset} it is
+    scored on as well (the reports under ``held_out``)."""
+    model, res = train_arm(cfg, train_ds, val_ds, modalities, seed)
     hazard = baseline_hazard(model, train_ds, cfg.train)
     ext = evaluate_model(model, test_ds, res.threshold, cfg.train, seed=seed, hazard=hazard,
-                         calibration=res.calibration, predictions=predictions)
+                         calibration=res.calibration, predictions=predictions) if test_ds is not None else {}
+    held_out = {h: evaluate_model(model, ds, res.threshold, cfg.train, seed=seed, hazard=hazard,
+                                  calibration=res.calibration) for h, ds in (also or {}).items()}
     if model_path is not None:
         arm_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         if modalities is not None:
@@ -69,7 +78,7 @@ def run_arm(name, cfg, train_ds, val_ds, test_ds, modalities=None, seed=0, model
             "val": res.val, "threshold": res.threshold, "calibration": res.calibration,
             "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
             "n_train": res.n_train, "n_val": res.n_val, "seconds": res.seconds,
-            "train_samples_per_s": res.samples_per_s}
+            "train_samples_per_s": res.samples_per_s, **({"held_out": held_out} if also else {})}
 
 
 def endpoints_of(ds) -> list[str]:
@@ -142,10 +151,13 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
     if len(ext) != 1 or not train_sites:
         raise SystemExit(f"{cohort_dir}: a baseline needs exactly one external site and at least one training site "
                          f"(found external={[s.name for s in ext]}, train={[s.name for s in train_sites]})")
-    caches = ensure_caches(sites, cfg, progress=True)
+    # the external center is read (its cache, its labels, its oracle) only by the arms scored there: a run of
+    # leave-one-center-out arms alone leaves it sealed
+    scores_external = any(a in arms for a in ("pooled", "unimodal", "local"))
+    caches = ensure_caches(sites if scores_external else train_sites, cfg, progress=True)
     tr = {s.name: site_dataset(caches[s.name], ["train"], cfg) for s in train_sites}
     va = {s.name: site_dataset(caches[s.name], ["val"], cfg) for s in train_sites}
-    test = site_dataset(caches[ext[0].name], None, cfg)
+    test = site_dataset(caches[ext[0].name], None, cfg) if scores_external else None
     seed = int(cfg.seed)
     pooled_tr, pooled_va = ConcatSites(list(tr.values())), ConcatSites(list(va.values()))
     present = present_modalities(ConcatSites([pooled_tr, pooled_va]))
@@ -171,18 +183,28 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
         for s in train_sites:
             plan.append((f"local:{s.name}", tr[s.name], va[s.name], wanted))
     summary = {
-        "cohort": str(cohort_dir), "external_site": ext[0].name, "n_external": len(test),
-        "oracle_external_auc": oracle_auc(cohort_dir, ext[0].name),
-        "oracle_external_ece": oracle_ece(cohort_dir, ext[0].name), "endpoints": endpoints_of(pooled_tr),
+        "cohort": str(cohort_dir), "external_site": ext[0].name, "n_external": len(test) if test is not None else None,
+        "oracle_external_auc": oracle_auc(cohort_dir, ext[0].name) if scores_external else None,
+        "oracle_external_ece": oracle_ece(cohort_dir, ext[0].name) if scores_external else None,
+        "endpoints": endpoints_of(pooled_tr),
         "modalities": wanted, "skipped_arms": skipped, "config_hash": config_hash(cfg), "complete": False,
         "arms": {},
     }
     t0 = time.perf_counter()
     pooled_pred: dict = {}      # the pooled arm's external labels and probabilities, for the LOCO recalibration
+    # loco-local: every training center's full data, on which the other centers' local-only models are scored
+    held = {s.name: site_dataset(caches[s.name], None, cfg) for s in train_sites} if "loco-local" in arms else {}
+    local_scores: dict = {}     # center -> {other training center: the center's local-only model's report there}
+
+    def others(center):
+        return {h: d for h, d in held.items() if h != center} or None
     for name, trd, vad, mods in plan:
         console.print(f"[bold]{name}[/bold]: {len(trd)} train / {len(vad)} val patients")
+        center = name.split(":", 1)[1] if name.startswith("local:") else None
         r = run_arm(name, cfg, trd, vad, test, mods, seed, model_path=out_dir / "models" / f"{name.replace(':', '_')}.pt",
-                    predictions=pooled_pred if name == "pooled" else None)
+                    predictions=pooled_pred if name == "pooled" else None, also=others(center) if center else None)
+        if "held_out" in r:
+            local_scores[center] = r.pop("held_out")
         summary["arms"][name] = r
         summary["seconds"] = time.perf_counter() - t0
         _write(out_dir, summary)
@@ -199,7 +221,14 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
         summary["seconds"] = time.perf_counter() - t0
         _write(out_dir, summary)
     if "loco-local" in arms:
-        summary["loco_local"] = local_cross_center(cfg, train_sites, caches, tr, va, wanted, seed, console)
+        for s in train_sites:   # without the local arms: the same models, scored on the other centers only
+            if s.name not in local_scores:
+                r = run_arm(f"local:{s.name}", cfg, tr[s.name], va[s.name], None, wanted, seed, also=others(s.name))
+                local_scores[s.name] = r["held_out"]
+            console.print(f"  loco-local:{s.name} ({len(tr[s.name])} train): AUC on "
+                          + ", ".join(f"{h} {_num((rep.get('auc') or {}).get('value'))}"
+                                      for h, rep in local_scores[s.name].items()))
+        summary["loco_local"] = local_cross_center(local_scores)
         summary["seconds"] = time.perf_counter() - t0
         _write(out_dir, summary)
     summary["complete"] = True
@@ -264,37 +293,21 @@ def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, con
             "basis": "leave-one-center-out over the training centers; the external center is not used"}
 
 
-def local_cross_center(cfg, train_sites, caches, tr, va, modalities, seed, console) -> dict:
-    """The local-only counterpart of leave-one-center-out CV: each training center's own model (its train split,
-    selected on its validation split: the ``local:<center>`` arm's model) scored on every patient of each other
-    training center, and, per held-out center, the best and the mean of the other centers' local-only AUCs.  A
-    pooled or federated LOCO fold compares with the best of them ("above every local-only model", measured
-    without the external center, which this never reads)."""
-    held = {s.name: site_dataset(caches[s.name], None, cfg) for s in train_sites}
-    scores: dict = {name: {} for name in held}
-    for s in train_sites:
-        seed_everything(seed)
-        model = model_for(cfg, tr[s.name], modalities)
-        res = train_model(model, tr[s.name], va[s.name], cfg.train, cfg.model.loss, seed=seed)
-        for name, ds in held.items():
-            if name != s.name:
-                rep = evaluate_model(model, ds, res.threshold, cfg.train, seed=seed, calibration=res.calibration)
-                scores[name][s.name] = {k: (rep.get(k) or {}).get("value") for k in ("auc", "ece")}
-        console.print(f"  loco-local:{s.name} ({len(tr[s.name])} train): held-out AUC "
-                      + ", ".join(f"{h} {_num(scores[h][s.name]['auc'])}" for h in held if h != s.name))
+def local_cross_center(local_scores: dict) -> dict:
+    """The local-only counterpart of leave-one-center-out CV, from ``{center: {other center: report}}`` (each
+    training center's own model, the ``local:<center>`` arm's, scored on every patient of each other training
+    center): per held-out center, every other center's local-only AUC there, the best and the mean.  A pooled
+    or federated LOCO fold is compared with the best of them ("above every local-only model", measured without
+    the external center).  Over held-out centers: mean and SD, as :func:`loco_summary`."""
     folds = {}
-    for name, by in scores.items():
-        auc = {c: v["auc"] for c, v in by.items() if v["auc"] is not None and np.isfinite(v["auc"])}
+    for name in local_scores:
+        auc = {c: (by.get(name, {}).get("auc") or {}).get("value") for c, by in local_scores.items() if c != name}
+        auc = {c: float(v) for c, v in auc.items() if v is not None and np.isfinite(v)}
         best = max(auc, key=auc.get) if auc else None
         folds[name] = {"local_auc": auc, "best_local_center": best,
                        "best_local_auc": {"value": auc[best] if best else None},
                        "mean_local_auc": {"value": float(np.mean(list(auc.values()))) if auc else None}}
-    summary = {}
-    for k in ("best_local_auc", "mean_local_auc"):
-        vals = [f[k]["value"] for f in folds.values() if f[k]["value"] is not None]
-        summary[k] = {"mean": float(np.mean(vals)) if vals else None,
-                      "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "folds": len(vals)}
-    return {"folds": folds, "summary": summary,
+    return {"folds": folds, "summary": loco_summary(folds, ("best_local_auc", "mean_local_auc")),
             "basis": "each training center's local-only model scored on every other training center; "
                      "the external center is not used"}
 
@@ -342,11 +355,11 @@ def loco_recalibrated(pred: dict, params: dict, threshold: float, cfg, seed: int
             "ece_loco_calibrated_floor": rep.get("ece_calibrated_floor"), "loco_calibration": params}
 
 
-def loco_summary(folds: dict) -> dict:
-    """Mean and SD over folds of each of ``LOCO_KEYS`` (``{value}`` entries); a fold where a metric abstains
+def loco_summary(folds: dict, keys=LOCO_KEYS) -> dict:
+    """Mean and SD over folds of each of ``keys`` (``{value}`` entries); a fold where a metric abstains
     is left out of its mean and counted."""
     summary = {}
-    for k in LOCO_KEYS:
+    for k in keys:
         vals = [f[k]["value"] for f in folds.values() if isinstance(f.get(k), dict) and f[k].get("value") is not None]
         summary[k] = {"mean": float(np.mean(vals)) if vals else None,
                       "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
@@ -404,7 +417,7 @@ def render_table(summary: dict) -> list:
                     f"{r['seconds']:.0f}")
     for name, why in (summary.get("skipped_arms") or {}).items():
         ext.add_row(name, "-", "skipped", "", why)
-    tables = [ext, val]
+    tables = [ext, val] if summary["arms"] or summary.get("n_external") is not None else []
     if summary.get("loco"):
         tables.append(loco_table(summary["loco"]))
     if summary.get("loco_local"):

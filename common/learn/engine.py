@@ -133,6 +133,12 @@ def _selection(rec: dict, metric: str, train_loss: float) -> tuple:
     return (-train_loss, 0.0)
 
 
+def l2_penalised(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters ``train.l2`` penalises: weight matrices and kernels (not biases, LayerNorm scales, the
+    no-data embedding or the absent-modality constants)."""
+    return [(n, q) for n, q in model.named_parameters() if n.endswith("weight") and q.dim() >= 2]
+
+
 def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *, seed: int = 0,
                 epochs: int | None = None, select_best: bool = True, early_stopping: bool = True,
                 proximal_mu: float = 0.0, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
@@ -180,10 +186,10 @@ def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *
     l2 = float(tc.get("l2", 0.0) or 0.0)
     if l2 < 0:
         raise ValueError(f"train.l2={l2!r}: a penalty strength >= 0 (0 = off)")
-    # train.l2: (l2/2) x the squared norm of every weight matrix or kernel (not biases, norm scales or the
-    # absent-modality constants), added to the training loss: a coupled L2 penalty, so that Adam's fixed point
-    # is the penalised optimum (AdamW's decoupled weight_decay is not a penalty on the loss)
-    penalised = [q for n, q in model.named_parameters() if n.endswith("weight") and q.dim() >= 2] if l2 > 0 else []
+    # train.l2: (l2/2) x the squared norm of every weight matrix or kernel, added to the training loss: a coupled
+    # L2 penalty, whose optimum the optimiser approaches (up to AdamW's small decoupled weight_decay, which is
+    # not a penalty on the loss)
+    penalised = [q for _, q in l2_penalised(model)] if l2 > 0 else []
     from common.learn.augment import build_mri_augmentation
 
     def new_optimizer():
