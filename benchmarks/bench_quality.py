@@ -54,7 +54,7 @@ def seed_row(baseline: dict | None, fed: dict | None, fed_loco: dict | None = No
         for k in ("best_local_auc", "mean_local_auc"):
             if local["summary"][k]["mean"] is not None:
                 row[f"loco_{k}"] = local["summary"][k]["mean"]
-        for prefix, folds in (("loco", ((baseline or {}).get("loco") or {}).get("folds")),
+        for prefix, folds in (("loco", (baseline.get("loco") or {}).get("folds")),
                               ("fed_loco", (fed_loco or {}).get("folds"))):
             gaps = fold_gaps(folds, local["folds"])
             if gaps:

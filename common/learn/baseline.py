@@ -213,7 +213,7 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
                       f"({r['seconds']:.0f}s, {r['train_samples_per_s']:.0f} samples/s)")
     if "loco" in arms:
         summary["loco"] = leave_one_center_out(cfg, train_sites, caches, tr, va, wanted, seed, console,
-                                               cohort_dir=cohort_dir, out_dir=out_dir)
+                                               cohort_dir=cohort_dir, out_dir=out_dir, full=held)
         params = summary["loco"].get("recalibration")
         if params and "pooled" in summary["arms"] and pooled_pred:
             summary["arms"]["pooled"]["external"].update(
@@ -254,7 +254,7 @@ def fold_oracle(cohort_dir, center: str, auc) -> dict:
 
 
 def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, console, cohort_dir=None,
-                         out_dir: Path | None = None) -> dict:
+                         out_dir: Path | None = None, full: dict | None = None) -> dict:
     """Leave-one-center-out CV over the training centers, for development without the external center:
     each fold trains the pooled model on the other centers' train splits (selection, threshold and
     recalibration on their validation splits) and scores it on every patient of the held-out center,
@@ -265,14 +265,17 @@ def leave_one_center_out(cfg, train_sites, caches, tr, va, modalities, seed, con
     held-out predictions, i.e. on centers the scoring model had not seen; each fold's ``ece_loco_calibrated``
     is that of a map fitted on the other folds only, and ``recalibration`` the map fitted on all folds.
     With ``out_dir``, each held-out patient's benefit label and probability go to ``loco_predictions.csv``
-    there (a pooled run on data the caller already holds: for comparing runs, e.g. ensembles of seeds)."""
+    there (a pooled run on data the caller already holds: for comparing runs, e.g. ensembles of seeds).
+    ``full``: each training center's whole dataset where the caller already loaded it (else read per fold)."""
     folds: dict = {}
     held_pred: dict = {}
     for s in train_sites:
         others = [o.name for o in train_sites if o.name != s.name]
         if not others:
             break
-        held = site_dataset(caches[s.name], None, cfg)
+        held = (full or {}).get(s.name)
+        if held is None:
+            held = site_dataset(caches[s.name], None, cfg)
         trd, vad = ConcatSites([tr[o] for o in others]), ConcatSites([va[o] for o in others])
         console.print(f"[bold]loco:{s.name}[/bold]: {len(trd)} train / {len(vad)} val patients, {len(held)} held out")
         held_pred[s.name] = {}
@@ -417,7 +420,7 @@ def render_table(summary: dict) -> list:
                     f"{r['seconds']:.0f}")
     for name, why in (summary.get("skipped_arms") or {}).items():
         ext.add_row(name, "-", "skipped", "", why)
-    tables = [ext, val] if summary["arms"] or summary.get("n_external") is not None else []
+    tables = [ext, val] if summary.get("n_external") is not None else []   # None: no arm read the external center
     if summary.get("loco"):
         tables.append(loco_table(summary["loco"]))
     if summary.get("loco_local"):
