@@ -1,7 +1,7 @@
 """A consortium with DFS and a gene panel only: no benefit label, no image, no clinical covariate.
 
 It runs end to end with no endpoint override (``simulate``, ``evaluate``, ``report``, ``screen``,
-``baseline``), selects rounds on the pooled C-index, and the pooled C-index each round equals
+``baseline``), selects rounds on the pooled validation loss, and the pooled C-index each round equals
 Harrell's C computed within centers on the predictions of that round's model.
 """
 from __future__ import annotations
@@ -58,13 +58,15 @@ def test_the_layout_is_dfs_and_genomics_only(dfs_cohort):
         "clinical.csv", "genomics.csv", "policy.toml", "site.toml"]
 
 
-def test_dfs_only_federation_selects_on_the_pooled_c_index(dfs_run):
+def test_dfs_only_federation_selects_on_the_pooled_validation_loss(dfs_run):
+    """The default ``select_metric: val_loss`` selects a DFS-only run on its (Cox) validation loss; ``auto``'s
+    DFS-only choice, the pooled C-index, is tested in tests/test_federation_units.py."""
     m = _strict_json(dfs_run / "metrics.json")
     assert m["endpoints"]["benefit"] == 0 and m["endpoints"]["dfs"] > 0
-    assert m["selection_metric"] == "pooled_c_index"
+    assert m["selection_metric"] == "val_loss"
     best = next(h for h in m["history"] if h["round"] == m["selected_round"])
-    assert m["selection"]["value"] == pytest.approx(max(h["val"]["c_index"] for h in m["history"]))
-    assert best["val"]["c_index"] == pytest.approx(m["selection"]["value"])
+    assert -m["selection"]["value"] == pytest.approx(min(h["val"]["loss"] for h in m["history"]))
+    assert best["val"]["loss"] == pytest.approx(-m["selection"]["value"])
     for h in m["history"]:
         v = h["val"]
         assert v["c_index_lo"] <= v["c_index"] <= v["c_index_hi"] and v["n_dfs"] > 0 and "auc" not in v
