@@ -535,3 +535,46 @@ def test_zero_init_starts_from_a_constant_prediction_that_still_learns(fusion):
         opt.step()
     assert model.eval()(batch)["logit"].std() > 1e-4
     assert build(small_cfg(fusion=fusion)).eval()(batch)["logit"].std() > 1e-4   # off: random output layers
+
+
+def test_fixed_terms_make_the_branches_carry_the_coefficients():
+    """model.head.fixed_terms: late fusion's benefit term reads coordinate 0 of each modality's embedding and its
+    log-hazard term coordinate 1, and they stay fixed while the rest trains; in the linear configuration the
+    genomics branch's last linear map then holds the modality's coefficients, so train.l2 on it is ridge on them
+    (the fixed weights are not penalised)."""
+    from common.config import load_config
+    from common.learn.engine import l2_penalised
+
+    m = OmegaConf.to_container(load_config(["model=linear", "model.head.fixed_terms=true",
+                                            "model.head.dropout=0.0", "model.modality_dropout=0.0"]).model)
+    torch.manual_seed(0)
+    model = build(m)
+    batch = make_batch(seed=4)
+    terms = {n: q for n, q in model.named_parameters() if n.startswith(("benefit_terms.", "risk_terms.")) and
+             n.endswith(".weight")}
+    assert len(terms) == 2 * len(model.modalities) and not any(q.requires_grad for q in terms.values())
+    fixed = {n: q.detach().clone() for n, q in terms.items()}
+    out = model.eval()(batch)
+    emb = out["embeddings"]
+    want = sum(emb[mo][:, 0] + model.benefit_terms[mo].bias for mo in model.modalities)
+    torch.testing.assert_close(out["logit"], want)
+    torch.testing.assert_close(out["risk"], sum(emb[mo][:, 1] for mo in model.modalities))
+    # the genomics term is affine in the genes with the first row of the branch's only linear map as coefficients
+    lin = model.branches["genomics"].net[-1]
+    values = batch["genomics"] * batch["genomics_mask"]
+    coef = lin.weight[0].detach().clone()
+    torch.testing.assert_close(emb["genomics"][:, 0],
+                               torch.cat([values, batch["genomics_mask"].float()], 1) @ coef + lin.bias[0])
+    names = {n for n, _ in l2_penalised(model)}
+    assert "branches.genomics.net.0.weight" in names and not any("_terms." in n for n in names)
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        multitask_loss(model.train()(batch), batch, OmegaConf.create(DEFAULTS["loss"]))[0].backward()
+        opt.step()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in fixed.items())          # the terms did not move ...
+    assert not torch.equal(after["branches.genomics.net.0.weight"][0], coef)   # ... the coefficients did
+    for bad in ({"fusion": "mean"}, {"embed_dim": 1}, {"head": {"zero_init": True}}):
+        with pytest.raises(ValueError, match="fixed_terms"):
+            build(small_cfg(**{"fusion": "late", **bad, "head": {"fixed_terms": True, **bad.get("head", {})}}))

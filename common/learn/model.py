@@ -100,6 +100,7 @@ DEFAULTS: dict[str, Any] = {
         "hidden": 64,
         "dropout": 0.2,
         "zero_init": False,
+        "fixed_terms": False,
     },
     "loss": {
         "benefit_weight": 1.0,
@@ -127,6 +128,11 @@ def resolve_model_cfg(cfg: Any = None) -> dict:
     merged["modalities"] = [m for m in MODALITIES if m in mods]  # canonical order
     if merged["fusion"] not in ("mean", "attention", "late"):
         raise ValueError(f"model.fusion must be 'mean', 'attention' or 'late', got {merged['fusion']!r}")
+    if merged["head"].get("fixed_terms") and (merged["fusion"] != "late" or int(merged["embed_dim"]) < 2
+                                              or merged["head"].get("zero_init")):
+        raise ValueError("model.head.fixed_terms needs fusion 'late', embed_dim >= 2 and zero_init false, got "
+                         f"fusion {merged['fusion']!r}, embed_dim {merged['embed_dim']}, "
+                         f"zero_init {merged['head'].get('zero_init')}")
     if float(merged["loss"].get("unimodal_weight") or 0.0) < 0:
         raise ValueError(f"model.loss.unimodal_weight must be >= 0, got {merged['loss']['unimodal_weight']!r}")
     return merged
@@ -430,6 +436,18 @@ class NewAdjNet(nn.Module):
         else:
             self.benefit_head = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Dropout(p), nn.Linear(h, 1))
             self.risk_head = nn.Linear(d, 1, bias=False)  # Cox log-hazard: bias is not identifiable
+        if cfg["head"].get("fixed_terms"):
+            # late fusion's terms are fixed, not trained: each modality's benefit term reads coordinate 0 of its
+            # embedding and its log-hazard term coordinate 1. The branch's last linear map then carries the
+            # modality's coefficients itself, so with linear branches (model=linear) train.l2 on it is ridge on
+            # those coefficients, not a penalty on the factors of a product of two trained matrices
+            for m in self.modalities:
+                for layer, k in ((self.benefit_terms[m], 0), (self.risk_terms[m], 1)):
+                    with torch.no_grad():
+                        layer.weight.zero_()
+                        layer.weight[0, k] = 1.0
+                    layer.weight.requires_grad_(False)
+                nn.init.zeros_(self.benefit_terms[m].bias)   # the bias stays trained
         if cfg["head"].get("zero_init"):
             # the output layers start at zero: the initial model predicts a constant, and with linear branches
             # (model=linear) the initial coefficients of the features are zero, as a logistic regression's fit
