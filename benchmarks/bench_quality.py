@@ -126,6 +126,8 @@ def fed_row(fed: dict, row: dict) -> dict:
     row["fed_auc"] = _v(ext, "auc")
     row["fed_ece"] = _v(ext, "ece")
     row["fed_c"] = _v(ext, "c_index")
+    if fed.get("selected_round") is not None:
+        row["fed_selected_round"] = float(fed["selected_round"])
     if row["fed_auc"] is not None and row.get("pooled_auc"):
         row["fed_over_pooled"] = row["fed_auc"] / row["pooled_auc"]
     if row["fed_auc"] is not None and row.get("best_local_auc") is not None:

@@ -126,8 +126,10 @@ def run_seed(seed: int, work: Path, rounds: int, quiet: bool) -> dict:
         out["arms"][name] = score(model, cfg, cohort)
     for strategy in STRATEGIES:
         run = work / f"{strategy}-{seed}"
+        # the settings its BENCHMARKS.md figures were measured with (the federation's defaults until 2026-12-04)
         m = run_simulation(cohort, run, overrides + [f"federation.strategy={strategy}",
-                                                     f"federation.num_rounds={rounds}"], console=console, stream=False)
+                                                     f"federation.num_rounds={rounds}", "federation.local_epochs=2",
+                                                     "federation.select_metric=auto"], console=console, stream=False)
         model, _ = load_model_package(run / "best_model.pt", m["best_model"]["sha256"])
         out["arms"][strategy] = {**score(model, cfg, cohort), "selected_round": m["selected_round"],
                                  "wall_seconds": m.get("wall_seconds")}

@@ -185,6 +185,9 @@ def test_round_lines_and_selection_fit_80_columns():
     assert "1/10   1.235   0.712 [0.55-0.89]   0.665 (0.60-0.73)    5/0/1   12.3   123" in text
     assert "selected: round 7, pooled_auc 0.712 on 6 centers / 120 patients" in text
     assert "decision threshold 0.430" in text
+    show({"event": "selected", "round": 9, "metric": "val_loss", "value": -0.612, "patients": 98, "centers": 5,
+          "threshold": 0.5})
+    assert "selected: round 9, val_loss 0.612 on 5 centers / 98 patients" in con.export_text()   # the loss itself
     assert "federation: run 7846488988231781526, fedavg, 10 rounds" in text.splitlines()
     assert f"  run directory: {run_dir}" in text.splitlines()     # the path on its own line, never broken
 

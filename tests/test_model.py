@@ -538,10 +538,10 @@ def test_zero_init_starts_from_a_constant_prediction_that_still_learns(fusion):
 
 
 def test_fixed_terms_make_the_branches_carry_the_coefficients():
-    """model.head.fixed_terms: late fusion's benefit term reads coordinate 0 of each modality's embedding and its
-    log-hazard term coordinate 1, and they stay fixed while the rest trains; in the linear configuration the
-    genomics branch's last linear map then holds the modality's coefficients, so train.l2 on it is ridge on them
-    (the fixed weights are not penalised)."""
+    """model.head.fixed_terms: late fusion's benefit term is coordinate 0 of each modality's embedding plus a trained
+    bias, and its log-hazard term coordinate 1; they are not parameters (nothing to train, send or perturb). In the
+    linear configuration the genomics branch's last linear map then holds the modality's coefficients, and
+    train.l2 penalises that map (ridge on them)."""
     from common.config import load_config
     from common.learn.engine import l2_penalised
 
@@ -550,31 +550,34 @@ def test_fixed_terms_make_the_branches_carry_the_coefficients():
     torch.manual_seed(0)
     model = build(m)
     batch = make_batch(seed=4)
-    terms = {n: q for n, q in model.named_parameters() if n.startswith(("benefit_terms.", "risk_terms.")) and
-             n.endswith(".weight")}
-    assert len(terms) == 2 * len(model.modalities) and not any(q.requires_grad for q in terms.values())
-    fixed = {n: q.detach().clone() for n, q in terms.items()}
+    names = [n for n, _ in model.named_parameters()]
+    assert "benefit_bias" in names and not any(n.startswith(("benefit_terms.", "risk_terms.")) for n in names)
+    with torch.no_grad():
+        model.benefit_bias.copy_(torch.arange(len(model.modalities), dtype=torch.float32) / 10)
     out = model.eval()(batch)
     emb = out["embeddings"]
-    want = sum(emb[mo][:, 0] + model.benefit_terms[mo].bias for mo in model.modalities)
+    want = sum(emb[mo][:, 0] + model.benefit_bias[j] for j, mo in enumerate(model.modalities))
     torch.testing.assert_close(out["logit"], want)
     torch.testing.assert_close(out["risk"], sum(emb[mo][:, 1] for mo in model.modalities))
     # the genomics term is affine in the genes with the first row of the branch's only linear map as coefficients
     lin = model.branches["genomics"].net[-1]
-    values = batch["genomics"] * batch["genomics_mask"]
     coef = lin.weight[0].detach().clone()
     torch.testing.assert_close(emb["genomics"][:, 0],
-                               torch.cat([values, batch["genomics_mask"].float()], 1) @ coef + lin.bias[0])
-    names = {n for n, _ in l2_penalised(model)}
-    assert "branches.genomics.net.0.weight" in names and not any("_terms." in n for n in names)
-    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=0.05)
+                               torch.cat([batch["genomics"], batch["genomics_mask"].float()], 1) @ coef + lin.bias[0])
+    assert "branches.genomics.net.0.weight" in {n for n, _ in l2_penalised(model)}
+    # a missing modality adds its absent constant in place of its term
+    gone = {k: v.clone() for k, v in batch.items()}
+    gone["has_genomics"][0] = False
+    j = model.modalities.index("genomics")
+    torch.testing.assert_close(model(gone)["logit"][0],
+                               out["logit"][0] - emb["genomics"][0, 0] - model.benefit_bias[j] + model.absent_terms[0, j])
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(3):
         opt.zero_grad()
         multitask_loss(model.train()(batch), batch, OmegaConf.create(DEFAULTS["loss"]))[0].backward()
         opt.step()
-    after = model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in fixed.items())          # the terms did not move ...
-    assert not torch.equal(after["branches.genomics.net.0.weight"][0], coef)   # ... the coefficients did
+    assert not torch.equal(model.branches["genomics"].net[-1].weight[0], coef)    # the coefficients train
+    assert not torch.equal(model.benefit_bias, torch.arange(len(model.modalities)) / 10)   # ... and the biases
     for bad in ({"fusion": "mean"}, {"embed_dim": 1}, {"head": {"zero_init": True}}):
         with pytest.raises(ValueError, match="fixed_terms"):
             build(small_cfg(**{"fusion": "late", **bad, "head": {"fixed_terms": True, **bad.get("head", {})}}))

@@ -14,7 +14,9 @@ from server.ops.simulation import run_simulation
 from tests.conftest import TEST_OVERRIDES, max_abs_diff, round_weights
 
 pytestmark = [pytest.mark.slow]
-OVERRIDES = TEST_OVERRIDES + ["federation.num_rounds=3"]
+# select_metric auto (not the default val_loss): its decision travels in the checkpoint, so a resumed run must
+# select on the metric and round the uninterrupted one did (the one end-to-end test of auto with benefit labels)
+OVERRIDES = TEST_OVERRIDES + ["federation.num_rounds=3", "federation.select_metric=auto"]
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_cohort, tmp_path):
@@ -43,6 +45,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_cohort, tmp_path):
     mb = json.loads((b / "metrics.json").read_text())
     assert [h["round"] for h in mb["history"]] == [1, 2, 3]
     assert mb["selected_round"] == a["selected_round"]
+    assert mb["selection_metric"] == a["selection_metric"] != "auto"
     # replies are aggregated in a fixed order and local training is seeded per (center, round)
     assert max_abs_diff(round_weights(tmp_path / "a", 3), round_weights(b, 3)) <= 1e-6
     ea, eb = a["external"]["centers"]["external"], mb["external"]["centers"]["external"]

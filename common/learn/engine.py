@@ -135,8 +135,8 @@ def _selection(rec: dict, metric: str, train_loss: float) -> tuple:
 
 def l2_penalised(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters ``train.l2`` penalises: weight matrices and kernels (not biases, LayerNorm scales, the
-    no-data embedding, the absent-modality constants or fixed weights, ``model.head.fixed_terms``)."""
-    return [(n, q) for n, q in model.named_parameters() if n.endswith("weight") and q.dim() >= 2 and q.requires_grad]
+    no-data embedding or the absent-modality constants)."""
+    return [(n, q) for n, q in model.named_parameters() if n.endswith("weight") and q.dim() >= 2]
 
 
 def train_model(model: torch.nn.Module, train_ds, val_ds, train_cfg, loss_cfg, *, seed: int = 0,

@@ -427,7 +427,16 @@ class NewAdjNet(nn.Module):
             self.fusion_attn = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1))
         h, p = int(cfg["head"]["hidden"]), float(cfg["head"]["dropout"])
         self.head_drop = nn.Dropout(p)
-        if self.fusion == "late":
+        self.fixed_terms = self.fusion == "late" and bool(cfg["head"].get("fixed_terms"))
+        if self.fusion == "late" and self.fixed_terms:
+            # fixed terms, not parameters (nothing to train, exchange or perturb): each modality's benefit term is
+            # coordinate 0 of its embedding plus a trained bias, its log-hazard term coordinate 1. The branch's
+            # last linear map then carries the modality's coefficients itself, so with linear branches
+            # (model=linear) train.l2 on it is ridge on those coefficients, not a penalty on the factors of a
+            # product of two trained matrices
+            self.benefit_bias = nn.Parameter(torch.zeros(len(self.modalities)))
+            self.absent_terms = nn.Parameter(torch.zeros(2, len(self.modalities)))  # [benefit, risk] x modality
+        elif self.fusion == "late":
             # late fusion: every modality adds its own benefit logit and log-hazard term; a modality that
             # is absent (or dropped) adds a learned constant instead
             self.benefit_terms = nn.ModuleDict({m: nn.Linear(d, 1) for m in self.modalities})
@@ -436,18 +445,6 @@ class NewAdjNet(nn.Module):
         else:
             self.benefit_head = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Dropout(p), nn.Linear(h, 1))
             self.risk_head = nn.Linear(d, 1, bias=False)  # Cox log-hazard: bias is not identifiable
-        if cfg["head"].get("fixed_terms"):
-            # late fusion's terms are fixed, not trained: each modality's benefit term reads coordinate 0 of its
-            # embedding and its log-hazard term coordinate 1. The branch's last linear map then carries the
-            # modality's coefficients itself, so with linear branches (model=linear) train.l2 on it is ridge on
-            # those coefficients, not a penalty on the factors of a product of two trained matrices
-            for m in self.modalities:
-                for layer, k in ((self.benefit_terms[m], 0), (self.risk_terms[m], 1)):
-                    with torch.no_grad():
-                        layer.weight.zero_()
-                        layer.weight[0, k] = 1.0
-                    layer.weight.requires_grad_(False)
-                nn.init.zeros_(self.benefit_terms[m].bias)   # the bias stays trained
         if cfg["head"].get("zero_init"):
             # the output layers start at zero: the initial model predicts a constant, and with linear branches
             # (model=linear) the initial coefficients of the features are zero, as a logistic regression's fit
@@ -573,8 +570,12 @@ class NewAdjNet(nn.Module):
         benefit_terms, risk_terms = [], []
         for j, m in enumerate(self.modalities):
             h = self.head_drop(embeddings[m])
-            benefit_terms.append(torch.where(present[:, j], self.benefit_terms[m](h).squeeze(-1), self.absent_terms[0, j]))
-            risk_terms.append(torch.where(present[:, j], self.risk_terms[m](h).squeeze(-1), self.absent_terms[1, j]))
+            if self.fixed_terms:
+                b, r = h[:, 0] + self.benefit_bias[j], h[:, 1]
+            else:
+                b, r = self.benefit_terms[m](h).squeeze(-1), self.risk_terms[m](h).squeeze(-1)
+            benefit_terms.append(torch.where(present[:, j], b, self.absent_terms[0, j]))
+            risk_terms.append(torch.where(present[:, j], r, self.absent_terms[1, j]))
             logit, risk = logit + benefit_terms[-1], risk + risk_terms[-1]
         return logit, risk, (torch.stack(benefit_terms, dim=1), torch.stack(risk_terms, dim=1))
 

@@ -113,7 +113,9 @@ class EventPrinter:
             self.header_done = False      # a warning breaks the table: repeat its header after it
             self.out.print(f"[yellow]{ev.get('level', 'warning')}:[/yellow] {ev.get('text')}", markup=True)
         elif kind == "selected":
-            value = "unranked" if ev.get("value") is None else f"{ev['value']:.3f}"
+            # the selection key is "higher is better": for val_loss it is minus the loss; print the loss
+            value = ("unranked" if ev.get("value") is None else
+                     f"{-ev['value']:.3f}" if ev.get("metric") == "val_loss" else f"{ev['value']:.3f}")
             self.out.print(f"selected: round {ev.get('round')}, {ev.get('metric')} {value} on {ev.get('centers')} "
                            f"centers / {ev.get('patients')} patients")
             self.out.print(f"decision threshold {fnum(ev.get('threshold'))} ({ev.get('threshold_source', '')})",
