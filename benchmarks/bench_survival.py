@@ -93,7 +93,8 @@ def score(model, cfg, cohort: Path) -> dict:
             "pooled_test": pooled_c_index(list(per.values()))[0], "external": pooled_c_index([ext])[0]}
 
 
-def run_seed(seed: int, work: Path, rounds: int, quiet: bool) -> dict:
+def run_seed(seed: int, work: Path, rounds: int, quiet: bool, strategies: tuple[str, ...] = STRATEGIES,
+             fed_overrides: tuple[str, ...] = ()) -> dict:
     from rich.console import Console
 
     from common.data.cohort import discover_sites
@@ -124,12 +125,14 @@ def run_seed(seed: int, work: Path, rounds: int, quiet: bool) -> dict:
         model = model_from_config(cfg)
         train_model(model, trd, vad, cfg.train, cfg.model.loss, seed=seed)
         out["arms"][name] = score(model, cfg, cohort)
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         run = work / f"{strategy}-{seed}"
-        # the settings its BENCHMARKS.md figures were measured with (the federation's defaults until 2026-12-04)
+        # the settings its BENCHMARKS.md figures were measured with (the federation's defaults until 2026-12-04),
+        # then --fed-overrides on top
         m = run_simulation(cohort, run, overrides + [f"federation.strategy={strategy}",
                                                      f"federation.num_rounds={rounds}", "federation.local_epochs=2",
-                                                     "federation.select_metric=auto"], console=console, stream=False)
+                                                     "federation.select_metric=auto", *fed_overrides],
+                           console=console, stream=False)
         model, _ = load_model_package(run / "best_model.pt", m["best_model"]["sha256"])
         out["arms"][strategy] = {**score(model, cfg, cohort), "selected_round": m["selected_round"],
                                  "wall_seconds": m.get("wall_seconds")}
@@ -157,16 +160,22 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/bench-survival")
     ap.add_argument("--out", default="benchmarks/results/survival_gbsg2.json")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="federated arms, comma-separated")
+    ap.add_argument("--fed-overrides", nargs="*", default=[],
+                    help="federation overrides on top of the pinned 2 local epochs and auto selection, "
+                         "e.g. federation.local_epochs=5 federation.select_metric=val_loss")
     args = ap.parse_args(argv)
     work = Path(args.work)
     results = []
     for s in args.seeds:
-        results.append(run_seed(s, work, args.rounds, args.quiet))
+        results.append(run_seed(s, work, args.rounds, args.quiet,
+                                tuple(x for x in args.strategies.split(",") if x), tuple(args.fed_overrides)))
         print(json.dumps({"seed": s, **{a: round(v["pooled_test"], 3) for a, v in results[-1]["arms"].items()}}),
               flush=True)
     summary = summarise(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"seeds": args.seeds, "rounds": args.rounds, "summary": summary,
+    Path(args.out).write_text(json.dumps({"seeds": args.seeds, "rounds": args.rounds,
+                                          "fed_overrides": list(args.fed_overrides), "summary": summary,
                                           "runs": results}, indent=1))
     print(f"{'arm':<18}{'mean over centers':>22}{'pooled test':>18}{'external':>18}")
     for a, row in summary.items():
