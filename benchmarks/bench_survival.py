@@ -101,9 +101,8 @@ def run_seed(seed: int, work: Path, rounds: int, quiet: bool, strategies: tuple[
     from common.preprocess.cache import ensure_caches
     from common.config import feature_overrides, load_config
     from common.learn.dataset import ConcatSites, site_dataset
-    from common.learn.engine import seed_everything, train_model
+    from common.learn.baseline import train_arm
     from common.federation.model_io import load_model_package
-    from common.learn.task import model_from_config
     from server.schema import FEATURES_YAML
     from server.ops.simulation import run_simulation
 
@@ -122,9 +121,7 @@ def run_seed(seed: int, work: Path, rounds: int, quiet: bool, strategies: tuple[
     t0 = time.perf_counter()
     for name, trd, vad in [("pooled", ConcatSites(list(tr.values())), ConcatSites(list(va.values())))] + \
                           [(f"local:{c}", tr[c], va[c]) for c in CENTERS]:
-        seed_everything(seed)             # the model's initial weights from the seed, not from what ran before
-        model = model_from_config(cfg)
-        train_model(model, trd, vad, cfg.train, cfg.model.loss, seed=seed)
+        model, _ = train_arm(cfg, trd, vad, seed=seed)   # built from the seed, not from what ran before
         out["arms"][name] = score(model, cfg, cohort)
     for strategy in strategies:
         run = work / f"{strategy}-{seed}"

@@ -428,19 +428,19 @@ class NewAdjNet(nn.Module):
         h, p = int(cfg["head"]["hidden"]), float(cfg["head"]["dropout"])
         self.head_drop = nn.Dropout(p)
         self.fixed_terms = self.fusion == "late" and bool(cfg["head"].get("fixed_terms"))
-        if self.fusion == "late" and self.fixed_terms:
-            # fixed terms, not parameters (nothing to train, exchange or perturb): each modality's benefit term is
-            # coordinate 0 of its embedding plus a trained bias, its log-hazard term coordinate 1. The branch's
-            # last linear map then carries the modality's coefficients itself, so with linear branches
-            # (model=linear) train.l2 on it is ridge on those coefficients, not a penalty on the factors of a
-            # product of two trained matrices
-            self.benefit_bias = nn.Parameter(torch.zeros(len(self.modalities)))
-            self.absent_terms = nn.Parameter(torch.zeros(2, len(self.modalities)))  # [benefit, risk] x modality
-        elif self.fusion == "late":
+        if self.fusion == "late":
             # late fusion: every modality adds its own benefit logit and log-hazard term; a modality that
             # is absent (or dropped) adds a learned constant instead
-            self.benefit_terms = nn.ModuleDict({m: nn.Linear(d, 1) for m in self.modalities})
-            self.risk_terms = nn.ModuleDict({m: nn.Linear(d, 1, bias=False) for m in self.modalities})
+            if self.fixed_terms:
+                # fixed terms, not parameters (nothing to train, exchange or perturb): each modality's benefit
+                # term is coordinate 0 of its embedding plus a trained bias, its log-hazard term coordinate 1. The
+                # branch's last linear map then carries the modality's coefficients itself, so with linear branches
+                # (model=linear) train.l2 on it is ridge on those coefficients, not a penalty on the factors of a
+                # product of two trained matrices
+                self.benefit_bias = nn.Parameter(torch.zeros(len(self.modalities)))
+            else:
+                self.benefit_terms = nn.ModuleDict({m: nn.Linear(d, 1) for m in self.modalities})
+                self.risk_terms = nn.ModuleDict({m: nn.Linear(d, 1, bias=False) for m in self.modalities})
             self.absent_terms = nn.Parameter(torch.zeros(2, len(self.modalities)))  # [benefit, risk] x modality
         else:
             self.benefit_head = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Dropout(p), nn.Linear(h, 1))
