@@ -265,6 +265,9 @@ def release_metrics(pred: dict, terms: "Terms", policy, cfg, notices: list[str],
             v = (rep.get(name) or {}).get("value")   # sent only where the site's whitelist has them
             if v is not None and key_listed(name, policy.metric_keys):
                 out[name] = float(v)
+        for name in W.FULL_REPORT_LISTED:   # entries with a CI, likewise only where the whitelist has them
+            if all(key_listed(k, policy.metric_keys) for k in W.full_report_keys(name)):
+                _entry_keys(out, name, rep.get(name))
     if dfs_ok:
         bh_times, bh_cumhaz, cuts = baseline
         rep = dfs_report(t, e, r, horizons, bh_times or None, bh_cumhaz or None, n_boot=n_boot, seed=seed,

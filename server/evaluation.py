@@ -71,7 +71,8 @@ def center_entry(m: dict) -> tuple[dict, dict]:
     if all(k in m for k in W.RISK_CELLS):
         released["risk"] = tuple(list(m[k]) for k in W.RISK_CELLS)
     # a full report: exact values computed at the site (flat: name, name_lo, name_hi)
-    for key in (*(k for name in W.FULL_REPORT for k in W.full_report_keys(name)), *W.FULL_REPORT_POINTS):
+    for key in (*(k for name in W.FULL_REPORT + W.FULL_REPORT_LISTED for k in W.full_report_keys(name)),
+                *W.FULL_REPORT_POINTS):
         if key in m:
             entry[key.replace("-", "_")] = float(m[key])
     for key, v in m.items():

@@ -130,3 +130,50 @@ def test_a_map_fitted_on_other_centers_transfers_and_never_sees_its_own_center()
     one_label = {c: {"y": np.zeros(20), "p": np.full(20, 0.3)} for c in ("a", "b")}
     assert transfer_recalibration(one_label) == ({"a": {"ece_loco_calibrated": {"value": None}},
                                                   "b": {"ece_loco_calibrated": {"value": None}}}, None)
+
+
+def test_calibration_intercept_and_slope_recover_a_known_miscalibration_and_cover_a_calibrated_model():
+    from sklearn.linear_model import LogisticRegression
+
+    from common.metrics import calibration_intercept_slope
+
+    # the model says sigmoid(2.5 z + 1) where the truth is sigmoid(z): slope 1 / 2.5, and too high in the large
+    y, p = _miscalibrated(4000, 2)
+    cal = calibration_intercept_slope(y, p)
+    lp = np.log(p / (1 - p))
+    assert cal["slope"][0] == pytest.approx(0.4, abs=0.03) and cal["slope"][1] < 0.4 < cal["slope"][2]
+    # the same maximum-likelihood slope as an unpenalised logistic regression on the logit (the intercept's
+    # score equation: the recalibrated mean prediction equals the event rate)
+    lr = LogisticRegression(C=np.inf, max_iter=1000).fit(lp[:, None], y)
+    assert cal["slope"][0] == pytest.approx(float(lr.coef_[0, 0]), abs=1e-4)
+    a = cal["intercept"][0]
+    assert a < -0.5 and np.mean(1 / (1 + np.exp(-(a + lp)))) == pytest.approx(y.mean(), abs=1e-6)
+    assert cal["intercept"][2] < 0 and cal["slope"][2] < 1     # both visible: the intervals exclude 0 and 1
+    # a calibrated model on 150 patients: the Wald intervals cover 0 and 1 at about their nominal rate
+    rng = np.random.default_rng(3)
+    cover = np.zeros(2)
+    for _ in range(200):
+        q = rng.uniform(0.05, 0.95, 150)
+        c = calibration_intercept_slope((rng.random(150) < q).astype(int), q)
+        cover += [c["intercept"][1] <= 0 <= c["intercept"][2], c["slope"][1] <= 1 <= c["slope"][2]]
+    assert np.all(cover / 200 > 0.88) and np.all(cover / 200 < 0.99)
+    # nothing to estimate: one class, or every prediction the same (the intercept still is)
+    assert all(np.isnan(v) for v in calibration_intercept_slope([0, 0, 0], [0.1, 0.2, 0.3])["slope"])
+    flat = calibration_intercept_slope([0, 1, 1, 0], [0.3] * 4)
+    assert np.isnan(flat["slope"][0]) and flat["intercept"][0] == pytest.approx(np.log(0.5 / 0.5) - np.log(0.3 / 0.7))
+
+
+def test_the_report_carries_the_calibration_intercept_and_slope_with_their_intervals():
+    from common.metrics import calibration_intercept_slope
+
+    y, p = _miscalibrated(300, 5)
+    rep = evaluate_predictions(y, p, 0.5, n_boot=20)
+    cal = calibration_intercept_slope(y, p)
+    for key, part in (("cal_intercept", "intercept"), ("cal_slope", "slope")):
+        assert rep[key]["method"] == "wald"
+        assert [rep[key][k] for k in ("value", "lo", "hi")] == pytest.approx(list(cal[part]))
+    json.dumps(rep, allow_nan=False)
+    small = evaluate_predictions([0, 1], [0.2, 0.8], 0.5, n_boot=5)       # below min_patients: abstains
+    assert small["cal_slope"]["abstained"] and small["cal_intercept"]["abstained"]
+    one = evaluate_predictions(np.zeros(20), np.full(20, 0.3), 0.5, n_boot=5)
+    assert one["cal_intercept"]["abstained"] and "one class" in one["cal_intercept"]["reason"]

@@ -115,7 +115,7 @@ def test_sites_that_release_no_round_metrics_answer_one_full_report_per_run(tmp_
     assert not t.release and "already released" in t.notices[0]
 
 
-def test_the_full_report_sends_the_ece_floor_only_where_the_sites_whitelist_has_it(tmp_path):
+def test_the_full_report_sends_the_ece_floor_and_weak_calibration_only_where_the_sites_whitelist_has_them(tmp_path):
     from common.config import load_config
     from common.federation import reply_schema as W
 
@@ -131,6 +131,17 @@ def test_the_full_report_sends_the_ece_floor_only_where_the_sites_whitelist_has_
 
     out = D.release_metrics(pred, terms, load_policy(_site(tmp_path)), cfg, [])   # default policy: the schema
     assert 0 < out["ece_floor"] < 1 and "ece-lo" in out and "ece_calibrated_floor" not in out   # no calibration
+    # the calibration intercept and slope, each with its interval (labels drawn from the probabilities)
+    assert out["cal_slope-lo"] < out["cal_slope"] < out["cal_slope-hi"] and out["cal_slope-lo"] < 1 < out["cal_slope-hi"]
+    assert out["cal_intercept-lo"] < out["cal_intercept"] < out["cal_intercept-hi"]
+    default = load_policy(_site(tmp_path))
+    assert D.check_released(default, out, 10) is None and all(key_listed(k, default.metric_keys) for k in out)
+    # the server reads them into the external center's entry (the console's table and bench_quality read that)
+    from server.evaluation import center_entry
+
+    entry, _ = center_entry(out)
+    assert [entry[k] for k in ("cal_slope", "cal_slope_lo", "cal_slope_hi")] == [out[k] for k in W.full_report_keys("cal_slope")]
+    listed |= {k for n_ in W.FULL_REPORT_LISTED for k in W.full_report_keys(n_)}
     # a site that wrote its own list before the floor existed: no floor, and the reply stays within its list
     own = sorted(k for n_ in W.FULL_REPORT for k in W.full_report_keys(n_)) + list(W.BENEFIT_METRICS) + [
         "num-examples", "dfs-abstained", "n-dfs", "n-events", "td-*", "dfs-cal-*", *W.PAIR_WIRE.values()]

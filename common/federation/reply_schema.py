@@ -37,6 +37,9 @@ FULL_REPORT_DFS = ("c_index", "ibs")                 # of the DFS endpoint; the 
 # point values of a full report (the value key only, no -lo/-hi): the ECE a perfectly calibrated model with the
 # site's own probabilities would show on that many patients (common.metrics.ece_floor); the ECE is read against it
 FULL_REPORT_POINTS = ("ece_floor", "ece_calibrated_floor")
+# entries (value, -lo, -hi) newer than some sites' own metric_keys lists, sent only where the site's whitelist has
+# them: the calibration intercept and slope (common.metrics.calibration_intercept_slope; 0 and 1 when calibrated)
+FULL_REPORT_LISTED = ("cal_intercept", "cal_slope")
 CAL_GROUPS = ("all", "low", "mid", "high")          # predicted-risk tertiles
 
 
@@ -55,7 +58,7 @@ def calibration_key(horizon: float, group: str, stat: str) -> str:
 
 METRIC_KEY_PATTERNS = (
     *TRAIN_METRICS, *BENEFIT_METRICS, *DFS_METRICS, "td-*-edges", "td-*-neg", "td-*-pos",
-    *HAZARD_CELLS, *RISK_CELLS, *(k for n in FULL_REPORT for k in full_report_keys(n)), *FULL_REPORT_POINTS, "td-auc-*", "dfs-cal-*",
+    *HAZARD_CELLS, *RISK_CELLS, *(k for n in FULL_REPORT + FULL_REPORT_LISTED for k in full_report_keys(n)), *FULL_REPORT_POINTS, "td-auc-*", "dfs-cal-*",
 )
 # the role query: identity, split sizes, endpoint counts above the site's floors (0 below)
 QUERY_INFO = ("role", "center-id", "n-train", "n-val", "n-test", "n-benefit", "n-dfs")

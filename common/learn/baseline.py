@@ -239,7 +239,7 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
 
 
 LOCO_KEYS = ("auc", "accuracy", "ece", "ece_floor", "ece_calibrated", "ece_loco_calibrated", "c_index",
-             "oracle_auc", "auc_over_oracle", "oracle_ece")
+             "oracle_auc", "auc_over_oracle", "oracle_ece", "cal_intercept", "cal_slope")
 
 
 def fold_oracle(cohort_dir, center: str, auc) -> dict:

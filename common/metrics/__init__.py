@@ -12,7 +12,7 @@ what they lack:
 * DeLong's variance / confidence interval for the AUC and DeLong's paired test,
   computed with the fast mid-rank algorithm of Sun & Xu (2014),
 * expected calibration error (ECE) and a reliability curve that also reports
-  bin counts,
+  bin counts; the calibration intercept and slope with Wald intervals,
 * a percentile bootstrap over patients,
 * a JSON-serialisable evaluation report that abstains instead of crashing,
 * a *privacy-preserving pooled AUC* computed from per-site score histograms,
@@ -30,8 +30,8 @@ Conventions
 from __future__ import annotations
 
 from common.metrics.bootstrap import bootstrap_ci  # noqa: F401
-from common.metrics.calibration import (apply_platt, brier, ece_floor, expected_calibration_error,  # noqa: F401
-                                        fit_platt, fit_platt_cells, reliability_curve)
+from common.metrics.calibration import (apply_platt, brier, calibration_intercept_slope, ece_floor,  # noqa: F401
+                                        expected_calibration_error, fit_platt, fit_platt_cells, reliability_curve)
 from common.metrics.classification import binary_metrics, delong_auc_ci, delong_test, youden_threshold  # noqa: F401
 from common.metrics.federated import (auc_from_cells, auc_from_histograms, pool_histograms,  # noqa: F401
                                      quantiles_from_cells, roc_from_histograms, score_histogram,
@@ -48,6 +48,7 @@ __all__ = [
     "brier",
     "expected_calibration_error",
     "ece_floor",
+    "calibration_intercept_slope",
     "reliability_curve",
     "fit_platt",
     "fit_platt_cells",

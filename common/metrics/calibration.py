@@ -95,6 +95,48 @@ def ece_floor(y_prob: Any, n_bins: int = 10, strategy: str = "uniform", n_sim: i
     return float(np.mean(np.abs(sum_y - sum_p[None, :]).sum(axis=1)) / counts.sum())
 
 
+def calibration_intercept_slope(y_true: Any, y_prob: Any, alpha: float = 0.05) -> dict:
+    """The calibration intercept and slope of predicted probabilities (weak calibration, the first two levels
+    of Van Calster et al.'s calibration hierarchy, as in TRIPOD external validations): with ``lp = logit(p)``,
+
+    - ``intercept`` (calibration-in-the-large): ``a`` in ``logit P(y=1) = a + lp``, the slope fixed at 1;
+      0 when the mean prediction matches the event rate, > 0 when the model predicts too low;
+    - ``slope``: ``b`` in ``logit P(y=1) = c + b * lp``; 1 when the predictions are as spread as the outcomes,
+      < 1 when they are too extreme (overfitting), > 1 when too modest.
+
+    Maximum likelihood: the intercept is the root of its score equation (scipy's ``brentq``), the slope a
+    logistic regression without penalty (scikit-learn); each with a Wald interval from the Fisher information.
+    Unlike the ECE, neither has a sampling floor: a calibrated model's interval covers 0 / 1 at any sample
+    size, so the intervals say whether miscalibration is visible on this many patients.
+    Returns ``{"intercept": (value, lo, hi), "slope": (value, lo, hi), "n": n}``, NaN without both labels;
+    probabilities are clipped to [1e-6, 1 - 1e-6] before the logit."""
+    from scipy.optimize import brentq
+    from scipy.special import expit
+    from scipy.stats import norm
+    from sklearn.linear_model import LogisticRegression
+
+    y, p = _finite_pair(y_true, y_prob)
+    nan3 = (_NAN, _NAN, _NAN)
+    if y.size == 0 or y.min() == y.max():
+        return {"intercept": nan3, "slope": nan3, "n": int(y.size)}
+    z = float(norm.ppf(1.0 - alpha / 2.0))
+    lp = _logit(p)
+    a = float(brentq(lambda t: float(np.sum(y - expit(t + lp))), -50.0, 50.0, xtol=1e-10))
+    q = expit(a + lp)
+    se_a = 1.0 / np.sqrt(max(float(np.sum(q * (1.0 - q))), 1e-300))
+    intercept = (a, float(a - z * se_a), float(a + z * se_a))
+    if float(np.ptp(lp)) < 1e-9:   # every prediction the same: no slope to estimate
+        return {"intercept": intercept, "slope": nan3, "n": int(y.size)}
+    lr = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000, tol=1e-10).fit(lp[:, None], y)
+    c, b = float(lr.intercept_[0]), float(lr.coef_[0, 0])
+    q = expit(c + b * lp)
+    w = q * (1.0 - q)
+    info = np.array([[w.sum(), (w * lp).sum()], [(w * lp).sum(), (w * lp * lp).sum()]])
+    det = float(np.linalg.det(info))
+    se_b = float(np.sqrt(info[0, 0] / det)) if det > 0 else _NAN   # the slope's entry of the inverse
+    return {"intercept": intercept, "slope": (b, b - z * se_b, b + z * se_b), "n": int(y.size)}
+
+
 # --------------------------------------------------------------------------- #
 # recalibration: Platt scaling on the logit of the score
 # --------------------------------------------------------------------------- #

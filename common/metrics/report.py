@@ -7,7 +7,7 @@ import numpy as np
 
 from common.metrics._base import _NAN, _abstain, _as_float, _ci_entry, _jsonify, _two_classes  # noqa: F401
 from common.metrics.bootstrap import _bootstrap_values, _percentiles
-from common.metrics.calibration import apply_platt, ece_floor, expected_calibration_error
+from common.metrics.calibration import apply_platt, calibration_intercept_slope, ece_floor, expected_calibration_error
 from common.metrics.classification import binary_metrics, delong_auc_ci
 from common.metrics.survival import _c_index_entry
 
@@ -27,6 +27,8 @@ _UNDEFINED = {
 }
 # calibration after recalibration (Platt scaling fitted on internal validation): beside the raw ones
 _RECAL_KEYS = ("brier_calibrated", "ece_calibrated")
+# weak calibration (common.metrics.calibration_intercept_slope): Wald CIs, abstained with the classification metrics
+WEAK_CAL_KEYS = ("cal_intercept", "cal_slope")
 _UNDEFINED.update({k: "undefined (no labelled patients)" for k in _RECAL_KEYS})
 
 
@@ -71,6 +73,8 @@ def evaluate_predictions(
     ``risk`` is None but ``time``/``event`` are given, ``y_prob`` is used as
     the risk score (higher = worse).  ``threshold=None`` means 0.5.  All
     values are Python floats/ints/None (NaN -> None); never raises on data.
+    ``cal_intercept`` and ``cal_slope`` (:func:`calibration_intercept_slope`, Wald CIs, ``method="wald"``)
+    are the calibration intercept (0 when calibrated in the large) and slope (1 when calibrated).
     ``ece_floor`` (with a calibration also ``ece_calibrated_floor``) is the ECE that a perfectly calibrated
     model with these probabilities would show on this many patients (:func:`ece_floor`): a point value
     to read the ECE against, present when the classification metrics are.
@@ -100,7 +104,7 @@ def evaluate_predictions(
 
         if n < min_patients:
             reason = f"only {n} labelled patients (< min_patients={min_patients})"
-            for k in ("auc",) + keys:
+            for k in ("auc",) + keys + WEAK_CAL_KEYS:
                 report[k] = _abstain(reason)
         else:
             # AUC with DeLong CI
@@ -130,10 +134,18 @@ def evaluate_predictions(
             if calibration:
                 report["ece_calibrated_floor"] = {"value": ece_floor(apply_platt(p, calibration), ece_bins, seed=seed),
                                                   "method": "simulated"}
+            # calibration intercept and slope (0 and 1 when calibrated; Wald CIs, no sampling floor)
+            try:
+                weak = calibration_intercept_slope(y, p, alpha=alpha)
+                for k, part in (("cal_intercept", "intercept"), ("cal_slope", "slope")):
+                    report[k] = _ci_entry(*weak[part], "wald", f"undefined (one class, or one predicted value: {k})")
+            except Exception as exc:  # pragma: no cover - defensive
+                for k in WEAK_CAL_KEYS:
+                    report[k] = _abstain(f"error: {exc}")
     except Exception as exc:
         report.setdefault("n", None)
         report.setdefault("n_pos", None)
-        for k in ("auc",) + keys:
+        for k in ("auc",) + keys + WEAK_CAL_KEYS:
             report.setdefault(k, _abstain(f"error: {exc}"))
 
     report["c_index"] = _c_index_entry(y_prob, time, event, risk, n_boot, seed, min_patients, alpha)

@@ -199,7 +199,9 @@ EXTERNAL_ROWS = (("auc", "AUC (DeLong)"), ("accuracy", "accuracy"), ("sensitivit
                  ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"), ("brier", "Brier score"),
                  ("ece", "calibration error (ECE)"), ("ece_floor", "ECE if calibrated (floor)"),
                  ("brier_calibrated", "Brier, recalibrated"), ("ece_calibrated", "ECE, recalibrated"),
-                 ("ece_calibrated_floor", "ECE floor, recalibrated"), ("c_index", "DFS C-index"),
+                 ("ece_calibrated_floor", "ECE floor, recalibrated"),
+                 ("cal_intercept", "calibration intercept (0 if calibrated)"),
+                 ("cal_slope", "calibration slope (1 if calibrated)"), ("c_index", "DFS C-index"),
                  ("ibs", "integrated Brier (DFS)"))
 
 

@@ -35,7 +35,7 @@ from common.metrics import apply_platt, delong_auc_ci, evaluate_predictions, rel
 SEED_STUDY = {"external_auc": 0.89, "accuracy": 0.86,
               "reference": "New-adj-Net seed study, external validation cohort (reported AUC 0.89, accuracy 0.86)"}
 CLS_KEYS = ("accuracy", "sensitivity", "specificity", "ppv", "npv")
-CAL_KEYS = ("brier", "ece")
+CAL_KEYS = ("brier", "ece", "cal_intercept", "cal_slope")
 RECAL_KEYS = ("brier_calibrated", "ece_calibrated")
 MODALITY_NAMES = ("mri", "pathology", "genomics")
 

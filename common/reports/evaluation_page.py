@@ -8,7 +8,9 @@ from common.reports.evaluate import CAL_KEYS, CLS_KEYS, RECAL_KEYS, SEED_STUDY
 _LABELS = {"auc": "AUC (DeLong 95% CI)", "accuracy": "accuracy", "sensitivity": "sensitivity",
            "specificity": "specificity", "ppv": "PPV", "npv": "NPV", "brier": "Brier score",
            "ece": "expected calibration error (ECE)", "c_index": "Harrell's C-index",
-           "brier_calibrated": "Brier score, recalibrated", "ece_calibrated": "ECE, recalibrated"}
+           "brier_calibrated": "Brier score, recalibrated", "ece_calibrated": "ECE, recalibrated",
+           "cal_intercept": "calibration intercept (0 if calibrated; Wald 95% CI)",
+           "cal_slope": "calibration slope (1 if calibrated; Wald 95% CI)"}
 
 
 def _subgroup_rows(rows: list[dict], first: str):
