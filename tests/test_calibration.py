@@ -133,8 +133,6 @@ def test_a_map_fitted_on_other_centers_transfers_and_never_sees_its_own_center()
 
 
 def test_calibration_intercept_and_slope_recover_a_known_miscalibration_and_cover_a_calibrated_model():
-    from sklearn.linear_model import LogisticRegression
-
     from common.metrics import calibration_intercept_slope
 
     # the model says sigmoid(2.5 z + 1) where the truth is sigmoid(z): slope 1 / 2.5, and too high in the large
@@ -142,11 +140,22 @@ def test_calibration_intercept_and_slope_recover_a_known_miscalibration_and_cove
     cal = calibration_intercept_slope(y, p)
     lp = np.log(p / (1 - p))
     assert cal["slope"][0] == pytest.approx(0.4, abs=0.03) and cal["slope"][1] < 0.4 < cal["slope"][2]
-    # the same maximum-likelihood slope as an unpenalised logistic regression on the logit (the intercept's
-    # score equation: the recalibrated mean prediction equals the event rate)
-    lr = LogisticRegression(C=np.inf, max_iter=1000).fit(lp[:, None], y)
-    assert cal["slope"][0] == pytest.approx(float(lr.coef_[0, 0]), abs=1e-4)
+    # an independent fit: Newton's method on the two-parameter log-likelihood, and the Wald half-width from
+    # its inverse Hessian (the slope's diagonal entry), which a wrong entry of the information would miss
+    X = np.column_stack([np.ones_like(lp), lp])
+    beta = np.zeros(2)
+    for _ in range(50):
+        q = 1 / (1 + np.exp(-X @ beta))
+        hess = X.T @ (X * (q * (1 - q))[:, None])
+        beta += np.linalg.solve(hess, X.T @ (y - q))
+    half = 1.959964 * np.sqrt(np.linalg.inv(hess)[1, 1])
+    assert cal["slope"][0] == pytest.approx(beta[1], abs=1e-4)
+    assert cal["slope"][2] - cal["slope"][0] == pytest.approx(half, rel=1e-3)
+    assert half != pytest.approx(1.959964 / np.sqrt(hess[1, 1]), rel=0.05)   # the correlation matters here
+    # the intercept's score equation: the recalibrated mean prediction equals the event rate
     a = cal["intercept"][0]
+    q_a = 1 / (1 + np.exp(-(a + lp)))
+    assert cal["intercept"][2] - a == pytest.approx(1.959964 / np.sqrt(np.sum(q_a * (1 - q_a))), rel=1e-6)
     assert a < -0.5 and np.mean(1 / (1 + np.exp(-(a + lp)))) == pytest.approx(y.mean(), abs=1e-6)
     assert cal["intercept"][2] < 0 and cal["slope"][2] < 1     # both visible: the intervals exclude 0 and 1
     # a calibrated model on 150 patients: the Wald intervals cover 0 and 1 at about their nominal rate
@@ -156,11 +165,17 @@ def test_calibration_intercept_and_slope_recover_a_known_miscalibration_and_cove
         q = rng.uniform(0.05, 0.95, 150)
         c = calibration_intercept_slope((rng.random(150) < q).astype(int), q)
         cover += [c["intercept"][1] <= 0 <= c["intercept"][2], c["slope"][1] <= 1 <= c["slope"][2]]
-    assert np.all(cover / 200 > 0.88) and np.all(cover / 200 < 0.99)
+    assert np.all(cover / 200 > 0.88) and np.all(cover / 200 < 0.995)
     # nothing to estimate: one class, or every prediction the same (the intercept still is)
     assert all(np.isnan(v) for v in calibration_intercept_slope([0, 0, 0], [0.1, 0.2, 0.3])["slope"])
     flat = calibration_intercept_slope([0, 1, 1, 0], [0.3] * 4)
     assert np.isnan(flat["slope"][0]) and flat["intercept"][0] == pytest.approx(np.log(0.5 / 0.5) - np.log(0.3 / 0.7))
+    # labels perfectly separated by the predictions (either way round, ties at the border included): the slope's
+    # likelihood has no maximum, so no slope rather than wherever the solver stopped
+    for probs in ([0.1, 0.2, 0.3, 0.6, 0.7, 0.8], [0.6, 0.7, 0.8, 0.1, 0.2, 0.3], [0.1, 0.2, 0.5, 0.5, 0.7, 0.8]):
+        sep = calibration_intercept_slope([0, 0, 0, 1, 1, 1], probs)
+        assert all(np.isnan(v) for v in sep["slope"]) and np.isfinite(sep["intercept"][0])
+    assert np.isfinite(calibration_intercept_slope([0, 0, 1, 0, 1, 1], [0.1, 0.2, 0.3, 0.6, 0.7, 0.8])["slope"][0])
 
 
 def test_the_report_carries_the_calibration_intercept_and_slope_with_their_intervals():

@@ -150,6 +150,10 @@ def test_the_full_report_sends_the_ece_floor_and_weak_calibration_only_where_the
     out = D.release_metrics(pred, terms, pol, cfg, [])
     assert "ece" in out and not listed & set(out)
     assert all(key_listed(k, pol.metric_keys) for k in out)
+    # a list that names one of them by pattern: that one (value and interval), not the other
+    site = _site(tmp_path, "metric_keys = [" + ", ".join(f'"{k}"' for k in own + ["cal_slope*"]) + "]\n")
+    out = D.release_metrics(pred, terms, load_policy(site), cfg, [])
+    assert {"cal_slope", "cal_slope-lo", "cal_slope-hi"} <= set(out) and not any(k.startswith("cal_intercept") for k in out)
 
 
 @pytest.mark.parametrize("text, needle", [

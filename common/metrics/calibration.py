@@ -106,10 +106,12 @@ def calibration_intercept_slope(y_true: Any, y_prob: Any, alpha: float = 0.05) -
 
     Maximum likelihood: the intercept is the root of its score equation (scipy's ``brentq``), the slope a
     logistic regression without penalty (scikit-learn); each with a Wald interval from the Fisher information.
-    Unlike the ECE, neither has a sampling floor: a calibrated model's interval covers 0 / 1 at any sample
-    size, so the intervals say whether miscalibration is visible on this many patients.
-    Returns ``{"intercept": (value, lo, hi), "slope": (value, lo, hi), "n": n}``, NaN without both labels;
-    probabilities are clipped to [1e-6, 1 - 1e-6] before the logit."""
+    Unlike the ECE, neither is biased away from its calibrated value by sampling alone (a Wald interval's
+    coverage is approximate on few patients, where the estimated slope also runs a little above 1), so the
+    intervals say whether miscalibration is visible on this many patients.
+    Returns ``{"intercept": (value, lo, hi), "slope": (value, lo, hi), "n": n}``: NaN without both labels; the
+    slope NaN where it has no finite estimate (every prediction the same, or the labels perfectly separated by
+    the predictions); probabilities are clipped to [1e-6, 1 - 1e-6] before the logit."""
     from scipy.optimize import brentq
     from scipy.special import expit
     from scipy.stats import norm
@@ -125,7 +127,8 @@ def calibration_intercept_slope(y_true: Any, y_prob: Any, alpha: float = 0.05) -
     q = expit(a + lp)
     se_a = 1.0 / np.sqrt(max(float(np.sum(q * (1.0 - q))), 1e-300))
     intercept = (a, float(a - z * se_a), float(a + z * se_a))
-    if float(np.ptp(lp)) < 1e-9:   # every prediction the same: no slope to estimate
+    if float(np.ptp(lp)) < 1e-9 or lp[y == 0].max() <= lp[y == 1].min() or lp[y == 1].max() <= lp[y == 0].min():
+        # every prediction the same, or (quasi-)complete separation: the slope's likelihood has no maximum
         return {"intercept": intercept, "slope": nan3, "n": int(y.size)}
     lr = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000, tol=1e-10).fit(lp[:, None], y)
     c, b = float(lr.intercept_[0]), float(lr.coef_[0, 0])
@@ -133,7 +136,9 @@ def calibration_intercept_slope(y_true: Any, y_prob: Any, alpha: float = 0.05) -
     w = q * (1.0 - q)
     info = np.array([[w.sum(), (w * lp).sum()], [(w * lp).sum(), (w * lp * lp).sum()]])
     det = float(np.linalg.det(info))
-    se_b = float(np.sqrt(info[0, 0] / det)) if det > 0 else _NAN   # the slope's entry of the inverse
+    if not det > 0:
+        return {"intercept": intercept, "slope": nan3, "n": int(y.size)}
+    se_b = float(np.sqrt(info[0, 0] / det))   # the slope's entry of the inverse information
     return {"intercept": intercept, "slope": (b, b - z * se_b, b + z * se_b), "n": int(y.size)}
 
 

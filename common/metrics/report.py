@@ -137,8 +137,10 @@ def evaluate_predictions(
             # calibration intercept and slope (0 and 1 when calibrated; Wald CIs, no sampling floor)
             try:
                 weak = calibration_intercept_slope(y, p, alpha=alpha)
-                for k, part in (("cal_intercept", "intercept"), ("cal_slope", "slope")):
-                    report[k] = _ci_entry(*weak[part], "wald", f"undefined (one class, or one predicted value: {k})")
+                for k, part, why in (("cal_intercept", "intercept", "one class"),
+                                     ("cal_slope", "slope", "one class, one predicted value, or labels perfectly "
+                                                            "separated by the predictions")):
+                    report[k] = _ci_entry(*weak[part], "wald", f"undefined ({why})")
             except Exception as exc:  # pragma: no cover - defensive
                 for k in WEAK_CAL_KEYS:
                     report[k] = _abstain(f"error: {exc}")
