@@ -8,8 +8,12 @@ the gene panel and the clinical covariates (AFP as log10).  A missing value is t
 image features (``image``; ``mri`` or ``path`` for one modality's) within each center before the fit (label-free,
 as ``train.path_norm: site`` does for tiles).
 
-    python benchmarks/bench_linear_reference.py --cohort runs/full [--C 0.03] [--site-zscore image] [--modalities mri] \
-        [--fit-on train]
+    python benchmarks/bench_linear_reference.py --cohort runs/full [--C 0.03 | --C nested] [--site-zscore image] \
+        [--modalities mri] [--fit-on train]
+
+``--C nested`` picks the L2 strength inside each fold, by leave-one-center-out CV over that fold's other training
+centers only (scikit-learn's ``LogisticRegressionCV``, AUC, the grid ``NESTED_GRID``), so the held-out center
+never chooses its own C; a fixed C read off the folds' own results would flatter the reference.
 
 Reads each site's latest cache through ``SiteDataset`` (``newadj preprocess`` first).  The external center is never read.
 A diagnostic: it chose nothing by itself (BENCHMARKS.md, "Late fusion").
@@ -57,8 +61,21 @@ def patient_features(dataset, center_frac: float, afp_index: int | None) -> pd.D
     return pd.DataFrame(rows)
 
 
+NESTED_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
+
+
+def _strength(text: str):
+    if text == "nested":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--C: a number or 'nested', not {text!r}") from None
+
+
 def main(argv=None) -> int:
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import LeaveOneGroupOut
     from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -70,7 +87,9 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cohort", required=True, type=Path)
-    ap.add_argument("--C", type=float, default=0.03, help="inverse L2 strength (scikit-learn)")
+    ap.add_argument("--C", type=_strength, default=0.03,
+                    help="inverse L2 strength (scikit-learn), or 'nested': chosen in each fold by leave-one-center-out "
+                         "CV over that fold's other centers")
     ap.add_argument("--site-zscore", choices=("image", "mri", "path", "all", "none"), default="image")
     ap.add_argument("--modalities", default="mri,pathology,genomics,clinical",
                     help="comma-separated subset of mri, pathology, genomics, clinical (a unimodal reference)")
@@ -112,21 +131,29 @@ def main(argv=None) -> int:
         X.loc[idx, zcols] = (block - block.mean()) / block.std().replace(0, 1).fillna(1)
     X = X.fillna(X.mean()).fillna(0.0)
     y = data["benefit"].to_numpy()
-    folds = {}
+    folds, chosen_c = {}, {}
     for center in sorted(data["center"].unique()):
         held = (data["center"] == center).to_numpy()
         fit = ~held & ((data["split"] == "train").to_numpy() if a.fit_on == "train" else True)
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=a.C, max_iter=5000)).fit(X[fit], y[fit])
+        if a.C == "nested":   # the other centers choose C among themselves; the held-out one is not seen
+            groups = data["center"].to_numpy()[fit]
+            inner = LogisticRegressionCV(Cs=list(NESTED_GRID), cv=list(LeaveOneGroupOut().split(X[fit], y[fit], groups)),
+                                         scoring="roc_auc", max_iter=5000)
+            model = make_pipeline(StandardScaler(), inner).fit(X[fit], y[fit])
+            chosen_c[center] = float(inner.C_[0])
+        else:
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=a.C, max_iter=5000)).fit(X[fit], y[fit])
         folds[center] = float(roc_auc_score(y[held], model.predict_proba(X[held])[:, 1]))
     aucs = np.array(list(folds.values()))
     print(f"linear reference, LOCO over {len(folds)} training centers ({len(feats)} features, C={a.C}, fit on {a.fit_on}, "
           f"site z-score: {a.site_zscore}; {', '.join(chosen)}):")
     for c, v in folds.items():
-        print(f"  {c:10s} AUC {v:.3f}")
+        print(f"  {c:10s} AUC {v:.3f}" + (f"  (C {chosen_c[c]:g}, chosen on the other centers)" if c in chosen_c else ""))
     print(f"  mean       AUC {aucs.mean():.3f} +- {aucs.std(ddof=1):.3f}")
     if a.json:
         a.json.write_text(json.dumps({"C": a.C, "fit_on": a.fit_on, "site_zscore": a.site_zscore, "modalities": chosen, "n_features": len(feats),
-                                      "folds": folds, "mean": float(aucs.mean())}, indent=2) + "\n")
+                                      "folds": folds, "mean": float(aucs.mean()),
+                                      **({"nested_grid": list(NESTED_GRID), "chosen_C": chosen_c} if chosen_c else {})}, indent=2) + "\n")
     return 0
 
 
