@@ -221,3 +221,12 @@ def test_a_federation_every_site_refuses_fails_on_one_line_that_says_why(tiny_co
     assert line.startswith("federation failed: run ") and "finished:failed" in line
     assert "the server said: RuntimeError: only 0 training centers answered" in line
     assert "train.num_threads not accepted" in line and str(tmp_path / "r" / "logs") in line
+
+
+def test_an_interval_with_a_negative_bound_reads_unambiguously():
+    from common.reports.console import frange
+
+    assert frange(0.712, 0.65, 0.77) == "0.712 (0.65-0.77)"
+    assert frange(0.248, -0.42, 0.92) == "0.248 (-0.42 to 0.92)"     # not "(-0.42-0.92)"
+    assert frange(-0.203, -0.59, -0.01, "[]") == "-0.203 [-0.59 to -0.01]"
+    assert frange(float("nan"), 0.1, 0.2) == "-" and frange(0.5, None, 0.6) == "0.500"

@@ -43,10 +43,14 @@ def fnum(v, digits: int = 3) -> str:
 
 
 def frange(v, lo, hi, brackets: str = "()") -> str:
-    """``0.712 (0.65-0.77)``; ``-`` when undefined."""
+    """``0.712 (0.65-0.77)``; ``0.248 (-0.42 to 0.92)`` when a bound is negative (a calibration intercept or
+    slope); ``-`` when undefined."""
     if v is None or v != v:
         return "-"
-    return f"{v:.3f}" + ("" if lo is None or hi is None else f" {brackets[0]}{lo:.2f}-{hi:.2f}{brackets[1]}")
+    if lo is None or hi is None:
+        return f"{v:.3f}"
+    sep = " to " if min(lo, hi) < 0 else "-"
+    return f"{v:.3f} {brackets[0]}{lo:.2f}{sep}{hi:.2f}{brackets[1]}"
 
 
 def compact_table(title: str, columns: list[tuple[str, str]]) -> Table:
