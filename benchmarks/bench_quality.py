@@ -30,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.metrics import WEAK_CAL_KEYS  # noqa: E402  (the calibration intercept and slope)
+
 
 def _v(report: dict | None, key: str):
     x = (report or {}).get(key)
@@ -46,7 +48,7 @@ def seed_row(baseline: dict | None, fed: dict | None, fed_loco: dict | None = No
     summary = (fed_loco or {}).get("summary")
     if summary:   # the federation's leave-one-center-out CV (the external center sealed)
         for k, name in (("auc", "auc"), ("ece", "ece"), ("c_index", "c"), ("auc_over_oracle", "auc_over_oracle"),
-                        ("cal_intercept", "cal_intercept"), ("cal_slope", "cal_slope")):
+                        *((k, k) for k in WEAK_CAL_KEYS)):
             if (summary.get(k) or {}).get("mean") is not None:
                 row[f"fed_loco_{name}"] = summary[k]["mean"]
         row["fed_loco_failed_folds"] = float(len(fed_loco.get("failed") or {}))
@@ -93,7 +95,7 @@ def baseline_row(baseline: dict) -> dict:
             # what is left above the sampling floor: the part of the ECE a model could still remove
             row["pooled_ece_minus_floor"] = row["pooled_ece"] - row["pooled_ece_floor"]
         row["pooled_ece_loco_calibrated"] = _v(pooled["external"], "ece_loco_calibrated")
-        for k in ("cal_intercept", "cal_slope"):   # 0 and 1 when calibrated (Wald CIs in the run's summary)
+        for k in WEAK_CAL_KEYS:   # 0 and 1 when calibrated (Wald CIs in the run's summary)
             row[f"pooled_{k}"] = _v(pooled["external"], k)
         row["pooled_c"] = _v(pooled["external"], "c_index")
         if oracle and row["pooled_auc"] is not None:
@@ -114,7 +116,7 @@ def baseline_row(baseline: dict) -> dict:
     if loco:
         row["loco_auc"] = loco["auc"]["mean"]
         row["loco_ece"] = loco["ece"]["mean"]
-        for k in ("ece_floor", "ece_loco_calibrated", "oracle_auc", "auc_over_oracle", "cal_intercept", "cal_slope"):
+        for k in ("ece_floor", "ece_loco_calibrated", "oracle_auc", "auc_over_oracle", *WEAK_CAL_KEYS):
             if (loco.get(k) or {}).get("mean") is not None:
                 row[f"loco_{k}"] = loco[k]["mean"]
         row["loco_c"] = loco["c_index"]["mean"]
@@ -129,7 +131,7 @@ def fed_row(fed: dict, row: dict) -> dict:
     row["fed_auc"] = _v(ext, "auc")
     row["fed_ece"] = _v(ext, "ece")
     row["fed_c"] = _v(ext, "c_index")
-    for k in ("cal_intercept", "cal_slope"):
+    for k in WEAK_CAL_KEYS:
         row[f"fed_{k}"] = _v(ext, k)
     if fed.get("selected_round") is not None:
         row["fed_selected_round"] = float(fed["selected_round"])

@@ -25,6 +25,7 @@ from common.config import config_hash, save_config
 from common.learn.dataset import ConcatSites, site_dataset
 from common.learn.engine import baseline_hazard, evaluate_model, seed_everything, train_model
 from common.hashing import json_safe
+from common.metrics import WEAK_CAL_KEYS
 from common.learn.model import build_model
 from common.learn.task import model_config
 from common.federation.model_io import save_model_package
@@ -239,7 +240,7 @@ def run_baseline(cohort_dir: Path, out_dir: Path, cfg, arms=("pooled", "local", 
 
 
 LOCO_KEYS = ("auc", "accuracy", "ece", "ece_floor", "ece_calibrated", "ece_loco_calibrated", "c_index",
-             "oracle_auc", "auc_over_oracle", "oracle_ece", "cal_intercept", "cal_slope")
+             "oracle_auc", "auc_over_oracle", "oracle_ece", *WEAK_CAL_KEYS)
 
 
 def fold_oracle(cohort_dir, center: str, auc) -> dict:

@@ -36,7 +36,7 @@ from common.metrics.classification import binary_metrics, delong_auc_ci, delong_
 from common.metrics.federated import (auc_from_cells, auc_from_histograms, pool_histograms,  # noqa: F401
                                      quantiles_from_cells, roc_from_histograms, score_histogram,
                                      youden_from_cells, youden_from_histograms)
-from common.metrics.report import evaluate_predictions  # noqa: F401
+from common.metrics.report import WEAK_CAL_KEYS, evaluate_predictions  # noqa: F401
 from common.metrics.survival import (PAIR_KEYS, baseline_hazard_from_cells, c_index, concordance_pairs,  # noqa: F401
                                      dfs_report, hazard_cells, km_at, pooled_c_index, survival_at, td_auc_labels)
 
@@ -56,6 +56,7 @@ __all__ = [
     "c_index",
     "bootstrap_ci",
     "evaluate_predictions",
+    "WEAK_CAL_KEYS",
     "score_histogram",
     "pool_histograms",
     "auc_from_histograms",

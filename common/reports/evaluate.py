@@ -30,12 +30,12 @@ import numpy as np
 
 from common.hashing import json_safe
 from common.learn.engine import predict
-from common.metrics import apply_platt, delong_auc_ci, evaluate_predictions, reliability_curve
+from common.metrics import WEAK_CAL_KEYS, apply_platt, delong_auc_ci, evaluate_predictions, reliability_curve
 
 SEED_STUDY = {"external_auc": 0.89, "accuracy": 0.86,
               "reference": "New-adj-Net seed study, external validation cohort (reported AUC 0.89, accuracy 0.86)"}
 CLS_KEYS = ("accuracy", "sensitivity", "specificity", "ppv", "npv")
-CAL_KEYS = ("brier", "ece", "cal_intercept", "cal_slope")
+CAL_KEYS = ("brier", "ece", *WEAK_CAL_KEYS)
 RECAL_KEYS = ("brier_calibrated", "ece_calibrated")
 MODALITY_NAMES = ("mri", "pathology", "genomics")
 
