@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 GRADE_P = {"I": [0.55, 0.15, 0.15, 0.15], "II": [0.25, 0.25, 0.25, 0.25], "III": [0.15, 0.15, 0.15, 0.55]}
 CENTERS = ("center_a", "center_b", "center_c", "center_d")
 STRATEGIES = ("fedavg", "fedadam", "fedyogi")
-POLICY = "min_patients = { benefit = 10, dfs = 10 }\nmin_cell_count = 5\n"
+POLICY = ('allowed_run_keys_extra = ["seed", "train.n_boot"]\n'   # runs set their seed (a development site)
+          "min_patients = { benefit = 10, dfs = 10 }\nmin_cell_count = 5\n")
 
 
 def write_cohort(out: Path, seed: int) -> None:

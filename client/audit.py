@@ -30,7 +30,8 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 
-from client.policy import ERR_REFUSED, PolicyError, load_policy, site_identity
+from client.policy import PolicyError, load_policy, site_identity
+from common.federation.reply_schema import ERR_REFUSED
 from common.federation.wire import record_bytes
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def describe_records(msg: Message) -> tuple[dict, int]:
     return out, total
 
 
-def _line(direction: str, msg: Message, context: Context, center: str, **extra) -> dict:
+def audit_record(direction: str, msg: Message, context: Context, center: str, **extra) -> dict:
     md = msg.metadata
     records, total = describe_records(msg)
     rec = {"time": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "direction": direction,
@@ -127,23 +128,23 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
     site_dir, center = site_identity(context.run_config, context.node_config)
     path = audit_path(site_dir, context.node_config)
     try:
-        append_line(path, _line("in", msg, context, center))
+        append_line(path, audit_record("in", msg, context, center))
     except (OSError, ValueError) as exc:
         log.error("audit log %s not writable: %s", path, exc)
-        return Message(Error(code=ERR_REFUSED, reason=f"policy of {center}: audit log not writable ({exc}); "
+        return Message(Error(code=ERR_REFUSED, reason=f"policy of {center}: audit log not writable; "
                                                         "refusing to answer unlogged"), reply_to=msg)
     t0 = time.perf_counter()
     try:
         reply = call_next(msg, context)
     except Exception as exc:
-        append_line(path, _line("out", msg, context, center, records={}, bytes=0, decision="error",
+        append_line(path, audit_record("out", msg, context, center, records={}, bytes=0, decision="error",
                                 reason=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0,
                                 reply_to=msg.metadata.message_id, message_id=""))
         raise
     try:
-        append_line(path, _line("out", reply, context, center, seconds=time.perf_counter() - t0, **_outcome(reply)))
+        append_line(path, audit_record("out", reply, context, center, seconds=time.perf_counter() - t0, **_outcome(reply)))
     except (OSError, ValueError) as exc:
         log.error("audit log %s not writable: %s", path, exc)
-        return Message(Error(code=ERR_REFUSED, reason=f"policy of {center}: audit log not writable ({exc}); "
+        return Message(Error(code=ERR_REFUSED, reason=f"policy of {center}: audit log not writable; "
                                                         "refusing to answer unlogged"), reply_to=msg)
     return reply

@@ -16,22 +16,23 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
+from client.errors import errors_mod
 from client.fault_injection import fault_injection_mod
 from client.disclosure import release_metrics
 from client.policy import evaluate_terms, load_policy, policy_mod
 from client.secure_aggregation import dp_clipping_mod, secure_aggregation_mod
 from client.site_runtime import round_seed, site_manifest, site_runtime
+from common.federation.reply_schema import ERR_REFUSED
 from common.federation.wire import from_arrays, to_arrays
 
 timing.mark("imports_done")
 log = logging.getLogger(__name__)
 # audit outermost: it logs exactly what leaves the site (masked vectors under SecAgg+, refusals of the
-# policy).  Fault injection (tests only, off unless NEWADJ_FAULTS is set) acts on what is sent.  Secure
+# policy).  Errors next: a handler that raises is answered with a code and a category, never its text.
+# Fault injection (tests only, off unless NEWADJ_FAULTS is set) acts on what is sent.  Secure
 # aggregation and DP clipping wrap the same policy-checked handlers as a plain run.
-app = ClientApp(mods=[timing.timing_mod, audit_mod, fault_injection_mod, secure_aggregation_mod, dp_clipping_mod,
-                      policy_mod])
-
-ERR_REFUSED = 403
+app = ClientApp(mods=[timing.timing_mod, audit_mod, errors_mod, fault_injection_mod, secure_aggregation_mod,
+                      dp_clipping_mod, policy_mod])
 
 
 def _refuse(msg: Message, reason: str) -> Message:
@@ -82,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     rnd = int(conf.get("server-round", 0))
     model = model_from_config(cfg, dims=rt.dims)
-    model.load_state_dict(from_arrays(msg.content["arrays"]))
+    model.load_state_dict(from_arrays(msg.content["arrays"], model.state_dict()))
     timing.mark("model_ready")   # MONAI's blocks are imported when the model is built
     content: dict = {}
     if conf.get("evaluate"):
@@ -124,7 +125,7 @@ def restore_local_norm(model, context: Context) -> None:
     The received model was already scored as it came (validation selects the global model)."""
     kept = context.state.array_records.get(LOCAL_NORM)
     if kept is not None:
-        model.load_state_dict(from_arrays(kept), strict=False)
+        model.load_state_dict(kept.to_torch_state_dict(), strict=False)
         log.info("local_norm: %d normalisation tensors of this center's last round restored", len(kept))
 
 
@@ -174,7 +175,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     policy = load_policy(rt.site_dir)
     notices = list(terms.notices)
     model = model_from_config(cfg, dims=rt.dims)
-    model.load_state_dict(from_arrays(msg.content["arrays"]))
+    model.load_state_dict(from_arrays(msg.content["arrays"], model.state_dict()))
     timing.mark("model_ready")   # MONAI's blocks are imported when the model is built
     pred = predict(model, ds, int(cfg.train.eval_batch_size))
     out = release_metrics(pred, terms, policy, cfg, notices,

@@ -28,12 +28,12 @@ from typing import Callable
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 
 from client import disclosure
+from common.federation.reply_schema import ERR_REFUSED
 from common.data.policy import (DEFAULT_POLICY_YAML, MESSAGE_TYPES, POLICY_FILE, Policy, PolicyError,  # noqa: F401
-                                disallowed_overrides, key_listed, load_policy)
+                                key_listed, load_policy, override_refusals)
 
 log = logging.getLogger(__name__)
 
-ERR_REFUSED = 403
 _RECORD_KINDS = {"array": ArrayRecord, "metric": MetricRecord, "config": ConfigRecord}
 # terms the policy mod agreed for an evaluate message, by message id (read by the handler in the same process)
 _TERMS: dict[str, disclosure.Terms] = {}
@@ -187,12 +187,12 @@ def run_overrides(run_config) -> list[str]:
 def check_run(policy: Policy, run_config) -> str | None:
     """Why this run is refused at this site (an override of a key the site does not accept), or None."""
     try:
-        bad = disallowed_overrides(run_overrides(run_config), policy)
-    except ValueError as exc:   # unbalanced quotes in the overrides string
-        return f"run overrides unreadable ({exc})"
+        bad = override_refusals(run_overrides(run_config), policy)
+    except ValueError:   # unbalanced quotes in the overrides string
+        return "run overrides unreadable"
     if bad:
-        return (f"run override(s) of {', '.join(bad)} not accepted: this site lets a run change only "
-                f"its allowed_run_keys")
+        return (f"run override(s) refused: {', '.join(bad)}; this site lets a run change only its "
+                "allowed_run_keys, as plain key=value")
     return None
 
 
@@ -220,8 +220,9 @@ def policy_mod(msg: Message, context: Context, call_next) -> Message:
     site_dir, center = site_identity(context.run_config, context.node_config)
     try:
         policy = load_policy(site_dir)
-    except PolicyError as exc:
-        return refuse(msg, center, f"policy file unusable, refusing everything: {exc}")
+    except PolicyError:
+        log.exception("policy file of %s unusable: refusing everything", center)
+        return refuse(msg, center, "policy file unusable, refusing everything (the site's log says why)")
     reason = check_run(policy, context.run_config)
     if reason is None:
         reason = check_request(policy, msg, default_epochs=lambda: _default_epochs(context))
@@ -240,8 +241,9 @@ def policy_mod(msg: Message, context: Context, call_next) -> Message:
         try:
             terms, reason = disclosure.admit_evaluate(policy, ledger_path(site_dir, context.node_config),
                                                       int(context.run_id), _config(msg))
-        except OSError as exc:
-            reason = f"disclosure ledger not usable ({exc}); refusing to release unrecorded"
+        except OSError:
+            log.exception("disclosure ledger of %s not usable", center)
+            reason = "disclosure ledger not usable; refusing to release unrecorded"
     if reason is not None:
         return refuse(msg, center, reason)
     if terms is not None:

@@ -2,8 +2,9 @@
 environment sets ``NEWADJ_TIMING_LOG`` (a folder), never anything the server sends.
 
 One JSON line per message, ``<folder>/<center>.jsonl``: when the message was created at the
-server, when this ClientApp process started, when its imports were done, when the site's data
-was loaded, when the handler's work was done (all epoch seconds).
+server, when this ClientApp process started (the site's warm runtime: when it claimed the message's
+task), when its imports were done, when the site's data was loaded, when the handler's work was done
+(all epoch seconds).  A mark a message did not pass (a warm runtime imports and loads once) is absent.
 """
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from pathlib import Path
 
 ENV = "NEWADJ_TIMING_LOG"
 MARKS: dict[str, float] = {}
+
+
+def begin_message() -> None:
+    """A warm runtime starts a message: forget the previous message's marks, note when its task was claimed."""
+    MARKS.clear()
+    if os.environ.get(ENV):
+        MARKS["task_claimed"] = time.time()
 
 
 def mark(name: str) -> None:
@@ -30,7 +38,7 @@ def record(msg, center: str, **extra) -> None:
     import psutil
 
     line = {"center": center, "type": str(msg.metadata.message_type), "created": float(msg.metadata.created_at),
-            "process_start": psutil.Process().create_time(), **MARKS, "done": time.time(), "pid": os.getpid(),
+            "process_start": MARKS.get("task_claimed", psutil.Process().create_time()), **MARKS, "done": time.time(), "pid": os.getpid(),
             **extra}
     Path(folder).mkdir(parents=True, exist_ok=True)
     with open(Path(folder) / f"{center}.jsonl", "a") as f:

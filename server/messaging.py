@@ -28,7 +28,7 @@ POLL_SECONDS = 0.5   # between pulls of the replies (Flower's own Grid.send_and_
 
 
 def send_and_collect(grid, msgs: list[Message], timeout: float | None,
-                     poll: float = POLL_SECONDS) -> dict[int, Message | None]:
+                     poll: float | None = None) -> dict[int, Message | None]:
     """{destination node id: its reply, or None when none came before ``timeout``}.
 
     Pushes the messages and pulls their replies every ``poll`` seconds until all came or the
@@ -38,6 +38,7 @@ def send_and_collect(grid, msgs: list[Message], timeout: float | None,
     """
     if not msgs:
         return {}
+    poll = POLL_SECONDS if poll is None else poll   # read now: the ServerApp sets it from the run's config
     if timeout is not None:
         for m in msgs:
             m.metadata.ttl = float(timeout)

@@ -11,7 +11,7 @@ import logging
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from common.federation.wire import content_bytes, from_arrays, upcast
+from common.federation.wire import content_bytes, to_arrays, upcast
 from server.evaluation import (center_entry, pool)
 from server.messaging import NO_REPLY, send_and_collect
 from server.secure_aggregation import average_as_reply, secure_train_round
@@ -113,7 +113,7 @@ def plain_round(grid, roles, rnd, msgs, global_state: dict, fed, fp16: bool) -> 
             continue
         received += content_bytes(r.content)
         ok[center] = r
-    reference = {k: v.numpy() for k, v in global_state.items()}
+    reference = {k: v.numpy() for k, v in to_arrays(global_state).to_torch_state_dict().items()}
     checks = fed.update_checks
     rejected, norms = screen_updates({c: r.content["arrays"] for c, r in ok.items()}, reference, fp16,
                                      None if checks.max_norm_ratio in (None, "") else float(checks.max_norm_ratio),
@@ -150,7 +150,7 @@ def secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed) -
         log.error("round %d: center %s failed in secure aggregation: %s", rnd, center_name(roles, nid), why)
     good = []
     if sr.average is not None:
-        reference = {k: v.numpy() for k, v in from_arrays(send_arrays).items()}
+        reference = {k: v.float().numpy() for k, v in send_arrays.to_torch_state_dict().items()}
         rejected, _ = screen_updates({"(secure sum)": sr.average}, reference, False, None)
         problem = rejected.get("(secure sum)")
         if problem:

@@ -134,7 +134,8 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     elif history_path.exists():
         history_path.unlink()
     weights_bytes = state_dict_bytes(state)
-    arrays = ArrayRecord(state)
+    layout = {k: v.detach().clone() for k, v in state.items()}   # names and shapes of every weight record
+    arrays = to_arrays(state)
     fp16 = bool(fed.fp16_weights) and not secure   # SecAgg+ quantises fp32 weights itself
 
     # --- rounds ---------------------------------------------------------------------
@@ -192,7 +193,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         apply_holdout(roles, fed.get("holdout_center"))   # a center that rejoined keeps its part in the run
         train_ids, ext_ids = membership(grid, roles)
         train_view = NodeView(grid, train_ids)
-        send_arrays = to_arrays(from_arrays(arrays), fp16)
+        send_arrays = to_arrays(from_arrays(arrays, layout), fp16)
         config = ConfigRecord({"local-epochs": int(fed.local_epochs), "fp16": fp16,
                                **({"local-norm": True} if fed.get("local_norm") else {}),
                                **({} if secure or pending is None else {"evaluate": "val", **{
@@ -206,7 +207,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         if secure:
             rt = secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed)
         else:
-            rt = plain_round(grid, roles, rnd, msgs, from_arrays(arrays), fed, fp16)
+            rt = plain_round(grid, roles, rnd, msgs, from_arrays(arrays, layout), fed, fp16)
             if pending is not None:                  # these replies scored the model of round rnd - 1
                 complete(pending, rt["evaluation"])
                 pending = None
@@ -238,11 +239,11 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         if (spent := privacy_spent(strategy)) is not None:
             rec["privacy"] = spent
         if secure:                                   # SecAgg+: scored in a message of its own, now
-            val, s2, r2 = evaluate_centers(grid, train_ids, roles, to_arrays(from_arrays(arrays), fp16),
+            val, s2, r2 = evaluate_centers(grid, train_ids, roles, to_arrays(from_arrays(arrays, layout), fp16),
                                            eval_request, float(fed.round_timeout))
             sent, received = sent + s2, received + r2
         if int(fed.external_every) > 0 and rnd % int(fed.external_every) == 0 and ext_ids:
-            mon, s3, r3 = evaluate_centers(grid, ext_ids, roles, to_arrays(from_arrays(arrays), fp16),
+            mon, s3, r3 = evaluate_centers(grid, ext_ids, roles, to_arrays(from_arrays(arrays, layout), fp16),
                                            {"split": "test", "bins": int(fed.histogram_bins), "threshold": 0.5},
                                            float(fed.round_timeout))
             rec["external_monitoring"] = {"auc": mon["pooled"].get("auc"), "used_for_selection": False}
@@ -252,7 +253,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         n_msgs = len(msgs) + (len(train_ids) if secure else 0) + (len(ext_ids) if "external_monitoring" in rec else 0)
         rec.update({"bytes_sent": sent, "bytes_received": received, "messages_out": n_msgs,
                     "seconds": time.perf_counter() - t0, "train_phase_seconds": t_train})
-        sd = from_arrays(arrays)
+        sd = from_arrays(arrays, layout)
         if secure:
             complete(rec, val)
         else:
@@ -264,7 +265,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
                          "py_random": random.getstate(), "select_metric": select_metric, "pending": pending})
     if pending is not None:                          # the last round's model: scored in a message of its own
         t0 = time.perf_counter()
-        val, s2, r2 = evaluate_centers(grid, membership(grid, roles)[0], roles, to_arrays(from_arrays(arrays), fp16),
+        val, s2, r2 = evaluate_centers(grid, membership(grid, roles)[0], roles, to_arrays(from_arrays(arrays, layout), fp16),
                                        eval_request, float(fed.round_timeout))
         comm["bytes_sent"] += s2
         comm["bytes_received"] += r2
@@ -284,7 +285,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     events("selected", **selection, threshold=best["threshold"],
            threshold_source=best.get("threshold_source", "Youden on pooled validation"))
     best_state, best_meta, _ = load_checkpoint(run_dir / "checkpoints" / f"round_{best['round']:03d}.pt")
-    best_arrays = ArrayRecord(best_state)
+    best_arrays = to_arrays(best_state)
     admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered)
     train_ids, ext_ids = membership(grid, roles)
     # the selected model's baseline hazard, from the training centers' training splits (DFS probabilities)

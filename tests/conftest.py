@@ -22,7 +22,8 @@ LOCAL_OVERRIDES = TEST_OVERRIDES + ["train.min_patients=3"]
 # every tiny test site's own policy: floors low enough for 8-12 patients, cells merged below 2, one torch
 # thread per client (the site's own setting; runs are bit-reproducible with it), and 40 % of a training
 # site's patients validating (the exact split gives 3-4 of 8-10 patients, enough for the floors)
-TINY_SITE_POLICY = """# test site: floors for a tiny cohort (the site's decision, not the run's)
+TINY_SITE_POLICY = """# test site: floors for a tiny cohort (the site's decision, not the run's); runs may set a short bootstrap
+allowed_run_keys_extra = ["seed", "train.n_boot"]
 min_patients = { benefit = 3, dfs = 3 }
 min_cell_count = 2
 
@@ -32,8 +33,28 @@ data.val_fraction = 0.4
 """
 
 
+def project_bundle() -> tuple[Path, str]:
+    """The project's app bundle (what `newadj bundle` writes and `newadj run` submits), built once per process."""
+    import tempfile
+
+    from server.ops.processes import app_dir, write_bundle
+
+    key = str(app_dir())
+    if key not in _BUNDLES:
+        _BUNDLES[key] = write_bundle(Path(tempfile.mkdtemp(prefix="newadj-test-bundle-")) / "newadj.fab")
+    return _BUNDLES[key]
+
+
+_BUNDLES: dict[str, tuple[Path, str]] = {}
+
+
 def write_site_policy(site: Path, text: str = TINY_SITE_POLICY) -> None:
+    """The site's policy.toml: ``text``, and the project's app bundle approved as the site's IT would after
+    reviewing it (`newadj site approve`), so that the site's runtime takes part in the project's runs."""
+    from client.bundles import approve
+
     (Path(site) / "policy.toml").write_text(text)
+    approve(Path(site), project_bundle()[0])
 
 
 def round_weights(run_dir: Path, rnd: int) -> dict:

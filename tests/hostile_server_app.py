@@ -17,6 +17,7 @@ import shlex
 import time
 from pathlib import Path
 
+from common.federation.wire import to_arrays
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -60,7 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     steps = [{"step": "query", "replies": _ask(grid, nodes, MessageType.QUERY, {})}]
     if str(rc.get("attack")) == "disclosure":
         cfg = load_config(shlex.split(str(rc.get("overrides", ""))))
-        arrays = ArrayRecord(model_from_config(cfg).state_dict())   # the same model every time
+        arrays = to_arrays(model_from_config(cfg).state_dict())   # the same model every time
         ask = lambda **c: _ask(grid, nodes, MessageType.EVALUATE, {"split": "test", **c}, arrays)  # noqa: E731
         steps.append({"step": "bins=10000", "replies": ask(bins=10000, threshold=0.5)})
         steps.append({"step": "bins=7", "replies": ask(bins=7, threshold=0.5)})

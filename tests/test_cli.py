@@ -220,7 +220,7 @@ def test_a_federation_every_site_refuses_fails_on_one_line_that_says_why(tiny_co
     line = r.stderr.strip()
     assert line.startswith("federation failed: run ") and "finished:failed" in line
     assert "the server said: RuntimeError: only 0 training centers answered" in line
-    assert "train.num_threads not accepted" in line and str(tmp_path / "r" / "logs") in line
+    assert "run override(s) refused: train.num_threads;" in line and str(tmp_path / "r" / "logs") in line
 
 
 def test_an_interval_with_a_negative_bound_reads_unambiguously():

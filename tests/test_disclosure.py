@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from common.config import join_overrides
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
@@ -178,12 +180,58 @@ def test_run_overrides_outside_the_allow_list_are_refused_naming_the_key(tmp_pat
     for bad in ("train.min_patients=1", "data.cache_dir=/tmp/elsewhere", "preprocess.pathology.encoder.path=/x.pt",
                 "+audit_dir=/tmp", "~train.device", "train.device=cuda"):
         key = bad.lstrip("+~").split("=")[0]
-        with pytest.raises(PolicyError, match=f"not accepted by this site: {key.replace('.', '[.]')}"):
+        with pytest.raises(PolicyError, match=f"refused by this site: {key.replace('.', '[.]')}"):
             site_config(site, [bad])
     # the site may widen or narrow its own list
     (site / "policy.toml").write_text('allowed_run_keys = ["model", "model.*"]\n')
     with pytest.raises(PolicyError, match="federation.num_rounds"):
         site_config(site, ["federation.num_rounds=3"])
+    (site / "policy.toml").write_text('allowed_run_keys_extra = ["seed"]\n')
+    assert site_config(site, ["seed=7", "federation.num_rounds=3"])[0].seed == 7
+
+
+SECRET = "hunter2-secret"
+
+
+@pytest.mark.parametrize("override, named", [
+    # Hydra's package syntax put a config group's file over another package (data.cache_dir, the encoder)
+    ("+model@data=../../../../tmp/x", "model@data"),
+    ("+model@preprocess.pathology.encoder=small", "model@preprocess.pathology.encoder"),
+    ("model@data=small", "model@data"),
+    # an interpolation resolves at the site: the site's environment would come back in an error text
+    ("model.fusion=${oc.env:SITE_DB_PASSWORD}", "model.fusion (an interpolation)"),
+    ("model.fusion='${oc.env:SITE_DB_PASSWORD}'", "model.fusion (an interpolation)"),
+    ("data.genomic_features=[${oc.env:SITE_DB_PASSWORD}]", "data.genomic_features (an interpolation)"),
+    ("train.lr=str(${oc.env:SITE_DB_PASSWORD})", "train.lr (an interpolation)"),
+    # a group option that is a path, adding and deleting keys, sweeps
+    ("model=../../../../tmp/evil", "model (not one of the installed model configurations)"),
+    ("+train.extra=1", "train.extra (a + override)"),
+    ("++federation.strategy=fedavg", "federation.strategy (a + override)"),
+    ("~federation.strategy", "federation.strategy (a ~ override)"),
+    ("federation.num_rounds=3,300", "federation.num_rounds (a sweep)"),
+    # allowed keys with a value of another kind, keys the configuration does not have
+    ("train.lr=/etc/passwd", "train.lr (a value of another kind"),
+    ("model.no_such_key=1", "model.no_such_key (no such setting)"),
+    # what no default policy lets a run name: the seed, the bootstrap count, a floor, an encoder, a path
+    ("seed=3", "seed"),
+    ("train.n_boot=1", "train.n_boot"),
+    ("train.min_patients=1", "train.min_patients"),
+    ("preprocess.pathology.encoder.name=torchscript", "preprocess.pathology.encoder.name"),
+    ("data.cache_dir=/tmp/x", "data.cache_dir"),
+])
+def test_override_attacks_are_refused_naming_the_key_and_never_the_value(tmp_path, monkeypatch, override, named):
+    monkeypatch.setenv("SITE_DB_PASSWORD", SECRET)
+    site = _site(tmp_path)
+    with pytest.raises(PolicyError) as err:
+        site_config(site, ["model=small", override])
+    text = str(err.value)
+    assert named in text, text
+    assert SECRET not in text and "/etc/passwd" not in text and "/tmp/x" not in text and "evil" not in text
+    # the same through the policy mod: the run is refused before any handler, with the key named
+    from client.policy import check_run
+
+    why = check_run(load_policy(site), {"overrides": join_overrides(["model=small", override])})
+    assert why is not None and named.split(" (")[0] in why and SECRET not in why
 
 
 def test_a_packages_config_brings_its_model_but_never_the_sites_settings(tmp_path):
@@ -215,7 +263,7 @@ def test_policy_mod_refuses_a_run_with_site_owned_overrides_before_any_work(tmp_
     reply = policy_mod(_msg("query", {}), _ctx(site, "model=small data.cache_dir=/tmp/elsewhere train.min_patients=1"),
                        lambda m, c: calls.append(1))
     assert reply.has_error() and reply.error.code == 403 and not calls
-    assert "policy of c1: run override(s) of data.cache_dir, train.min_patients not accepted" in reply.error.reason
+    assert "policy of c1: run override(s) refused: data.cache_dir, train.min_patients;" in reply.error.reason
     # an evaluate beyond the threshold cap is refused before the handler, with the reason
     ok = lambda m, c: Message(RecordDict({"metrics": MetricRecord({"num-examples": 3, "abstained": 1})}),  # noqa: E731
                               reply_to=m)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
 from omegaconf import OmegaConf
 
 from common.metrics import roc_from_histograms, score_histogram, youden_from_histograms, youden_threshold
@@ -36,13 +37,31 @@ def test_fp16_wire_halves_bytes_and_upcasts():
     sd = _state()
     a32, a16 = to_arrays(sd), to_arrays(sd, fp16=True)
     assert a16.count_bytes() < 0.55 * a32.count_bytes()
-    back = from_arrays(a16)
+    back = from_arrays(a16, sd)
+    assert list(back) == list(sd) and all(back[k].shape == sd[k].shape for k in sd)
     assert all(v.dtype == torch.float32 for v in back.values())
     assert max(float((back[k] - sd[k]).abs().max()) for k in sd) < 1e-2
     up = upcast(a16)
     assert all(a.dtype == np.float32 for a in up.to_numpy_ndarrays())
-    assert weights_sha256(sd) == weights_sha256(from_arrays(a32))
+    assert weights_sha256(sd) == weights_sha256(from_arrays(a32, sd))
     assert weights_sha256(sd) != weights_sha256(back)
+
+
+def test_a_weight_record_is_one_array_and_refuses_another_layout():
+    """The wire carries one flat array (one Flower object per record, not one per tensor); its reader
+    names and shapes it by the model's own layout and refuses a record that does not fit it."""
+    from common.federation.wire import WEIGHTS
+
+    sd = _state()
+    rec = to_arrays(sd)
+    assert list(rec.keys()) == [WEIGHTS] and rec[WEIGHTS].shape == (sum(v.numel() for v in sd.values()),)
+    smaller = dict(list(sd.items())[:-1])
+    with pytest.raises(ValueError, match="weight record of"):
+        from_arrays(rec, smaller)
+    with pytest.raises(ValueError, match="one array"):
+        from_arrays(ArrayRecord({k: v for k, v in sd.items()}), sd)
+    with pytest.raises(ValueError, match="float tensors only"):
+        to_arrays({"step": torch.tensor([3])})
 
 
 class _Grid:

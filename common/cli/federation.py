@@ -136,10 +136,8 @@ def cmd_demo(args) -> int:
         # each synthetic site's own settings, as its IT would write them (never the run's): a larger validation
         # split, so that the small demo centers reach the default disclosure floors
         for site in sorted(p for p in cohort.iterdir() if (p / "site.toml").exists()):
-            if not (site / "policy.toml").exists():
-                (site / "policy.toml").write_text(
-                    "# demo site: the default disclosure rules (conf/policy/default.yaml); a larger validation split\n"
-                    f"[config]\ndata.val_fraction = {float(d.val_fraction)}\n")
+            with (site / "policy.toml").open("a") as f:
+                f.write(f"# demo site: a larger validation split\n[config]\ndata.val_fraction = {float(d.val_fraction)}\n")
         console.print(f"synthetic cohort: {len(summary['sites'])} sites, {summary['n_patients']} patients in "
                       f"{time.perf_counter() - t0:.0f}s")
     else:

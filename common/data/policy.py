@@ -20,6 +20,8 @@ config), then the site's own ``[config]``.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,6 +34,7 @@ from common.federation import reply_schema as W
 from common.config import CONF_DIR, load_config, to_plain
 
 POLICY_FILE = "policy.toml"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 DEFAULT_POLICY_YAML = CONF_DIR / "policy" / "default.yaml"
 MESSAGE_TYPES = ("query", "train", "evaluate")
 RECORD_KINDS = ("array", "metric", "config")
@@ -59,7 +62,21 @@ class Policy:
     metric_keys: frozenset = frozenset()
     info_keys: frozenset = frozenset()
     audit_dir: str | None = None
+    bundle_publisher: str = "newadj"                      # the app bundle this site runs (client/executor.py)
+    bundle_name: str = "newadj"
+    bundle_version: str | None = None                     # None: the newadj version installed at the site
+    approved_bundles: tuple[str, ...] = ()                # SHA-256 of each bundle file the site reviewed
+    runtime_max_rss_mb: int = 0                           # the warm runtime restarts above this (0: never)
     source: str = ""                                      # where it came from (for messages)
+
+    @property
+    def pinned_version(self) -> str:
+        """The bundle version this site runs: its own setting, else the version of newadj installed here."""
+        if self.bundle_version:
+            return self.bundle_version
+        from importlib.metadata import version
+
+        return version("newadj")
 
 
 def _defaults() -> dict:
@@ -86,7 +103,7 @@ def key_listed(key: str, patterns) -> bool:
 
 
 def _build(raw: dict, source: str) -> Policy:
-    known = {f.name for f in fields(Policy)} - {"source"}
+    known = ({f.name for f in fields(Policy)} - {"source"}) | {"allowed_run_keys_extra"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise PolicyError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -99,9 +116,9 @@ def _build(raw: dict, source: str) -> Policy:
         bad = {k: v for k, v in records.items() if v not in RECORD_KINDS}
         if bad:
             raise PolicyError(f"{source}: reply_records kinds {bad} not among {list(RECORD_KINDS)}")
-        ints = {k: _int(raw, k, source, 0 if k in ("max_local_epochs", "max_server_round") else 1)
+        ints = {k: _int(raw, k, source, 0 if k in ("max_local_epochs", "max_server_round", "runtime_max_rss_mb") else 1)
                 for k in ("max_local_epochs", "max_server_round", "min_cohort_size", "min_cell_count",
-                          "max_histogram_bins", "max_thresholds")}
+                          "max_histogram_bins", "max_thresholds", "runtime_max_rss_mb")}
         floors = raw["min_patients"]
         if not isinstance(floors, dict) or set(floors) - set(ENDPOINTS):
             raise PolicyError(f"{source}: min_patients must be a table with keys {list(ENDPOINTS)}, got {floors!r}")
@@ -109,14 +126,26 @@ def _build(raw: dict, source: str) -> Policy:
         if not isinstance(raw["release_round_metrics"], bool):
             raise PolicyError(f"{source}: release_round_metrics must be true or false, "
                               f"got {raw['release_round_metrics']!r}")
-        patterns = raw["allowed_run_keys"]
-        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-            raise PolicyError(f"{source}: allowed_run_keys must be a list of key patterns")
+        patterns, extra = raw["allowed_run_keys"], raw.get("allowed_run_keys_extra") or []
+        for name, value in (("allowed_run_keys", patterns), ("allowed_run_keys_extra", extra)):
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise PolicyError(f"{source}: {name} must be a list of key patterns")
+        patterns = [*patterns, *extra]
         config = raw.get("config") or {}
         if not isinstance(config, dict):
             raise PolicyError(f"{source}: [config] must be a table of config keys")
         audit_dir = raw.get("audit_dir")
-        return Policy(message_types=mtypes, reply_records=records, min_patients=floors,
+        bundle = {k: raw[k] for k in ("bundle_publisher", "bundle_name")}
+        if not all(isinstance(v, str) and v for v in bundle.values()):
+            raise PolicyError(f"{source}: bundle_publisher and bundle_name must be non-empty strings")
+        if raw["bundle_version"] is not None and not isinstance(raw["bundle_version"], str):
+            raise PolicyError(f"{source}: bundle_version must be a version string or null")
+        approved = raw["approved_bundles"]
+        if not isinstance(approved, list) or not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in approved):
+            raise PolicyError(f"{source}: approved_bundles must be a list of SHA-256 hex digests "
+                              "(`newadj site approve` adds them)")
+        return Policy(**bundle, bundle_version=raw["bundle_version"], approved_bundles=tuple(approved),
+                      message_types=mtypes, reply_records=records, min_patients=floors,
                       release_round_metrics=raw["release_round_metrics"], allowed_run_keys=tuple(patterns),
                       config=config, metric_keys=_keys(raw["metric_keys"], W.METRIC_KEY_PATTERNS),
                       info_keys=_keys(raw["info_keys"], W.INFO_KEYS),
@@ -148,29 +177,101 @@ def load_policy(site_dir: Path | None) -> Policy:
 # --------------------------------------------------------------------------- what a run may change
 
 
-def override_key(override: str) -> str:
-    """The config key (or group) a Hydra override sets: ``+a.b=1`` -> ``a.b``, ``~x`` -> ``x``."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_override(override).key_or_group
-
-
 def key_allowed(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def disallowed_overrides(overrides: Iterable[str], policy: Policy) -> list[str]:
-    """The run overrides this site does not accept (key named; malformed ones quoted whole)."""
-    bad = []
-    for o in overrides:
+def config_groups() -> dict[str, set[str]]:
+    """The installed configuration's groups and their options (``model``: linear, newadjnet, small ...)."""
+    return {d.name: {f.stem for f in d.glob("*.yaml")} for d in CONF_DIR.iterdir()
+            if d.is_dir() and d.name != "policy" and any(d.glob("*.yaml"))}
+
+
+def _interpolates(value) -> bool:
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, dict):
+        return any(_interpolates(k) or _interpolates(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_interpolates(v) for v in value)
+    return False
+
+
+def _fits(value, default) -> bool:
+    """Whether a run's value has the kind of the setting it replaces (a number for a number, a list for a list...)."""
+    from omegaconf import DictConfig, ListConfig
+
+    scalar = (bool, int, float, str)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, ListConfig):
+        return isinstance(value, list)
+    if isinstance(default, DictConfig):
+        return isinstance(value, dict)
+    return value is None or isinstance(value, scalar) or isinstance(value, list)   # a null default
+
+
+def override_refusals(overrides: Iterable[str], policy: Policy) -> list[str]:
+    """(cached by overrides and allow-list: the policy mod asks on every message)"""
+    return list(_refusals(tuple(str(o) for o in overrides), tuple(policy.allowed_run_keys)))
+
+
+@functools.lru_cache(maxsize=64)
+def _refusals(overrides: tuple[str, ...], allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """The run overrides this site refuses, each named by its key and why, never by its value.
+
+    Every override is read with Hydra's own grammar.  Refused: an override that is not a plain ``key=value``
+    (``+``, ``++``, ``~``, the ``@package`` syntax, sweeps), a key outside the site's ``allowed_run_keys``, an
+    interpolation (``${...}`` anywhere in the value: it would resolve at the site), a config group option the
+    installed configuration does not have (``model=../../elsewhere``), a key the configuration does not have,
+    and a value of another kind than the setting's (a string for a number...)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType, ValueType
+
+    parser, groups = OverridesParser.create(), config_groups()
+    bad, values = [], {}
+    for i, text in enumerate(overrides, 1):
         try:
-            key = override_key(o)
+            o = parser.parse_override(str(text))
         except Exception:  # noqa: BLE001 - Hydra's grammar errors come in several types
-            bad.append(f"{o!r} (malformed)")
+            bad.append(f"override {i} (not a Hydra key=value)")
             continue
-        if not key_allowed(key, policy.allowed_run_keys):
+        key = o.key_or_group
+        if o.package is not None:
+            bad.append(f"{key}@{o.package} (a @package override)")
+        elif o.type != OverrideType.CHANGE:
+            bad.append(f"{key} (a {'~' if o.type == OverrideType.DEL else '+'} override)")
+        elif o.value_type != ValueType.ELEMENT or o.is_sweep_override():
+            bad.append(f"{key} (a sweep)")
+        elif not key_allowed(key, allowed):
             bad.append(key)
-    return bad
+        elif _interpolates(o.value()):
+            bad.append(f"{key} (an interpolation)")
+        elif key in groups and o.value() not in groups[key]:
+            bad.append(f"{key} (not one of the installed {key} configurations)")
+        else:
+            values[key] = o.value()
+    if bad:
+        return tuple(bad)
+    cfg = load_config([f"{k}={v}" for k, v in values.items() if k in groups])   # the group choices, checked above
+    from omegaconf import OmegaConf
+
+    missing = object()
+    for key, value in values.items():
+        if key in groups:
+            continue
+        default = OmegaConf.select(cfg, key, default=missing, throw_on_missing=False)
+        if default is missing:
+            bad.append(f"{key} (no such setting)")
+        elif not _fits(value, default):
+            bad.append(f"{key} (a value of another kind than the setting's)")
+    return tuple(bad)
 
 
 def _leaves(d, prefix: str = "") -> dict:
@@ -195,9 +296,9 @@ def site_config(site_dir: Path | None, run_overrides: Iterable[str] = (), packag
     """
     policy = policy or load_policy(site_dir)
     overrides = list(run_overrides)
-    bad = disallowed_overrides(overrides, policy)
+    bad = override_refusals(overrides, policy)
     if bad:
-        raise PolicyError(f"run override(s) not accepted by this site: {', '.join(bad)} "
+        raise PolicyError(f"run override(s) refused by this site: {', '.join(bad)} "
                           f"(the site's policy.toml `allowed_run_keys` lists what a run may change)")
     cfg = load_config(overrides)
     ignored: list[str] = []

@@ -69,3 +69,20 @@ MOMENTS = ("sum", "sumsq", "logsum", "logsumsq", "nonneg")
 SCHEMA_INFO = ("genomic-columns", "genomic-counts", "clinical-columns", "clinical-counts", "modality-names",
                "modality-counts", "n-patients", *(f"{kind}-{m}" for kind in ("genomic", "clinical") for m in MOMENTS))
 INFO_KEYS = (*QUERY_INFO, *SCHEMA_INFO, "notice")
+
+# What an error reply from a site may say: a fixed code and its category, never exception text, a cell value
+# or a patient id (the full text stays in the site's own log, under the message id the reply names).
+# A policy refusal (403) also names the rule or the run keys it refused: texts the site's code writes, with
+# no value from its data or from the refused request.
+ERR_REFUSED = 403          # the site's policy refused the request
+ERR_DATA_CHANGED = 409     # the site's data changed after the run loaded it
+ERR_BUNDLE = 412           # the run's app bundle is not one this site approved
+ERR_INTERNAL = 500         # the site failed to answer; the category says where
+ERROR_CATEGORIES = {
+    ERR_REFUSED: "refused by the site's policy",
+    ERR_DATA_CHANGED: "site data changed since the run loaded it",
+    ERR_BUNDLE: "app bundle not approved by this site",
+    ERR_INTERNAL: "internal error at the site",
+}
+# the part of an internal error the coordinator may read: a category by the kind of failure
+INTERNAL_CATEGORIES = ("data or configuration", "file access", "memory", "computation", "other")

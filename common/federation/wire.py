@@ -1,8 +1,15 @@
 """What crosses the network: model weights as Flower ArrayRecords, nothing else.
 
-``to_arrays`` optionally sends float tensors as fp16 (halves the bytes);
-``from_arrays`` always returns fp32 tensors so that aggregation and training
-never run in half precision.
+A weight record holds one array, ``weights``: every tensor of the model's state dict, flattened and
+concatenated in the state dict's order.  Both ends build the same model from the same configuration,
+so each knows the names and shapes (``from_arrays`` takes the model's state dict as its layout and
+refuses a record of another length).  One array, not one per tensor: Flower moves a message as one
+object per array (and per chunk), each a request of its own on every hop (ServerApp -> SuperLink ->
+SuperNode -> site runtime and back), so a record of 49 tensors cost 77 requests per hop and one array
+costs five.  Averaging, clipping and screening act element-wise, the same on either form.
+
+``to_arrays`` optionally sends the weights as fp16 (halves the bytes); ``from_arrays`` always returns
+fp32 tensors so that aggregation and training never run in half precision.
 """
 from __future__ import annotations
 
@@ -12,17 +19,35 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
 
+WEIGHTS = "weights"   # the one array of a weight record
+
+
 def to_arrays(state_dict: dict, fp16: bool = False) -> ArrayRecord:
-    sd = {}
-    for k, v in state_dict.items():
-        v = v.detach().cpu()
-        sd[k] = v.half() if fp16 and v.is_floating_point() else v
-    return ArrayRecord(sd)
+    """The weight record of a state dict of float tensors: one flat array (fp32, or fp16 with ``fp16``)."""
+    import torch
+
+    bad = [k for k, v in state_dict.items() if not v.is_floating_point()]
+    if bad:
+        raise ValueError(f"weight records carry float tensors only, got {', '.join(bad)}")
+    flat = torch.cat([v.detach().cpu().reshape(-1).float() for v in state_dict.values()])
+    return ArrayRecord({WEIGHTS: flat.half() if fp16 else flat})
 
 
-def from_arrays(arrays: ArrayRecord) -> dict:
-    sd = arrays.to_torch_state_dict()
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+def from_arrays(arrays: ArrayRecord, layout: dict) -> dict:
+    """The state dict a weight record holds, named and shaped as ``layout`` (the model's state dict), in fp32."""
+    import torch
+
+    if list(arrays.keys()) != [WEIGHTS]:
+        raise ValueError(f"a weight record holds one array `{WEIGHTS}`, got {len(arrays)} arrays")
+    flat = torch.from_numpy(np.asarray(arrays[WEIGHTS].numpy(), dtype=np.float32).reshape(-1))
+    n = sum(int(v.numel()) for v in layout.values())
+    if flat.numel() != n:
+        raise ValueError(f"a weight record of {flat.numel()} values for a model of {n}")
+    out, at = {}, 0
+    for k, v in layout.items():
+        out[k] = flat[at:at + v.numel()].reshape(v.shape).clone()
+        at += v.numel()
+    return out
 
 
 def upcast(arrays: ArrayRecord) -> ArrayRecord:

@@ -107,6 +107,14 @@ def _write_site_toml(path: Path, site: dict, site_idx: int):
 
 
 # --------------------------------------------------------------------------- main entry
+# every synthetic site's own policy: the default rules, and runs may set the seed and the bootstrap count
+# (development: `bench_quality.py --seeds`, the tests' short bootstraps); a real site's default refuses both
+DEVELOPMENT_POLICY = """# a synthetic development site (`newadj synth`): the default rules (conf/policy/default.yaml); runs may
+# also set the training seed and the bootstrap count, which a real site's defaults refuse
+allowed_run_keys_extra = ["seed", "train.n_boot"]
+"""
+
+
 def generate_cohort(out_dir: Path, seed: int = 0, scale: float = 1.0, cfg: dict | None = None,
                     progress: bool = True, workers: int | None = None) -> dict:
     """Write a synthetic multi-center cohort to ``out_dir``; returns the summary dict.
@@ -138,6 +146,7 @@ def generate_cohort(out_dir: Path, seed: int = 0, scale: float = 1.0, cfg: dict 
         sdir.mkdir(parents=True)
         pids, clinical, genomics, truth, fl, (z_mri, z_path) = _site_tables(cfg, site, si, n, seed)
         _write_site_toml(sdir / "site.toml", site, si)
+        (sdir / "policy.toml").write_text(DEVELOPMENT_POLICY)
         keep = ["patient_id", *(["benefit"] if "benefit" in endpoints else []),
                 *(["dfs_months", "dfs_event"] if "dfs" in endpoints else []), "split"]
         if cfg.get("clinical_covariates", True):

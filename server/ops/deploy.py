@@ -1,10 +1,12 @@
 """TLS + SuperNode-authenticated Flower deployment from `newadj provision` kits.
 
-Flower 1.41 facts this module relies on (checked in the installed flwr source):
+Flower 1.42 facts this module relies on (checked in the installed flwr source):
 
 * ``flower-superlink`` serves the Fleet, Control and Runtime APIs over HTTP(S) on one
   ``--host/--port``; TLS: ``--ssl-certfile --ssl-keyfile --ssl-ca-certfile``.  Its
-  SuperExec dials ``127.0.0.1:PORT`` with the CA file as root certificate.
+  SuperExec dials ``127.0.0.1:PORT`` with the CA file as root certificate.  So the SuperLink
+  listens on the coordinator's loopback only (``control_port``) and nginx, on the federation's
+  address, passes the Fleet API to it and nothing else (``server/ops/door.py``).
 * ``--enable-supernode-auth`` (requires TLS) turns off self-registration over the
   Fleet API; each SuperNode's public key must be registered through the Control API
   (``flwr supernode register KEY.pub CONNECTION``; ``--auth-list-public-keys`` is
@@ -29,6 +31,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +43,7 @@ from server.ops.processes import (
     bin_path,
     flwr_env,
     free_port,
-    node_config_arg,
+    site_command,
     wait_port,
     write_flwr_config,
 )
@@ -151,14 +154,20 @@ def site_key(kit: Kit, key: str | Path | None = None) -> Path:
 
 def supernode_command(kit: Kit, data_dir: str | Path, superlink: str | None = None,
                       runtime_port: int | None = None, key: str | Path | None = None) -> list[str]:
-    """``flower-supernode`` with TLS (the kit's CA) and the site's own authentication key."""
+    """The site's processes from a center kit (``client/executor.py``): ``flower-supernode`` with TLS (the kit's
+    CA), the site's own authentication key and process isolation, and the site's warm runtime."""
     c = kit.center
     node_config = {"data-dir": str(Path(data_dir).resolve()), "role": c["role"], "center-id": c["center_id"]}
     port = runtime_port or int(kit.data.get("supernode", {}).get("runtime_port", 9094))
-    return [bin_path("flower-supernode"), "--superlink", superlink or kit.superlink_address,
-            "--root-certificates", str(kit.file("root_certificates")),
-            "--auth-supernode-private-key", str(site_key(kit, key)),
-            "--node-config", node_config_arg(node_config), "--port", str(port)]
+    return site_command(superlink or kit.superlink_address, node_config, port,
+                        tls=["--root-certificates", str(kit.file("root_certificates")),
+                             "--auth-key", str(site_key(kit, key))])
+
+
+def control_port(kit: Kit) -> int:
+    """The SuperLink's own port on the coordinator's loopback (the kit's ``control_port``, else port + 1)."""
+    sl = kit.data["superlink"]
+    return int(sl.get("control_port") or int(sl["port"]) + 1)
 
 
 def _loopback(host: str) -> str:
@@ -262,27 +271,35 @@ def start_secure_superlink(group: ProcessGroup, coordinator_kit: str | Path, flw
                            host: str | None = None, port: int | None = None,
                            connection: str = CONNECTION,
                            database: str | Path | None = None) -> tuple[SuperLinkAddresses, dict]:
-    """A TLS + SuperNode-auth ``flower-superlink`` from the coordinator kit, with every center's key registered.
+    """The coordinator from its kit: a TLS + SuperNode-auth ``flower-superlink`` on 127.0.0.1:control_port with
+    every center's key registered, and nginx on ``host``/``port`` (default: the kit's ``bind_host``/``port``)
+    passing the Fleet API only (``server/ops/door.py``).
 
-    Listens on ``host``/``port`` (default: the kit's ``bind_host``/``port``); the `flwr`
-    CLI's ``config.toml`` (connection ``connection``, TLS with the kit's CA) lives in
-    ``flwr_home``.  ``database``: the SuperLink state; default Flower's in-memory state
-    (a SQLite file hit "database is locked" under load on a 2-core loopback host with
-    seven SuperNodes; ``server_start`` keeps a file, for restarts).  Returns the
-    addresses (Control = Fleet: one HTTPS port) and the environment for the `flwr` CLI.
+    The `flwr` CLI's ``config.toml`` (connection ``connection``, TLS with the kit's CA, the loopback Control API)
+    lives in ``flwr_home``.  ``database``: the SuperLink state; default Flower's in-memory state (a SQLite file
+    hit "database is locked" under load on a 2-core loopback host with seven SuperNodes; ``server_start``
+    keeps a file, for restarts).  Returns the addresses (Control: loopback; Fleet: the door) and the
+    environment for the `flwr` CLI.
     """
+    from server.ops.door import nginx_command
+
     kit = load_kit(coordinator_kit, "coordinator")
     host = host or str(kit.data["superlink"].get("bind_host", "127.0.0.1"))
     port = int(port or kit.data["superlink"]["port"])
+    cport = control_port(kit)
     flwr_home = Path(flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = flwr_env(flwr_home)
-    p = group.start(superlink_command(kit, host, port, database or IN_MEMORY_DB), env, Path(log_dir) / "superlink.log")
-    wait_port(port, 60, p)
-    control = _hostport(_loopback(host), port)
+    p = group.start(superlink_command(kit, "127.0.0.1", cport, database or IN_MEMORY_DB), env,
+                    Path(log_dir) / "superlink.log")
+    wait_port(cport, 60, p)
+    door_state = Path(log_dir) / "door"
+    door = group.start(nginx_command(kit, door_state, host, port, cport), env, Path(log_dir) / "nginx.log")
+    wait_port(port, 30, door, host=_loopback(host))
+    control = _hostport("127.0.0.1", cport)
     write_flwr_config(flwr_home, connection, control, insecure=False, root_certificates=kit.file("ca_cert"))
     register_supernodes(kit, connection, env, flwr_home / REGISTRATIONS)
-    return SuperLinkAddresses(control, control), env
+    return SuperLinkAddresses(control, _hostport(_loopback(host), port)), env
 
 
 def start_secure_supernode(group: ProcessGroup, env: dict, center_kit: str | Path, data_dir: str | Path,
@@ -301,82 +318,102 @@ def start_secure_supernode(group: ProcessGroup, env: dict, center_kit: str | Pat
 # --------------------------------------------------------------------------- foreground (CLI)
 
 
-def _run_foreground(args: list[str], env: dict, cwd: Path | None = None,
-                    on_started: Callable[[subprocess.Popen], None] | None = None) -> int:
-    """Run ``args`` until it exits; SIGINT/SIGTERM are passed on to it.
+def _run_foreground(commands: list[list[str]], env: dict, cwd: Path | None = None,
+                    on_started: Callable[[list[subprocess.Popen]], None] | None = None) -> int:
+    """Run ``commands`` together until one exits; SIGINT/SIGTERM are passed on to all of them.
 
-    Returns its exit code, 0 when it ended because of a signal passed on (a requested stop).
+    When one ends the others are stopped.  Returns the exit code of the one that ended first, 0 when
+    they ended because of a signal passed on (a requested stop).
     """
-    p = subprocess.Popen(args, env=env, cwd=cwd)
+    procs = [subprocess.Popen(args, env=env, cwd=cwd) for args in commands]
     forwarded = {}
     received: list[int] = []
 
     def forward(signum, _frame):
         received.append(signum)
-        if p.poll() is None:
-            p.send_signal(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    def stop_all() -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         forwarded[sig] = signal.signal(sig, forward)
     try:
         if on_started is not None:
             try:
-                on_started(p)
+                on_started(procs)
             except Exception:
-                if p.poll() is None:
-                    p.terminate()
-                    try:
-                        p.wait(15)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
+                stop_all()
                 raise
-        rc = p.wait()
+        first = None
+        while first is None:
+            first = next((p for p in procs if p.poll() is not None), None)
+            if first is None:
+                time.sleep(0.2)
+        rc = first.returncode
+        stop_all()
         if received and (rc < 0 or rc in (130, 143) or rc in (1, 2, 3)):
             return 0   # stopped on request (uvicorn re-raises the signal; flwr uses codes 1-3 for it)
         return rc
     finally:
         for sig, old in forwarded.items():
             signal.signal(sig, old)
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def server_start(kit_dir: str | Path, echo: Callable[[str], None] = print, database: str | None = None) -> int:
-    """`newadj server start --kit DIR`: the SuperLink (TLS + SuperNode auth) in the foreground.
+    """`newadj server start --kit DIR`: the SuperLink (TLS + SuperNode auth) on the coordinator's loopback and
+    nginx on the federation's address passing the Fleet API only, both in the foreground.
 
-    State (database, registrations, the `flwr` CLI's FLWR_HOME) lives in the kit's
+    State (database, registrations, the `flwr` CLI's FLWR_HOME, nginx's files) lives in the kit's
     ``state_dir``; each center's public key is registered once the SuperLink listens.
     """
+    from server.ops.door import DoorError, nginx_command
+
     try:
         kit = load_kit(kit_dir, "coordinator")
-    except KitError as err:
+        state = kit.dir / kit.data.get("files", {}).get("state_dir", "state")
+        state.mkdir(parents=True, exist_ok=True)
+        os.chmod(state, 0o700)
+        host = str(kit.data["superlink"].get("bind_host", "0.0.0.0"))
+        port, cport = int(kit.data["superlink"]["port"]), control_port(kit)
+        door = nginx_command(kit, state / "door", host, port, cport)
+    except (KitError, DoorError) as err:
         echo(f"server start: {err}")
         return 2
-    state = kit.dir / kit.data.get("files", {}).get("state_dir", "state")
-    state.mkdir(parents=True, exist_ok=True)
-    os.chmod(state, 0o700)
     home = state / "flwr-home"
     home.mkdir(exist_ok=True)
     env = flwr_env(home)
-    host = str(kit.data["superlink"].get("bind_host", "0.0.0.0"))
-    port = int(kit.data["superlink"]["port"])
-    control = _hostport(_loopback(host), port)
+    control = _hostport("127.0.0.1", cport)
 
-    def ready(p: subprocess.Popen) -> None:
-        wait_port(port, 60, p)
+    def ready(procs: list[subprocess.Popen]) -> None:
+        wait_port(cport, 60, procs[0])
+        wait_port(port, 30, procs[1], host=_loopback(host))
         write_flwr_config(home, CONNECTION, control, insecure=False, root_certificates=kit.file("ca_cert"))
         nodes = register_supernodes(kit, CONNECTION, env, state / REGISTRATIONS, echo=echo)
-        echo(f"SuperLink of {kit.federation} on {_hostport(host, port)} (TLS, SuperNode authentication); "
-             f"{len(nodes)} center(s) authorized: {', '.join(nodes)}")
-        echo(f"start a run: FLWR_HOME={home} flwr run . {CONNECTION} --stream")
+        echo(f"SuperLink of {kit.federation}: the centers' Fleet API on {_hostport(host, port)} (nginx, TLS, "
+             f"SuperNode authentication); {len(nodes)} center(s) authorized: {', '.join(nodes)}")
+        echo(f"Control API on {control}, this host only: FLWR_HOME={home} flwr ls {CONNECTION}")
 
-    echo(f"starting flower-superlink for {kit.federation} ...")
+    echo(f"starting flower-superlink and its door for {kit.federation} ...")
     try:
         # a state file keeps node ids and registrations across restarts; on a heavily loaded host
         # Flower's SQLite file can fail with "database is locked": pass database=":flwr-in-memory:" there
-        return _run_foreground(superlink_command(kit, host, port, database or state / "state.db"), env, cwd=state,
-                               on_started=ready)
+        return _run_foreground([superlink_command(kit, "127.0.0.1", cport, database or state / "state.db"), door],
+                               env, cwd=state, on_started=ready)
     except (RuntimeError, TimeoutError, KitError) as err:
         echo(f"server start: {err}")
         return 1
@@ -429,7 +466,7 @@ def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] |
     home.mkdir(exist_ok=True)
     env = flwr_env(home)
     echo(f"starting flower-supernode for {c['center_id']} ({c['role']}) -> {kit.superlink_address} (TLS, authenticated)")
-    return _run_foreground(supernode_command(kit, data_dir, runtime_port=runtime_port, key=key), env, cwd=kit.dir)
+    return _run_foreground([supernode_command(kit, data_dir, runtime_port=runtime_port, key=key)], env, cwd=kit.dir)
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m server.ops.deploy server|site KIT [DATA]

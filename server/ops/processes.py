@@ -56,6 +56,32 @@ def app_dir(root: Path | None = None) -> Path:
     return out
 
 
+def build_bundle(app: Path | None = None) -> bytes:
+    """The app bundle (FAB) that ``flwr run APP`` submits, built the same way (Flower's own builder: fixed file
+    dates, sorted files), so its SHA-256 is the one a site approves with ``newadj site approve``."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return build_fab_from_disk(Path(app or app_dir()))
+
+
+def write_bundle(out: Path, app: Path | None = None) -> tuple[Path, str]:
+    """Write the app bundle to ``out`` (a file, or a folder for Flower's file name); (path, SHA-256)."""
+    import hashlib
+    import tomllib
+
+    content = build_bundle(app)
+    digest = hashlib.sha256(content).hexdigest()
+    out = Path(out)
+    if out.is_dir():
+        from flwr.cli.build import get_fab_filename
+
+        config = tomllib.loads((Path(app or app_dir()) / "pyproject.toml").read_text())
+        out = out / get_fab_filename(config, digest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(content)
+    return out, digest
+
+
 def bin_path(name: str) -> str:
     cand = Path(sys.executable).parent / name
     return str(cand) if cand.exists() else name
@@ -67,16 +93,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process {proc.args[0]} exited with code {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+        with socket.socket(family) as s:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
 
 
 def flwr_env(flwr_home: Path) -> dict:
@@ -285,9 +312,20 @@ def node_config_arg(values: dict) -> str:
     return run_config_arg(values)
 
 
+def site_command(fleet: str, node_config: dict, runtime_port: int | None = None,
+                 tls: list[str] | None = None) -> list[str]:
+    """The site's processes (``client/executor.py``): a ``flower-supernode`` in process isolation connected to
+    ``fleet``, and the site's warm runtime running the installed ClientApp.  ``tls``: ``--root-certificates CA
+    [--auth-key KEY]``; None: plaintext (loopback tests)."""
+    args = [sys.executable, "-m", "client.executor", "--superlink", fleet, "--runtime-port", str(runtime_port or free_port()),
+            "--data", str(node_config["data-dir"]), "--center", str(node_config["center-id"]),
+            "--role", str(node_config["role"])]
+    if node_config.get("audit-dir"):
+        args += ["--audit-dir", str(node_config["audit-dir"])]
+    return args + (tls if tls is not None else ["--insecure"])
+
+
 def start_supernode(group: ProcessGroup, env: dict, fleet: str, node_config: dict, log_path: Path,
-                    extra_args: list[str] | None = None) -> subprocess.Popen:
-    """A ``flower-supernode`` connected to ``fleet`` with its own runtime port and node config."""
-    args = [bin_path("flower-supernode"), "--superlink", fleet, "--node-config", node_config_arg(node_config),
-            "--port", str(free_port()), *(extra_args or ["--insecure"])]
-    return group.start(args, env, log_path)
+                    tls: list[str] | None = None) -> subprocess.Popen:
+    """A site on loopback: its SuperNode connected to ``fleet`` and its warm runtime, one process tree."""
+    return group.start(site_command(fleet, node_config, tls=tls), env, log_path)

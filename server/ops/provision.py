@@ -118,6 +118,13 @@ def load_federation(path: str | Path) -> dict[str, Any]:
         problems.append(f"superlink.port must be 1..65535, got {sl.get('port')!r}")
         port = 0
     bind_host = str(sl.get("bind_host", "0.0.0.0"))
+    try:   # the SuperLink itself, on the coordinator's loopback (the Control API; nginx forwards the Fleet API)
+        control_port = int(sl.get("control_port", port + 1))
+        if not 0 < control_port < 65536 or control_port == port:
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append(f"superlink.control_port must be 1..65535 and not the port, got {sl.get('control_port')!r}")
+        control_port = 0
     validity = raw.get("validity_days") or {}
     centers = []
     seen = set()
@@ -145,7 +152,8 @@ def load_federation(path: str | Path) -> dict[str, Any]:
         raise FederationFileError(f"{path}:\n  " + "\n  ".join(problems))
     return {
         "federation": name,
-        "superlink": {"address": address, "port": port, "bind_host": bind_host, "dns_names": dns, "ip_addresses": ips},
+        "superlink": {"address": address, "port": port, "bind_host": bind_host, "control_port": control_port,
+                      "dns_names": dns, "ip_addresses": ips},
         "validity_days": {"ca": int(validity.get("ca", 3650)), "server": int(validity.get("server", 825))},
         "centers": centers,
     }
@@ -317,10 +325,12 @@ def _coordinator_kit_toml(fed: dict) -> str:
         f"federation = {_toml_str(fed['federation'])}",
         "",
         "[superlink]",
-        "# Fleet + Control + Runtime HTTPS API (Flower 1.41 serves all three on one port)",
+        "# the centers' door: nginx on bind_host:port passes the Fleet API (HTTPS) and nothing else;",
+        "# the SuperLink itself (Fleet, Control and Runtime API on one port) listens on 127.0.0.1:control_port",
         f"address = {_toml_str(sl['address'] + ':' + str(sl['port']))}",
         f"bind_host = {_toml_str(sl['bind_host'])}",
         f"port = {sl['port']}",
+        f"control_port = {sl['control_port']}",
         "",
         "[files]",
         f"ca_cert = {_toml_str(CA_CERT)}",
