@@ -158,6 +158,73 @@ def test_checkpoint_from_other_config_is_refused(tiny_cohort, tmp_path, capsys):
     assert rc == 2 and str(junk) in capsys.readouterr().err
 
 
+def _scripted_encoder(path: Path, marker: str) -> Path:
+    """A TorchScript tile encoder whose forward announces that it ran (TorchScript can print)."""
+    import torch
+
+    class Loud(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.marker = marker
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            print(self.marker)
+            return x.float().mean(dim=(2, 3))
+
+    torch.jit.script(Loud()).save(str(path))
+    return path
+
+
+def _rewrite(package: Path, dst: Path, edit) -> Path:
+    import torch
+
+    pkg = torch.load(package, weights_only=True)
+    edit(pkg)
+    torch.save(pkg, dst)
+    return dst
+
+
+@pytest.mark.parametrize("what", ["old-format config", "encoder key", "path as architecture", "interpolation"])
+def test_a_package_that_names_code_or_a_file_is_refused_by_evaluate_and_screen_and_nothing_runs(
+        tiny_cohort, tmp_path, package, what):
+    """A package is weights and numbers: one that names a TorchScript encoder (as a whole configuration could, in
+    packages of earlier versions), carries a key of its own or a path in its architecture is refused naming the
+    key, before any model is built and before the scripted module could run."""
+    import subprocess
+    import sys
+
+    from server.ops.processes import PROJECT_ROOT
+
+    marker = "SCRIPTED-FORWARD-RAN"
+    evil = _scripted_encoder(tmp_path / "evil.pt", marker)
+    encoder = {"name": "torchscript", "path": str(evil), "dim": 0}
+    edits = {
+        "old-format config": lambda p: p.update(config={"model": p["model"],
+                                                        "preprocess": {"pathology": {"encoder": encoder}}}),
+        "encoder key": lambda p: p.update(encoder=encoder),
+        "path as architecture": lambda p: p["model"]["mri"].update(arch=str(evil)),
+        "interpolation": lambda p: p["schema"].update(genomic_features=["${oc.env:HOME}"]),
+    }
+    named = {"old-format config": "config (", "encoder key": "encoder (not part of a model package)",
+             "path as architecture": "model.mri.arch (not a word or a number)",
+             "interpolation": "schema.genomic_features (not a list of column names)"}[what]
+    bad = _rewrite(package, tmp_path / "bad.pt", edits[what])
+    site = tiny_cohort / "external"
+    # the control: built as an encoder, the module does run and say so (the marker is observable)
+    ctl = subprocess.run([sys.executable, "-c", "from common.preprocess.encoders import build_encoder; "
+                          f"build_encoder({encoder!r})"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert marker in ctl.stdout, ctl.stderr[-2000:]
+    for argv in (["evaluate", "--no-verify", "--model", str(bad), "--site", str(site), "--out", str(tmp_path / "r")],
+                 ["screen", "--no-verify", "--model", str(bad), "--site", str(site), "--all",
+                  "--out", str(tmp_path / "s.csv")]):
+        r = subprocess.run([sys.executable, "-m", "common.cli", *argv], cwd=PROJECT_ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+        assert named in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert marker not in r.stdout + r.stderr
+    assert not (tmp_path / "r" / "report.html").exists() and not (tmp_path / "s.csv").exists()
+
+
 def test_site_without_benefit_labels(tiny_cohort, tmp_path, package):
     from common.reports.evaluate import evaluate_site
 

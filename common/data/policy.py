@@ -274,25 +274,14 @@ def _refusals(overrides: tuple[str, ...], allowed: tuple[str, ...]) -> tuple[str
     return tuple(bad)
 
 
-def _leaves(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_leaves(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def site_config(site_dir: Path | None, run_overrides: Iterable[str] = (), package_config=None,
+def site_config(site_dir: Path | None, run_overrides: Iterable[str] = (), package: dict | None = None,
                 policy: Policy | None = None):
-    """(config, ignored keys): defaults + the allowed part of the run or package + the site's own [config].
+    """(config, []): the installed defaults + the accepted run overrides, or a model package's architecture and
+    schema (``common.federation.model_io``), + the site's own ``[config]``.
 
-    ``run_overrides`` with a key the site does not accept raise :class:`PolicyError` naming
-    it (the ClientApp refuses such a run).  A model package's stored ``package_config``
-    contributes only its allowed keys; the keys it sets differently from the site are
-    returned as ``ignored`` (the site's value is used).
+    ``run_overrides`` the site refuses raise :class:`PolicyError` naming each key (the ClientApp refuses such a
+    run).  A ``package`` (already checked to be weights and numbers) brings its ``model`` node and its feature
+    lists and scaling, nothing else: data, preprocessing, encoders, floors stay the site's.
     """
     policy = policy or load_policy(site_dir)
     overrides = list(run_overrides)
@@ -301,21 +290,12 @@ def site_config(site_dir: Path | None, run_overrides: Iterable[str] = (), packag
         raise PolicyError(f"run override(s) refused by this site: {', '.join(bad)} "
                           f"(the site's policy.toml `allowed_run_keys` lists what a run may change)")
     cfg = load_config(overrides)
-    ignored: list[str] = []
-    if package_config is not None:
-        pkg = _leaves(to_plain(package_config))
-        mine = _leaves(to_plain(cfg))
-        take = {}
-        for key, val in pkg.items():
-            # the package's architecture is always its own (its weights fit nothing else)
-            if key.startswith("model.") or key_allowed(key, policy.allowed_run_keys):
-                take[key] = val
-            elif key in mine and mine[key] != val:
-                ignored.append(key)
+    if package is not None:
         OmegaConf.set_struct(cfg, False)
-        for key, val in take.items():
-            OmegaConf.update(cfg, key, val, merge=False, force_add=True)
-    return with_site_config(cfg, site_dir, policy), sorted(ignored)
+        cfg.model = OmegaConf.create(dict(package["model"]))
+        for key, value in package["schema"].items():
+            OmegaConf.update(cfg, f"data.{key}", value, merge=False, force_add=True)
+    return with_site_config(cfg, site_dir, policy), []
 
 
 def with_site_config(cfg, site_dir: Path | None, policy: Policy | None = None):

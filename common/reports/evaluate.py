@@ -64,43 +64,37 @@ class EvaluationError(Exception):
 
 # --------------------------------------------------------------------------- inputs
 
-def load_checkpoint(model_path: Path, expected_sha256: str | None = None):
-    """(model, package) or :class:`EvaluationError` naming the file (``expected_sha256``: see model_io)."""
-    from common.federation.model_io import ModelPackageError, load_model_package
+def load_checkpoint(model_path: Path, expected_sha256: str | None = None, site_dir: Path | None = None):
+    """(model, package) or :class:`EvaluationError` naming the file (``expected_sha256``: see model_io).
+
+    ``package["config"]`` is the configuration ``site_dir`` scores it with (its own, with the package's
+    architecture and schema; the installed defaults without a site)."""
+    from common.data.policy import PolicyError
+    from common.federation.model_io import ModelPackageError, load_model_package, package_site_config
 
     model_path = Path(model_path)
     try:
-        return load_model_package(model_path, expected_sha256)
+        model, pkg = load_model_package(model_path, expected_sha256)
+        pkg["config"] = package_site_config(pkg, site_dir)
+        return model, pkg
     except ModelPackageError as exc:
-        raise EvaluationError(f"{exc} (a model package written by `newadj simulate` or `newadj baseline`, "
-                              f"unmodified, is needed)") from exc
-    except Exception as exc:  # a foreign config that does not build a model, tensors of another shape, etc.
-        detail = " ".join(str(exc).split())
-        detail = detail[:400] + ("..." if len(detail) > 400 else "")
-        if "size mismatch" in str(exc):
-            raise EvaluationError(f"{model_path}: weights do not fit the model its config describes (a checkpoint "
-                                  f"from another model configuration?): {detail}") from exc
-        raise EvaluationError(f"{model_path}: not a usable model package for this version of newadj "
-                              f"({type(exc).__name__}: {detail})") from exc
+        raise EvaluationError(f"{model_path}: {exc}" if not str(exc).startswith(str(model_path)) else str(exc)) \
+            from exc
+    except PolicyError as exc:
+        raise EvaluationError(str(exc)) from exc
 
 
 def open_site(site_dir: Path, cfg, model_path: Path | None = None, splits=None):
-    """The site's dataset (preprocessed with the model's config) and its clinical rows by patient id."""
+    """The site's dataset and its clinical rows by patient id; ``cfg``: the site's configuration for the model
+    (``load_checkpoint(..., site_dir)``: the package's architecture and schema, everything else the site's)."""
     from common.learn.dataset import site_dataset
     from common.preprocess.cache import preprocess_site
     from common.data.site import SiteData, SiteDataError
     from common.learn.task import check_dataset_matches, input_dims
 
-    from common.data.policy import PolicyError, site_config
-
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
         raise EvaluationError(f"{site_dir}: no such site folder")
-    try:
-        # the model's schema from the package, everything else (cache, preprocessing, encoders) from the site
-        cfg, _ignored = site_config(site_dir, package_config=cfg)
-    except PolicyError as exc:
-        raise EvaluationError(str(exc)) from exc
     try:
         res = preprocess_site(site_dir, cfg, progress=False)
     except SiteDataError as exc:
@@ -389,7 +383,9 @@ def evaluate_site(model_path: Path, site_dir: Path, out_dir: Path, *, splits=Non
     from common.reports.plots import km_figure, reliability_figure, roc_figure
 
     model_path, site_dir, out_dir = Path(model_path), Path(site_dir), Path(out_dir)
-    model, pkg = load_checkpoint(model_path, expected_sha256)
+    if not Path(site_dir).is_dir():
+        raise EvaluationError(f"{site_dir}: no such site folder")
+    model, pkg = load_checkpoint(model_path, expected_sha256, site_dir)
     cfg = pkg["config"]
     ds, clinical_by_id, site = open_site(site_dir, cfg, model_path, splits)
     if len(ds) == 0:

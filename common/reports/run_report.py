@@ -30,11 +30,12 @@ def site_scores(models: dict[str, Any], site_dir: Path, splits: list[str] | None
     from common.learn.engine import predict
     from common.reports.evaluate import _auc_entry
     from common.data.policy import load_policy
+    from common.federation.model_io import package_site_config
 
     out: dict[str, dict] = {}
     for name, spec in models.items():
         model, pkg = load_checkpoint(spec) if isinstance(spec, (str, Path)) else spec
-        cfg = pkg["config"]
+        cfg = package_site_config(pkg, site_dir)        # the site's own preprocessing, the model's schema
         ds, _, _ = open_site(site_dir, cfg, spec if isinstance(spec, (str, Path)) else name)
         use = splits if splits is not None else (None if ds.role == "external" else ["val"])
         if use is not None:

@@ -182,7 +182,7 @@ def _prediction_rows(model, pkg, ds, passes: int, seed: int) -> list[dict]:
 
 def screen_patient(model_path: Path, site_dir: Path, patient_id: str, passes: int = 50, seed: int = 0,
                    expected_sha256: str | None = None) -> dict:
-    model, pkg = load_checkpoint(model_path, expected_sha256)
+    model, pkg = load_checkpoint(model_path, expected_sha256, site_dir)
     ds, clinical, _ = open_site(site_dir, pkg["config"], model_path)
     idx = [i for i, it in enumerate(ds.items) if it["patient_id"] == patient_id]
     if not idx:
@@ -201,7 +201,7 @@ def screen_patient(model_path: Path, site_dir: Path, patient_id: str, passes: in
 
 def screen_all(model_path: Path, site_dir: Path, out: Path | None = None, passes: int = 50, seed: int = 0,
                expected_sha256: str | None = None) -> Path:
-    model, pkg = load_checkpoint(model_path, expected_sha256)
+    model, pkg = load_checkpoint(model_path, expected_sha256, site_dir)
     ds, clinical, _ = open_site(site_dir, pkg["config"], model_path)
     rows = _prediction_rows(model, pkg, ds, passes, seed)
     out = Path(out) if out else Path(site_dir) / DEFAULT_CSV
