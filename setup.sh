@@ -2,7 +2,8 @@
 # Idempotent set-up: a project virtualenv in .venv with the CPU build of torch
 # installed first (a plain `torch` requirement would pull several GB of CUDA
 # packages), then this project in editable mode with its test extras, then the
-# headless Chromium the report tests render pages in (Debian package, when root).
+# headless Chromium the report tests render pages in and nginx, the coordinator's door
+# (Debian packages, when root).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -14,13 +15,18 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0"
 fi
 .venv/bin/pip install -q -e ".[test]"
-# the default test suite renders reports in headless Chromium (tests/test_report_browser.py)
-if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+# Debian packages: headless Chromium renders reports in the default test suite (tests/test_report_browser.py);
+# nginx is the coordinator's door (`newadj server start`, server/ops/door.py, the deployment tests)
+need=""
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then need="chromium"; fi
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then need="$need nginx"; fi
+if [ -n "$need" ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-      || echo "setup: could not install Debian package 'chromium' (needed by tests/test_report_browser.py)"
+    # shellcheck disable=SC2086
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null) \
+      || echo "setup: could not install the Debian package(s) $need"
   else
-    echo "setup: install the package 'chromium' (e.g. sudo apt-get install chromium) for tests/test_report_browser.py"
+    echo "setup: install the Debian package(s)$need (e.g. sudo apt-get install$need)"
   fi
 fi
 echo "setup: ok ($(.venv/bin/python -c 'import torch, flwr, monai; print("torch", torch.__version__, "flwr", flwr.__version__, "monai", monai.__version__)'))"

@@ -23,7 +23,7 @@ from client.policy import evaluate_terms, load_policy, policy_mod
 from client.secure_aggregation import dp_clipping_mod, secure_aggregation_mod
 from client.site_runtime import round_seed, site_manifest, site_runtime
 from common.federation.reply_schema import ERR_REFUSED
-from common.federation.wire import from_arrays, to_arrays
+from common.federation.wire import to_arrays
 
 timing.mark("imports_done")
 log = logging.getLogger(__name__)
@@ -74,7 +74,6 @@ def train(msg: Message, context: Context) -> Message:
     model there and release what the site's rules allow in an ``evaluation`` record -- the validation of
     the previous round comes back with this round's update, one message per center per round."""
     from common.learn.engine import predict, train_model
-    from common.learn.task import model_from_config
 
     rt = site_runtime(context.run_config, context.node_config)
     if rt.role == "external":
@@ -82,9 +81,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg = rt.cfg
     conf = msg.content["config"]
     rnd = int(conf.get("server-round", 0))
-    model = model_from_config(cfg, dims=rt.dims)
-    model.load_state_dict(from_arrays(msg.content["arrays"], model.state_dict()))
-    timing.mark("model_ready")   # MONAI's blocks are imported when the model is built
+    model = rt.model_with(msg.content["arrays"])
+    timing.mark("model_ready")   # MONAI's blocks are imported when the model is first built
     content: dict = {}
     if conf.get("evaluate"):
         try:
@@ -159,7 +157,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     policy, never the run.
     """
     from common.learn.engine import predict
-    from common.learn.task import model_from_config
 
     rt = site_runtime(context.run_config, context.node_config)
     cfg = rt.cfg
@@ -174,9 +171,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _refuse(msg, f"policy of {rt.center_id}: {exc}")
     policy = load_policy(rt.site_dir)
     notices = list(terms.notices)
-    model = model_from_config(cfg, dims=rt.dims)
-    model.load_state_dict(from_arrays(msg.content["arrays"], model.state_dict()))
-    timing.mark("model_ready")   # MONAI's blocks are imported when the model is built
+    model = rt.model_with(msg.content["arrays"])
+    timing.mark("model_ready")   # MONAI's blocks are imported when the model is first built
     pred = predict(model, ds, int(cfg.train.eval_batch_size))
     out = release_metrics(pred, terms, policy, cfg, notices,
                           hazard=bool(conf.get("baseline-hazard", False)),

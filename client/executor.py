@@ -242,8 +242,11 @@ def serve(address: str, secret: bytes, site: Site, poll: float = POLL_SECONDS, s
 
     from common.data.policy import PolicyError, load_policy
 
+    from client import site_runtime
+
     stop = stop or threading.Event()
     app = installed_app()
+    site_runtime.RUNS_KEPT = 2          # this run and the one before: memory follows the site, not the run count
     control = _http_client(address, [SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE})])
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     handled, waiting_since, idle = 0, None, poll

@@ -6,7 +6,8 @@ a message's objects with a 1 s initial back-off (``flwr/supercore/inflatable/inf
 None of these is a setting.  With a ClientApp process started per message they were hidden behind
 its start-up; with the site's warm runtime (``client/executor.py``) they are most of a round.  This
 launcher runs Flower's ``flower_supernode()`` unchanged after pointing those waits at ``poll``
-seconds (``NEWADJ_SUPERNODE_POLL``, default 0.2) and the back-off at 0.05 s:
+seconds (``NEWADJ_SUPERNODE_POLL``, default 0.2) and the back-off at 0.05 s
+(``common/federation/transport.py``):
 
     python -m client.supernode <flower-supernode arguments>
 
@@ -22,23 +23,27 @@ import os
 import sys
 import time
 
-PINNED_FLOWER = "1.42.0"
+from common.federation.transport import BACKOFF, PINNED_FLOWER, shorten_object_pull_backoff  # noqa: F401
+
 ENV = "NEWADJ_SUPERNODE_POLL"
 DEFAULT_POLL = 0.2
-BACKOFF = 0.05
 # the wait statements tuned, as Flower's source spells them
 IDLE_PULL, REPLY_WAIT = "time.sleep(3)", "time.sleep(0.5)"
 log = logging.getLogger("newadj.supernode")
 
 
+LOCAL_WAIT = 0.02   # the waits on the SuperNode's own state (a reply, an object): no network call per wait
+
+
 class _ShortWaits:
-    """Stands in for the ``time`` module inside Flower's SuperNode loop: its fixed sleeps last ``poll``."""
+    """Stands in for the ``time`` module inside Flower's SuperNode loop: the idle pull (3 s) lasts ``poll``,
+    the waits on its own state (0.5 s) ``LOCAL_WAIT``."""
 
     def __init__(self, poll: float):
         self._poll = float(poll)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(float(seconds), self._poll))
+        time.sleep(self._poll if seconds >= 3 else min(float(seconds), LOCAL_WAIT))
 
     def __getattr__(self, name):
         return getattr(time, name)
@@ -48,7 +53,6 @@ def tune(poll: float) -> bool:
     """Shorten the SuperNode's fixed waits to ``poll`` seconds; False (nothing changed) if this Flower is not the
     release whose waits are known."""
     import flwr
-    from flwr.supercore.inflatable import inflatable_utils
     from flwr.supernode import start_client_internal as sci
 
     source = inspect.getsource(sci)
@@ -58,10 +62,7 @@ def tune(poll: float) -> bool:
                     flwr.__version__, PINNED_FLOWER)
         return False
     sci.time = _ShortWaits(poll)
-    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        fn.__kwdefaults__["initial_backoff"] = BACKOFF
-        fn.__kwdefaults__["backoff_cap"] = max(BACKOFF, poll)
-    return True
+    return shorten_object_pull_backoff(cap=max(BACKOFF, poll))
 
 
 def main(argv: list[str] | None = None) -> int:

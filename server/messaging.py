@@ -24,7 +24,7 @@ NO_REPLY = "no reply before the round timeout"
 EXPIRED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
-POLL_SECONDS = 0.5   # between pulls of the replies (Flower's own Grid.send_and_receive waits 3 s)
+POLL_SECONDS = 0.1   # between pulls of the replies (Flower's own Grid.send_and_receive waits 3 s)
 
 
 def send_and_collect(grid, msgs: list[Message], timeout: float | None,

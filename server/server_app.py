@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
@@ -28,6 +28,7 @@ from common.config import config_hash, load_config, save_config, split_overrides
 from common.learn.engine import seed_everything
 from common.federation.model_io import save_model_package
 from common.learn.task import model_from_config
+from common.federation.transport import shorten_object_pull_backoff
 from common.federation.wire import from_arrays, state_dict_bytes, to_arrays, weights_sha256
 from server import evaluation, messaging
 from server.progress import Events
@@ -47,6 +48,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    shorten_object_pull_backoff()    # replies are pulled as they land, not a second later
     rc = context.run_config
     cfg = load_config(split_overrides(rc.get("overrides")))
     fed = cfg.federation

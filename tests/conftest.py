@@ -119,6 +119,7 @@ def flwr_home(tmp_path, monkeypatch) -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"    # no test process reports usage to Flower
 
 
 def pytest_runtest_setup(item):

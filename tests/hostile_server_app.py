@@ -6,7 +6,11 @@ project's own) to real SuperNodes.  With the run config key ``attack``:
 * ``overrides``: the run's overrides set site-owned keys (the floor ``train.min_patients=1``,
   ``data.cache_dir=/tmp/elsewhere``, an encoder weights path); it only asks every node its role;
 * ``disclosure``: the same model is scored again and again on every site's patients with 10,000
-  bins, then another bin count, then a sweep of thresholds, then a full report.
+  bins, then another bin count, then a sweep of thresholds, then a full report;
+* ``collect``: one evaluation on every site's patients with 1,000 bins and a full report (what a
+  hostile bundle's own ClientApp would answer, if a site ran it: ``tests/test_hostile_bundles.py``);
+* ``errors``: a train message whose weights do not fit the model (the handler raises), then a
+  well-formed evaluation (the same warm runtime must answer it).
 
 Every reply (metrics, notices, refusal reasons) is written to ``RUN_DIR/hostile.json``.
 """
@@ -59,7 +63,19 @@ def main(grid: Grid, context: Context) -> None:
         time.sleep(1)
     nodes = sorted(grid.get_node_ids())
     steps = [{"step": "query", "replies": _ask(grid, nodes, MessageType.QUERY, {})}]
-    if str(rc.get("attack")) == "disclosure":
+    attack = str(rc.get("attack"))
+    if attack in ("collect", "errors"):
+        cfg = load_config(shlex.split(str(rc.get("overrides", ""))))
+        arrays = to_arrays(model_from_config(cfg).state_dict())
+        if attack == "errors":
+            import torch
+
+            bad = ArrayRecord({"weights": torch.zeros(7)})     # no model has seven weights
+            steps.append({"step": "bad-weights", "replies": _ask(grid, nodes, MessageType.TRAIN,
+                                                                 {"server-round": 1, "local-epochs": 1}, bad)})
+        steps.append({"step": "evaluate", "replies": _ask(grid, nodes, MessageType.EVALUATE, {
+            "split": "test", "bins": 1000, "threshold": 0.5, "full-report": True}, arrays)})
+    if attack == "disclosure":
         cfg = load_config(shlex.split(str(rc.get("overrides", ""))))
         arrays = to_arrays(model_from_config(cfg).state_dict())   # the same model every time
         ask = lambda **c: _ask(grid, nodes, MessageType.EVALUATE, {"split": "test", **c}, arrays)  # noqa: E731

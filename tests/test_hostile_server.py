@@ -52,12 +52,20 @@ def _hostile_app(tmp: Path) -> Path:
     return app
 
 
-def _sites(tiny_cohort: Path, dst: Path) -> list[Path]:
+def _sites(tiny_cohort: Path, dst: Path, app: Path) -> list[Path]:
+    """Three sites with the stricter policy, each having approved the app (its ClientApp is the project's, which
+    the sites run installed either way; this test is about what the sites release to a hostile ServerApp)."""
+    from client.bundles import approve
+    from server.ops.processes import write_bundle
+    from tests.conftest import write_site_policy
+
+    fab, _ = write_bundle(dst / "hostile-app.fab", app)
     out = []
     for name in ("center_a", "center_b", "external"):
         site = dst / name
         shutil.copytree(tiny_cohort / name, site, ignore=shutil.ignore_patterns(AUDIT_FILE, LEDGER_FILE))
-        (site / "policy.toml").write_text(HOSTILE_SITE_POLICY)
+        write_site_policy(site, HOSTILE_SITE_POLICY)
+        approve(site, fab)
         out.append(site)
     return out
 
@@ -79,8 +87,8 @@ def _outs(site: Path, run_id: int) -> tuple[list[dict], dict]:
 
 
 def test_hostile_server_is_refused_or_clamped_and_learns_nothing_finer_than_a_cell(tiny_cohort, tmp_path):
-    sites = _sites(tiny_cohort, tmp_path / "cohort")
     app = _hostile_app(tmp_path)
+    sites = _sites(tiny_cohort, tmp_path / "cohort", app)
     logs, home = tmp_path / "logs", tmp_path / "flwr-home"
     group = ProcessGroup()
     try:

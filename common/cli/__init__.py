@@ -8,8 +8,8 @@ import argparse
 
 from common.cli.data import cmd_baseline, cmd_preprocess, cmd_synth, cmd_validate_site, synth_table  # noqa: F401
 from common.cli.errors import describe_error, expected_error
-from common.cli.federation import (cmd_demo, cmd_provision, cmd_run, cmd_schema, cmd_server_start, cmd_simulate,
-                                   cmd_site_keygen, cmd_site_start)
+from common.cli.federation import (cmd_bundle, cmd_demo, cmd_provision, cmd_run, cmd_schema, cmd_server_start,
+                                   cmd_simulate, cmd_site_approve, cmd_site_keygen, cmd_site_start)
 from common.reports.console import err_console
 
 
@@ -108,14 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the federation file)")
     p.set_defaults(func=cmd_provision)
 
-    p = sub.add_parser("site", help="site IT: make this center's key, start its SuperNode")
+    p = sub.add_parser("bundle", help="coordinating center: write the app bundle that `newadj run` submits, for the "
+                                      "sites to review and approve")
+    p.add_argument("--out", required=True, help="a .fab file, or a folder for Flower's file name")
+    p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("site", help="site IT: make this center's key, approve a bundle, start the site")
     ss = p.add_subparsers(dest="site_command", required=True)
     q = ss.add_parser("keygen", help="make this center's SuperNode key pair here; send only the .pub to the coordinator")
     q.add_argument("--center", required=True, help="this center's id, as in the federation file")
     q.add_argument("--out", required=True, help="folder for supernode.key (0600) and <center>.pub")
     q.add_argument("--force", action="store_true", help="replace an existing key (re-keying this center)")
     q.set_defaults(func=cmd_site_keygen)
-    q = ss.add_parser("start", help="validate the site data, then run flower-supernode with TLS and the site's key")
+    q = ss.add_parser("approve", help="review an app bundle and add its SHA-256 to policy.toml's approved_bundles")
+    q.add_argument("--site", required=True, help="the site folder (its policy.toml)")
+    q.add_argument("bundle", help="the .fab file the coordinator sent (`newadj bundle`)")
+    q.set_defaults(func=cmd_site_approve)
+    q = ss.add_parser("start", help="validate the site data, then run the site: flower-supernode (TLS, the site's "
+                                    "key, process isolation) and the site's warm runtime of the installed ClientApp")
     q.add_argument("--kit", required=True)
     q.add_argument("--data", required=True)
     q.add_argument("--key", default=None,
@@ -156,8 +166,10 @@ def _terminate(signum, frame):  # SIGTERM runs the same clean-up as Ctrl-C (stop
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; an expected failure is one line on stderr naming the file or key (exit 2), never a
     traceback unless ``--debug``."""
+    import os
     import signal
 
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"    # every Flower process this command starts inherits it
     signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)

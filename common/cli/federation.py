@@ -172,6 +172,40 @@ def cmd_site_start(args) -> int:
     return site_start(args.kit, args.data, runtime_port=args.runtime_port, key=args.key)
 
 
+def cmd_bundle(args) -> int:
+    """The app bundle `newadj run` submits (the installed code), written for the sites to review."""
+    from client.bundles import read_bundle
+    from server.ops.processes import write_bundle
+
+    path, digest = write_bundle(Path(args.out))
+    b = read_bundle(path.read_bytes())
+    print(f"bundle: {path} ({b.fab_id} {b.version}, {len(b.files)} files)")
+    print(f"sha256 {digest}")
+    print("send it to every site; each reviews it and runs `newadj site approve --site SITE_DIR BUNDLE`")
+    return 0
+
+
+def cmd_site_approve(args) -> int:
+    """Review a bundle (identity, files that differ from the installed code) and approve it in policy.toml."""
+    from client.bundles import BundleError, approve, installed_differences
+    from common.data.policy import PolicyError
+
+    try:
+        bundle, new = approve(Path(args.site), Path(args.bundle))
+    except (BundleError, PolicyError) as exc:
+        err_console.print(f"newadj site approve: {describe_error(exc)}", markup=False)
+        return 2
+    differ, extra = installed_differences(Path(args.bundle).read_bytes())
+    print(f"{bundle.fab_id} {bundle.version}, sha256 {bundle.sha256}: "
+          + ("approved in " if new else "already approved in ") + str(Path(args.site) / "policy.toml"))
+    if differ or extra:
+        print(f"note: {len(differ) + len(extra)} file(s) of the bundle are not the code installed here (this site "
+              "runs its installed code either way): " + ", ".join([*differ, *extra][:20]))
+    else:
+        print("its files are the code installed at this site")
+    return 0
+
+
 def cmd_site_keygen(args) -> int:
     from client.keys import KeyError_, fingerprint, keygen, load_public_key
 

@@ -462,10 +462,18 @@ def site_start(kit_dir: str | Path, data_dir: str | Path, overrides: list[str] |
     if site_id and site_id != c["center_id"]:
         echo(f"note: site folder center_id {site_id!r} differs from the kit's {c['center_id']!r}; "
              "the kit's id is used")
+    from common.data.policy import load_policy
+
+    policy = load_policy(data_dir)
+    if not policy.approved_bundles:
+        echo(f"warning: {data_dir / 'policy.toml'} approves no app bundle yet: this site refuses every run until "
+             "its IT reviews the coordinator's bundle and runs `newadj site approve --site SITE_DIR BUNDLE.fab`")
     home = kit.dir / "flwr-home"
     home.mkdir(exist_ok=True)
     env = flwr_env(home)
-    echo(f"starting flower-supernode for {c['center_id']} ({c['role']}) -> {kit.superlink_address} (TLS, authenticated)")
+    echo(f"starting the site {c['center_id']} ({c['role']}) -> {kit.superlink_address} (TLS, authenticated): "
+         f"flower-supernode in process isolation and this site's runtime of newadj {policy.pinned_version}, "
+         f"{len(policy.approved_bundles)} approved bundle(s)")
     return _run_foreground([supernode_command(kit, data_dir, runtime_port=runtime_port, key=key)], env, cwd=kit.dir)
 
 

@@ -111,6 +111,7 @@ def flwr_env(flwr_home: Path) -> dict:
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["FLWR_TELEMETRY_ENABLED"] = "0"        # Flower reports usage by default; no process of ours calls out
     env.setdefault("PYTHONUNBUFFERED", "1")
     # SuperExec looks for a new task every second by default: a message waits less (Flower 1.41's own knob;
     # the SuperNode's 3 s sleep when idle and the Grid's 3 s pull sleep have none -- we pull our own replies)

@@ -7,6 +7,7 @@ non-zero (``flwr run --stream`` itself exits 0 either way).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from common.config import join_overrides, load_config, save_config
-from server.ops.processes import flwr_env
+from server.ops.processes import build_bundle, flwr_env
 from server.ops.deploy import CONNECTION, load_kit
 from server.ops.simulation import (RESULT_FILE, RUN_SPEC, RunFailed, follow_run, raise_unless_finished, read_run_spec,
                                    run_budget)
@@ -44,6 +45,9 @@ def submit_run(kit_dir: Path, run_dir: Path, overrides: list[str], console: Cons
     if not resume and result.exists():
         result.unlink()
     env = flwr_env(home)
+    digest = hashlib.sha256(build_bundle()).hexdigest()
+    console.print(f"submitting the app bundle sha256 {digest} (each site takes part only if it approved it: "
+                  "`newadj bundle`, `newadj site approve`)", soft_wrap=True)
     run_config = {"run-dir": str(run_dir), "overrides": join_overrides(overrides),
                   "expected-nodes": len(kit.centers), "resume": bool(resume), "mode": mode}
     t0 = time.perf_counter()
