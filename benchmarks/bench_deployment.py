@@ -110,7 +110,8 @@ def start_federation(group, sites, work: Path, insecure: bool):
     return CONNECTION, env
 
 
-def run(work: Path, workload: str, cohort: Path | None, rounds: int | None, extra: list[str], insecure: bool) -> dict:
+def run(work: Path, workload: str, cohort: Path | None, rounds: int | None, extra: list[str], insecure: bool,
+        n_sites: int | None = None) -> dict:
     import os
 
     from common.config import join_overrides
@@ -127,6 +128,8 @@ def run(work: Path, workload: str, cohort: Path | None, rounds: int | None, extr
         overrides.append(f"federation.num_rounds={rounds}")
     overrides += extra
     sites = discover_sites(cohort)
+    if n_sites:     # the first n-1 training centers and the external one (less contention for the same cores)
+        sites = [s for s in sites if s.role != "external"][:n_sites - 1] + [s for s in sites if s.role == "external"]
     timing = work / f"timing-{int(time.time())}"
     os.environ["NEWADJ_TIMING_LOG"] = str(timing)          # inherited by the SuperLink, the sites, the apps
     run_dir = timing / "run"
@@ -255,6 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cohort", type=Path, default=None, help="with --workload cohort: a preprocessed cohort folder")
     ap.add_argument("--rounds", type=int, default=None, help="federation.num_rounds (default: the workload's)")
     ap.add_argument("--insecure", action="store_true", help="a plaintext loopback SuperLink, no kits, no door")
+    ap.add_argument("--sites", type=int, default=None, help="only this many sites (default: all seven)")
     ap.add_argument("--work", default="runs/bench-deployment")
     ap.add_argument("--label", default="now")
     ap.add_argument("--out", default=None)
@@ -266,7 +270,7 @@ def main(argv=None) -> int:
     if args.analyse:
         res = analyse(args.analyse, args.analyse / "run", float("nan"))
     else:
-        res = run(Path(args.work), args.workload, args.cohort, args.rounds, args.overrides, args.insecure)
+        res = run(Path(args.work), args.workload, args.cohort, args.rounds, args.overrides, args.insecure, args.sites)
     res["label"] = args.label
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -234,15 +234,19 @@ def test_override_attacks_are_refused_naming_the_key_and_never_the_value(tmp_pat
     assert why is not None and named.split(" (")[0] in why and SECRET not in why
 
 
-def test_a_packages_config_brings_its_model_but_never_the_sites_settings(tmp_path):
-    from common.config import load_config, to_plain
+def test_a_package_brings_its_architecture_and_schema_never_the_sites_settings(tmp_path):
+    """A model package carries the architecture and the feature lists; everything else is the site's own."""
+    from common.config import load_config
+    from common.learn.task import model_config
 
-    site = _site(tmp_path)
-    pkg = to_plain(load_config(["model=small", "data.cache_dir=/tmp/elsewhere", "train.min_patients=1"]))
-    cfg, ignored = site_config(site, package_config=pkg)
-    assert cfg.data.cache_dir == ".newadj-cache" and cfg.train.min_patients == 10
-    assert {"data.cache_dir", "train.min_patients"} <= set(ignored)
-    assert cfg.model == load_config(["model=small"]).model
+    site = _site(tmp_path, '[config]\ndata.cache_dir = ".site-cache"\n')
+    pkg = {"model": model_config(load_config(["model=small"])),
+           "schema": {"genomic_features": ["TP53_mut"], "clinical_features": ["age"], "scaling": []}}
+    cfg, _ = site_config(site, package=pkg)
+    assert cfg.model.name == "small" and list(cfg.data.genomic_features) == ["TP53_mut"]
+    assert list(cfg.data.clinical_features) == ["age"]
+    assert cfg.data.cache_dir == ".site-cache" and cfg.train.min_patients == load_config([]).train.min_patients
+    assert cfg.preprocess.pathology.encoder.name == load_config([]).preprocess.pathology.encoder.name
 
 
 def _ctx(site: Path, overrides: str) -> Context:

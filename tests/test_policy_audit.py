@@ -481,7 +481,8 @@ def test_site_refusing_to_train_is_logged_and_the_run_completes(tiny_cohort, tmp
     cohort = _copy_cohort(tiny_cohort, tmp_path / "cohort")
     train_sites = [s for s in _sites(cohort) if _center(s)[1] != "external"]
     strict = train_sites[0]
-    (strict / "policy.toml").write_text("# site IT: no training here\nmax_local_epochs = 0\n")
+    (strict / "policy.toml").write_text('# site IT: no training here\nmax_local_epochs = 0\n'
+                                        'allowed_run_keys_extra = ["train.n_boot"]\n')
     center, _ = _center(strict)
     metrics = run_simulation(cohort, tmp_path / "run", TEST_OVERRIDES, stream=False)
 

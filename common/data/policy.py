@@ -154,15 +154,37 @@ def _build(raw: dict, source: str) -> Policy:
         raise PolicyError(f"{source}: invalid policy ({exc!r})") from exc
 
 
+def _content(path: Path | None) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (OSError, AttributeError):
+        return None
+
+
+_POLICIES: dict = {}
+
+
 def load_policy(site_dir: Path | None) -> Policy:
-    """The defaults of conf/policy/default.yaml, overridden by ``<site_dir>/policy.toml`` if present."""
-    raw = _defaults()
-    source = str(DEFAULT_POLICY_YAML)
+    """The defaults of conf/policy/default.yaml, overridden by ``<site_dir>/policy.toml`` if present.
+
+    Both files are read every time and parsed again when their bytes changed: an edit takes effect at the next
+    message; between edits the parsed policy is reused (the mods ask several times a message)."""
     path = Path(site_dir) / POLICY_FILE if site_dir is not None else None
-    if path is not None and path.exists():
+    key = (str(path), _content(path), _content(DEFAULT_POLICY_YAML))
+    if key not in _POLICIES:
+        if len(_POLICIES) > 256:
+            _POLICIES.clear()
+        _POLICIES[key] = _read_policy(path, key[1], key[2])
+    return _POLICIES[key]
+
+
+def _read_policy(path: Path | None, site_text: bytes | None, default_text: bytes | None) -> Policy:
+    raw = yaml.safe_load(default_text) if default_text is not None else _defaults()
+    source = str(DEFAULT_POLICY_YAML)
+    if site_text is not None:
         try:
-            site = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            site = tomllib.loads(site_text.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise PolicyError(f"{path}: cannot read ({exc})") from exc
         unknown = sorted(set(site) - set(raw))
         if unknown:
