@@ -138,11 +138,12 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)
     except Exception as exc:
         append_line(path, audit_record("out", msg, context, center, records={}, bytes=0, decision="error",
-                                reason=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0,
-                                reply_to=msg.metadata.message_id, message_id=""))
+                                       reason=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0,
+                                       reply_to=msg.metadata.message_id, message_id=""))
         raise
     try:
-        append_line(path, audit_record("out", reply, context, center, seconds=time.perf_counter() - t0, **_outcome(reply)))
+        append_line(path, audit_record("out", reply, context, center, seconds=time.perf_counter() - t0,
+                                       **_outcome(reply)))
     except (OSError, ValueError) as exc:
         log.error("audit log %s not writable: %s", path, exc)
         return Message(Error(code=ERR_REFUSED, reason=f"policy of {center}: audit log not writable; "

@@ -188,6 +188,9 @@ def test_run_overrides_outside_the_allow_list_are_refused_naming_the_key(tmp_pat
         site_config(site, ["federation.num_rounds=3"])
     (site / "policy.toml").write_text('allowed_run_keys_extra = ["seed"]\n')
     assert site_config(site, ["seed=7", "federation.num_rounds=3"])[0].seed == 7
+    # null switches an allowed setting off; it names nothing
+    assert site_config(site, ["federation.update_checks.max_norm_ratio=null"])[0].federation.update_checks \
+        .max_norm_ratio is None
 
 
 SECRET = "hunter2-secret"

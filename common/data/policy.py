@@ -224,6 +224,8 @@ def _fits(value, default) -> bool:
     from omegaconf import DictConfig, ListConfig
 
     scalar = (bool, int, float, str)
+    if value is None:        # null switches a setting off (update_checks.max_norm_ratio=null); it names nothing
+        return True
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
