@@ -142,6 +142,17 @@ def test_data_changed_under_a_run_is_refused_not_read(tiny_cohort, tmp_path):
 # --------------------------------------------------------------------------- Flower's SuperNode waits
 
 
+def test_the_installed_flower_is_the_release_whose_waits_are_tuned():
+    """Moving to another Flower release means reading its SuperNode's waits again (client/supernode.py)."""
+    import flwr
+
+    import client.supernode as launcher
+
+    assert flwr.__version__ == launcher.PINNED_FLOWER
+    assert f'"flwr[simulation]=={launcher.PINNED_FLOWER}"' in (Path(launcher.__file__).parents[1] / "pyproject.toml") \
+        .read_text()
+
+
 def test_the_supernode_launcher_shortens_flowers_waits_and_only_for_the_pinned_release(monkeypatch):
     import flwr
     from flwr.supercore.inflatable import inflatable_utils
