@@ -52,15 +52,14 @@ def build_tiny_cohort(work: Path) -> Path:
     from common.synth import generate_cohort
     from tests.conftest import LOCAL_OVERRIDES, write_site_policy
 
-    cohort = work / "cohort"
-    if not (cohort / "_cohort.json").exists():
-        cfg = load_config(LOCAL_OVERRIDES)
+    cohort, cfg = work / "cohort", load_config(LOCAL_OVERRIDES)
+    new = not (cohort / "_cohort.json").exists()
+    if new:
         generate_cohort(cohort, seed=3, scale=0.06, cfg=to_plain(cfg.synth), progress=False, workers=2)
-        for s in discover_sites(cohort):
-            write_site_policy(s.path)
-        ensure_caches(discover_sites(cohort), cfg, progress=False)
-    for s in discover_sites(cohort):      # each site approves the bundle of the code being measured
+    for s in discover_sites(cohort):      # the test sites' policy, approving the bundle of the code being measured
         write_site_policy(s.path)
+    if new:
+        ensure_caches(discover_sites(cohort), cfg, progress=False)
     return cohort
 
 

@@ -59,11 +59,15 @@ def read_bundle(content: bytes, source: str = "bundle") -> Bundle:
     return Bundle(publisher, name, version, hashlib.sha256(content).hexdigest(), names)
 
 
+def pinned_app(policy) -> tuple[str, str]:
+    """(publisher/name, version) of the app this site runs (its policy's ``bundle_*``)."""
+    return f"{policy.bundle_publisher}/{policy.bundle_name}", policy.pinned_version
+
+
 def admit(policy, fab_id: str, fab_version: str, content: bytes) -> str | None:
     """Why this site refuses a run's bundle (None: admitted). ``fab_id``/``fab_version`` as the SuperLink
     announced them; the identity inside the bundle and the hash of its bytes are checked too."""
-    want = f"{policy.bundle_publisher}/{policy.bundle_name}"
-    version = policy.pinned_version
+    want, version = pinned_app(policy)
     if fab_id != want or fab_version != version:
         return f"the run's app is not {want} {version}, the one this site runs"
     try:
@@ -111,7 +115,7 @@ def approve(site_dir: Path, bundle_path: Path) -> tuple[Bundle, bool]:
         raise BundleError(f"{bundle_path}: cannot read ({exc.strerror or type(exc).__name__})") from exc
     bundle = read_bundle(content, str(bundle_path))
     policy = load_policy(site_dir)
-    want = (f"{policy.bundle_publisher}/{policy.bundle_name}", policy.pinned_version)
+    want = pinned_app(policy)
     if (bundle.fab_id, bundle.version) != want:
         raise BundleError(f"{bundle_path}: {bundle.fab_id} {bundle.version} is not {want[0]} {want[1]}, the app "
                           "this site runs (bundle_publisher, bundle_name, bundle_version in policy.toml)")

@@ -132,12 +132,10 @@ def refuse_run(message, context, site: Site, code: int, reason: str):
 
 def answer(app, message, context, run, fab, site: Site):
     """The reply of this site to one message: refused unless the run's bundle is approved, else the app's."""
-    from flwr.app import Error, Message
-
     from client.bundles import admit
-    from client.errors import error_reason, internal_category
+    from client.errors import error_reply
     from common.data.policy import PolicyError, load_policy
-    from common.federation.reply_schema import ERR_BUNDLE, ERR_INTERNAL, ERR_REFUSED
+    from common.federation.reply_schema import ERR_BUNDLE, ERR_REFUSED
 
     try:
         reason = admit(load_policy(site.site_dir), run.fab_id, run.fab_version, fab.content)
@@ -148,11 +146,8 @@ def answer(app, message, context, run, fab, site: Site):
         return refuse_run(message, context, site, ERR_BUNDLE, reason)
     try:
         return app(message=message, context=context)
-    except Exception as exc:   # the app's own error mod answers handler failures; this is what is left
-        log.exception("message %s of run %s failed", message.metadata.message_id, context.run_id)
-        return Message(Error(code=ERR_INTERNAL, reason=error_reason(ERR_INTERNAL, internal_category(exc),
-                                                                    message.metadata.message_id)),
-                       reply_to=message)
+    except Exception as exc:   # noqa: BLE001 - the app's own error mod answers handler failures; this is the rest
+        return error_reply(message, exc)
 
 
 def pull_task_input(client):
@@ -277,9 +272,10 @@ def serve(address: str, secret: bytes, site: Site, poll: float = POLL_SECONDS, s
                     limit = 0
             else:
                 limit = max_rss_mb
-            if limit and rss_mb() > limit:
+            rss = rss_mb()
+            if limit and rss > limit:
                 log.warning("resident memory %.0f MiB above runtime_max_rss_mb %d after a message: restarting "
-                            "the runtime", rss_mb(), limit)
+                            "the runtime", rss, limit)
                 return EXIT_RECYCLE
             if max_messages is not None and handled >= max_messages:
                 return 0

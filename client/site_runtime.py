@@ -164,7 +164,7 @@ def site_settings(run_config, node_config) -> tuple[Path, str, str, object]:
 def _site_settings(run_config, node_config) -> tuple[Path, str, str, object]:
     site_dir, role, center = _resolve_site(run_config, node_config)
     # defaults + the run's allowed overrides + the site's own [config] (a disallowed key raises, naming it)
-    cfg, _ = site_config(site_dir, overrides_of(run_config))
+    cfg = site_config(site_dir, overrides_of(run_config))
     ident = site_identity(site_dir)               # site.toml, [site] table or top-level keys
     role = str(role or ident.role)
     center = str(center or ident.center_id)

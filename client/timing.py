@@ -38,8 +38,8 @@ def record(msg, center: str, **extra) -> None:
     import psutil
 
     line = {"center": center, "type": str(msg.metadata.message_type), "created": float(msg.metadata.created_at),
-            "process_start": MARKS.get("task_claimed", psutil.Process().create_time()), **MARKS, "done": time.time(), "pid": os.getpid(),
-            **extra}
+            "process_start": MARKS.get("task_claimed", psutil.Process().create_time()), **MARKS,
+            "done": time.time(), "pid": os.getpid(), **extra}
     Path(folder).mkdir(parents=True, exist_ok=True)
     with open(Path(folder) / f"{center}.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")

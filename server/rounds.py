@@ -11,7 +11,7 @@ import logging
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from common.federation.wire import content_bytes, to_arrays, upcast
+from common.federation.wire import content_bytes, upcast
 from server.evaluation import (center_entry, pool)
 from server.messaging import NO_REPLY, send_and_collect
 from server.secure_aggregation import average_as_reply, secure_train_round
@@ -95,7 +95,12 @@ def center_name(roles, nid) -> str:
     return roles.get(nid, {}).get("center-id", str(nid))
 
 
-def plain_round(grid, roles, rnd, msgs, global_state: dict, fed, fp16: bool) -> dict:
+def screen_reference(record: ArrayRecord) -> dict:
+    """The global weight record as the update screen compares replies with it (fp32 arrays by name)."""
+    return {k: v.float().numpy() for k, v in record.to_torch_state_dict().items()}
+
+
+def plain_round(grid, roles, rnd, msgs, global_arrays: ArrayRecord, fed, fp16: bool) -> dict:
     """Send the train messages, screen every reply (server/update_checks), keep the good ones in center order."""
     sent = sum(m.content["arrays"].count_bytes() for m in msgs)
     replies = send_and_collect(grid, msgs, float(fed.round_timeout))
@@ -113,7 +118,7 @@ def plain_round(grid, roles, rnd, msgs, global_state: dict, fed, fp16: bool) -> 
             continue
         received += content_bytes(r.content)
         ok[center] = r
-    reference = {k: v.numpy() for k, v in to_arrays(global_state).to_torch_state_dict().items()}
+    reference = screen_reference(global_arrays)
     checks = fed.update_checks
     rejected, norms = screen_updates({c: r.content["arrays"] for c, r in ok.items()}, reference, fp16,
                                      None if checks.max_norm_ratio in (None, "") else float(checks.max_norm_ratio),
@@ -150,7 +155,7 @@ def secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed) -
         log.error("round %d: center %s failed in secure aggregation: %s", rnd, center_name(roles, nid), why)
     good = []
     if sr.average is not None:
-        reference = {k: v.float().numpy() for k, v in send_arrays.to_torch_state_dict().items()}
+        reference = screen_reference(send_arrays)
         rejected, _ = screen_updates({"(secure sum)": sr.average}, reference, False, None)
         problem = rejected.get("(secure sum)")
         if problem:

@@ -209,7 +209,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         if secure:
             rt = secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed)
         else:
-            rt = plain_round(grid, roles, rnd, msgs, from_arrays(arrays, layout), fed, fp16)
+            rt = plain_round(grid, roles, rnd, msgs, arrays, fed, fp16)
             if pending is not None:                  # these replies scored the model of round rnd - 1
                 complete(pending, rt["evaluation"])
                 pending = None

@@ -175,7 +175,7 @@ def test_malformed_disclosure_rules_are_refused(tmp_path, text, needle):
 
 def test_run_overrides_outside_the_allow_list_are_refused_naming_the_key(tmp_path):
     site = _site(tmp_path, '[config]\ndata.cache_dir = ".site-cache"\n')
-    cfg, _ = site_config(site, ["model=small", "federation.num_rounds=3", "train.lr=0.01"])
+    cfg = site_config(site, ["model=small", "federation.num_rounds=3", "train.lr=0.01"])
     assert cfg.federation.num_rounds == 3 and cfg.train.lr == 0.01 and cfg.data.cache_dir == ".site-cache"
     for bad in ("train.min_patients=1", "data.cache_dir=/tmp/elsewhere", "preprocess.pathology.encoder.path=/x.pt",
                 "+audit_dir=/tmp", "~train.device", "train.device=cuda"):
@@ -187,9 +187,9 @@ def test_run_overrides_outside_the_allow_list_are_refused_naming_the_key(tmp_pat
     with pytest.raises(PolicyError, match="federation.num_rounds"):
         site_config(site, ["federation.num_rounds=3"])
     (site / "policy.toml").write_text('allowed_run_keys_extra = ["seed"]\n')
-    assert site_config(site, ["seed=7", "federation.num_rounds=3"])[0].seed == 7
+    assert site_config(site, ["seed=7", "federation.num_rounds=3"]).seed == 7
     # null switches an allowed setting off; it names nothing
-    assert site_config(site, ["federation.update_checks.max_norm_ratio=null"])[0].federation.update_checks \
+    assert site_config(site, ["federation.update_checks.max_norm_ratio=null"]).federation.update_checks \
         .max_norm_ratio is None
 
 
@@ -245,7 +245,7 @@ def test_a_package_brings_its_architecture_and_schema_never_the_sites_settings(t
     site = _site(tmp_path, '[config]\ndata.cache_dir = ".site-cache"\n')
     pkg = {"model": model_config(load_config(["model=small"])),
            "schema": {"genomic_features": ["TP53_mut"], "clinical_features": ["age"], "scaling": []}}
-    cfg, _ = site_config(site, package=pkg)
+    cfg = site_config(site, package=pkg)
     assert cfg.model.name == "small" and list(cfg.data.genomic_features) == ["TP53_mut"]
     assert list(cfg.data.clinical_features) == ["age"]
     assert cfg.data.cache_dir == ".site-cache" and cfg.train.min_patients == load_config([]).train.min_patients

@@ -116,7 +116,8 @@ def _build(raw: dict, source: str) -> Policy:
         bad = {k: v for k, v in records.items() if v not in RECORD_KINDS}
         if bad:
             raise PolicyError(f"{source}: reply_records kinds {bad} not among {list(RECORD_KINDS)}")
-        ints = {k: _int(raw, k, source, 0 if k in ("max_local_epochs", "max_server_round", "runtime_max_rss_mb") else 1)
+        zero_ok = ("max_local_epochs", "max_server_round", "runtime_max_rss_mb")
+        ints = {k: _int(raw, k, source, 0 if k in zero_ok else 1)
                 for k in ("max_local_epochs", "max_server_round", "min_cohort_size", "min_cell_count",
                           "max_histogram_bins", "max_thresholds", "runtime_max_rss_mb")}
         floors = raw["min_patients"]
@@ -238,7 +239,7 @@ def _fits(value, default) -> bool:
         return isinstance(value, list)
     if isinstance(default, DictConfig):
         return isinstance(value, dict)
-    return value is None or isinstance(value, scalar) or isinstance(value, list)   # a null default
+    return isinstance(value, (*scalar, list))   # a null default
 
 
 def override_refusals(overrides: Iterable[str], policy: Policy) -> list[str]:
@@ -300,7 +301,7 @@ def _refusals(overrides: tuple[str, ...], allowed: tuple[str, ...]) -> tuple[str
 
 def site_config(site_dir: Path | None, run_overrides: Iterable[str] = (), package: dict | None = None,
                 policy: Policy | None = None):
-    """(config, []): the installed defaults + the accepted run overrides, or a model package's architecture and
+    """The configuration: the installed defaults + the accepted run overrides, or a model package's architecture and
     schema (``common.federation.model_io``), + the site's own ``[config]``.
 
     ``run_overrides`` the site refuses raise :class:`PolicyError` naming each key (the ClientApp refuses such a
@@ -319,7 +320,7 @@ def site_config(site_dir: Path | None, run_overrides: Iterable[str] = (), packag
         cfg.model = OmegaConf.create(dict(package["model"]))
         for key, value in package["schema"].items():
             OmegaConf.update(cfg, f"data.{key}", value, merge=False, force_add=True)
-    return with_site_config(cfg, site_dir, policy), []
+    return with_site_config(cfg, site_dir, policy)
 
 
 def with_site_config(cfg, site_dir: Path | None, policy: Policy | None = None):

@@ -229,7 +229,7 @@ def package_site_config(pkg: dict, site_dir: Path | None = None):
     from common.data.policy import site_config
     from common.learn.task import input_dims
 
-    cfg, _ = site_config(site_dir, package=pkg)
+    cfg = site_config(site_dir, package=pkg)
     dims = input_dims(cfg)
     if dims != pkg["inputs"]:
         diff = ", ".join(f"{k} {pkg['inputs'][k]} (this site: {dims[k]})" for k in INPUT_KEYS

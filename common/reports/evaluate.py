@@ -74,14 +74,16 @@ def load_checkpoint(model_path: Path, expected_sha256: str | None = None, site_d
 
     model_path = Path(model_path)
     try:
-        model, pkg = load_model_package(model_path, expected_sha256)
-        pkg["config"] = package_site_config(pkg, site_dir)
-        return model, pkg
+        model, pkg = load_model_package(model_path, expected_sha256)      # its errors name the file
     except ModelPackageError as exc:
-        raise EvaluationError(f"{model_path}: {exc}" if not str(exc).startswith(str(model_path)) else str(exc)) \
-            from exc
+        raise EvaluationError(str(exc)) from exc
+    try:
+        pkg["config"] = package_site_config(pkg, site_dir)
+    except ModelPackageError as exc:
+        raise EvaluationError(f"{model_path}: {exc}") from exc
     except PolicyError as exc:
         raise EvaluationError(str(exc)) from exc
+    return model, pkg
 
 
 def open_site(site_dir: Path, cfg, model_path: Path | None = None, splits=None):
@@ -383,8 +385,6 @@ def evaluate_site(model_path: Path, site_dir: Path, out_dir: Path, *, splits=Non
     from common.reports.plots import km_figure, reliability_figure, roc_figure
 
     model_path, site_dir, out_dir = Path(model_path), Path(site_dir), Path(out_dir)
-    if not Path(site_dir).is_dir():
-        raise EvaluationError(f"{site_dir}: no such site folder")
     model, pkg = load_checkpoint(model_path, expected_sha256, site_dir)
     cfg = pkg["config"]
     ds, clinical_by_id, site = open_site(site_dir, cfg, model_path, splits)
