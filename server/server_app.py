@@ -147,6 +147,23 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     # in a message of its own after the loop.  SecAgg+ rounds (four messages already) are scored right away.
     num_rounds = int(fed.num_rounds)
     stopped_early = None
+    cox_fit = None
+    if str(cfg.model.get("kind", "network")) == "cox":   # exact Newton-Raphson instead of rounds of local training
+        from server.cox import fit_cox
+
+        if secure or is_dp(strategy):
+            raise RuntimeError("model=cox sums the centers' derivatives in the clear: it runs without "
+                               "federation.secure_aggregation and differential_privacy")
+        cox_fit = fit_cox(grid, roles, cfg, events, float(fed.round_timeout))
+        comm = {k: comm[k] + cox_fit["communication"][k] for k in comm}
+        import torch
+
+        state = {"beta": torch.as_tensor(cox_fit["beta"], dtype=torch.float32)}
+        save_checkpoint(run_dir, cox_fit["rounds"], state, {"config_hash": cfg_hash, "weights_sha256": weights_sha256(state)})
+        cv = cox_fit["cv"]
+        best = {"round": cox_fit["rounds"], "threshold": 0.5, "val": {}, "calibration": None,
+                "key": next(r["cv_partial_loglik"] for r in cv if r["penalizer"] == cox_fit["penalizer"]) or 0.0}
+        select_metric, num_rounds, start_round = "cox_cv_partial_loglik", 0, 1
     eval_request = {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5}
 
     def decided(rnd: int, why: str) -> None:
@@ -283,7 +300,12 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         if select_metric is not None:
             decided(history[-1]["round"], why)
     select_metric = select_metric or "val_loss"     # nothing that ranks was ever released: the last round
-    selection = selection_summary(best, select_metric, fed)
+    selection = (selection_summary(best, select_metric, fed) if cox_fit is None else
+                 {"round": best["round"], "metric": select_metric, "value": best["key"] if cox_fit["cv_folds"] else None,
+                  "patients": cox_fit["patients"], "centers": len(cox_fit["centers"]), "warning": None,
+                  "penalizer": cox_fit["penalizer"],
+                  "basis": (f"{cox_fit['cv_folds']}-fold cross-validated partial likelihood over every training "
+                            f"patient" if cox_fit["cv_folds"] else "fixed penalizer")})
     events("selected", **selection, threshold=best["threshold"],
            threshold_source=best.get("threshold_source", "Youden on pooled validation"))
     best_state, best_meta, _ = load_checkpoint(run_dir / "checkpoints" / f"round_{best['round']:03d}.pt")
@@ -338,6 +360,8 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
             "holdout_center": fed.get("holdout_center"),
             "endpoints": [k for k, v in endpoints.items() if v], "baseline_hazard": baseline_hazard,
             "calibration": calibration}
+    if cox_fit is not None:
+        card["cox"] = {k: cox_fit[k] for k in ("penalizer", "cv_folds", "coefficients", "rounds", "patients")}
     package = save_model_package(run_dir / "best_model.pt", best_state, cfg, float(best["threshold"]), card)
     per_round = [h["bytes_sent"] / max(1, h.get("messages_out", 1)) for h in history]
     summary = {
@@ -353,6 +377,8 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
                           "mean_bytes_per_message_out": float(np.mean(per_round)) if per_round else None},
         "config": to_plain(cfg),
     }
+    if cox_fit is not None:
+        summary["cox"] = {k: v for k, v in cox_fit.items() if k not in ("communication",)}
     (run_dir / "metrics.json").write_text(json.dumps(json_safe(summary), indent=1))
     events("finished", metrics=str(run_dir / "metrics.json"))
     log.info("finished: selected round %d; metrics in %s; best model %s sha256 %s", best["round"],

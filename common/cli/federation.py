@@ -276,6 +276,10 @@ def cmd_schema(args) -> int:
     console.print(table)
     for who, why in (result.get("failures") or {}).items():
         err_console.print(f"[yellow]{who} did not answer:[/yellow] {why}")
+    from rich.markup import escape
+
+    for flag in prop.get("flags") or []:      # advice for the review: the feature stays in the proposal
+        console.print(f"[yellow]flag:[/yellow] {escape(flag['message'])}", soft_wrap=True, highlight=False)
     console.print(f"feature file: {out.resolve() / FEATURES_YAML} (review it, then pass --features to simulate, run "
                   f"or baseline)", soft_wrap=True)
     return 0

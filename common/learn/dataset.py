@@ -157,11 +157,14 @@ def tile_stats(cache_dir: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]
 
 
 def feature_scaling(names: Sequence[str], scaling: dict | None):
-    """A function from one patient's tabular values (None = missing) to the model's inputs (0 = missing).
+    """A function from one patient's tabular values (None or NaN = missing) to the model's inputs.
 
     ``scaling`` (``data.scaling``, written by ``newadj schema`` from the training centers' pooled
     moments) is a list of ``{name, log, center, scale}``: ``((log1p(x) if log else x) - center) / scale``.
-    A feature it does not list is passed as it is.
+    A missing value enters as 0.  For a feature with a rule, 0 in the scaled space is the pooled mean
+    (``center``): the value is imputed from the training centers' pooled moments, never entered as a raw 0,
+    also at a center that lacks the feature (``missing_by_site`` of the feature file).  A feature the list
+    does not name is passed as it is, and a missing value of it enters as a raw 0.
     """
     from common.config import to_plain
 

@@ -62,6 +62,7 @@ MODALITIES = ("mri", "pathology", "genomics")
 # config passed to build_model is deep-merged over these defaults.
 DEFAULTS: dict[str, Any] = {
     "name": "newadjnet",
+    "kind": "network",      # network (New-adj-Net, trained by the engine) | cox (CoxModel, fitted by Newton-Raphson)
     "modalities": ["mri", "pathology", "genomics"],
     "embed_dim": 128,
     "fusion": "late",
@@ -606,8 +607,35 @@ def norm_parameter_names(model: nn.Module) -> list[str]:
             for p, _ in mod.named_parameters(recurse=False)]
 
 
-def build_model(cfg: Any, in_channels: int, path_dim: int, n_genes: int, n_clinical: int = 0) -> NewAdjNet:
-    """Build New-adj-Net from the ``model`` config node (DictConfig or dict; partial configs
-    are merged over :data:`DEFAULTS`).  Branches not listed in ``cfg.modalities`` are not
-    built and their inputs are ignored."""
+class CoxModel(nn.Module):
+    """A Cox proportional-hazards model on the tabular inputs (``model=cox``): log-hazard = [genomics, clinical] . beta.
+
+    Missing inputs are 0 in scaled units, the pooled mean of the feature file's moments (imputation, not a
+    value).  No benefit output: ``logit`` is 0.  Its coefficients are fitted by the federation's Newton-Raphson
+    (``server/cox.py``, ``common/learn/cox.py``), not by gradient steps; the engine's ``predict``, the disclosure
+    rules, reports and packages treat it as any model.
+    """
+
+    def __init__(self, n_genes: int, n_clinical: int):
+        super().__init__()
+        if n_genes + n_clinical <= 0:
+            raise ValueError("model=cox needs tabular features: data.genomic_features or data.clinical_features "
+                             "(run `newadj schema` and pass its feature file)")
+        self.beta = nn.Parameter(torch.zeros(n_genes + n_clinical))   # fp32 as every weight record; the fit is float64
+        self.modalities = ["tabular"]
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        x = torch.cat([batch["genomics"], batch["clinical"]], dim=1).to(self.beta.device, self.beta.dtype)
+        risk = x @ self.beta
+        zero = torch.zeros_like(risk)
+        return {"logit": zero, "risk": risk, "attention": torch.zeros(x.shape[0], 0, device=x.device),
+                "embeddings": {}, "fused": risk.unsqueeze(1), "present": {}}
+
+
+def build_model(cfg: Any, in_channels: int, path_dim: int, n_genes: int, n_clinical: int = 0) -> nn.Module:
+    """Build the model of the ``model`` config node (DictConfig or dict; partial configs are merged over
+    :data:`DEFAULTS`): New-adj-Net, whose branches not listed in ``cfg.modalities`` are not built and their
+    inputs ignored, or with ``kind: cox`` the Cox model on the tabular features."""
+    if str(resolve_model_cfg(cfg).get("kind", "network")) == "cox":
+        return CoxModel(n_genes, n_clinical)
     return NewAdjNet(cfg, in_channels=in_channels, path_dim=path_dim, n_genes=n_genes, n_clinical=n_clinical)

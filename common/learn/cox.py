@@ -1,0 +1,192 @@
+"""The exact federated Cox model (``model=cox``): what a center computes, and what the server solves.
+
+A ridge-penalised Cox proportional-hazards model on the tabular inputs (the genomic and
+clinical features, scaled as the feature file says, 0 where missing), stratified by center:
+the log partial likelihood of the federation is the sum of each center's own (Efron ties),
+so its gradient and Hessian are the sums of the centers' (as in WebDISCO, Lu et al. 2015, and
+FedECA, du Terrail et al. 2023).  The server runs Newton-Raphson on those sums,
+
+    maximise  sum_s l_s(beta) - N * penalizer / 2 * ||beta||^2      (N: patients in the fit),
+
+which is lifelines' ``CoxPHFitter(penalizer, l1_ratio=0, strata=center)`` objective on the same
+inputs, with lifelines' per-covariate normalisation undone (its ``penalizer`` applies to
+coefficients of covariates divided by their SD: ``penalizer / sd**2`` per covariate gives this one).
+
+The penalizer is chosen by federated k-fold cross-validation over the training centers: every
+center splits its patients into k folds (by a hash of the patient id); for each candidate
+penalizer and fold the federation fits on the other folds, and the fold's contribution is the
+cross-validated partial likelihood of Verweij & van Houwelingen (1993),
+``l(beta_-f) - l_-f(beta_-f)``, summed over centers and folds.  Each center releases it as two
+log-likelihoods over all its fit patients or the k-1 training folds, never one fold alone, so
+every release rests on at least the site's floor even where a fold is a handful of patients.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+# --------------------------------------------------------------------------- at a center
+
+def design(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(X [n, p], time, event, patient ids) of a dataset's patients with DFS, X = [genomics, clinical] inputs."""
+    rows, t, e, ids = [], [], [], []
+    for it in ds.items:
+        if not (np.isfinite(it["dfs_time"]) and np.isfinite(it["dfs_event"])):
+            continue
+        rows.append(np.concatenate([np.asarray(it["genomics"], float), np.asarray(it["clinical"], float)]))
+        t.append(float(it["dfs_time"]))
+        e.append(float(it["dfs_event"]))
+        ids.append(str(it["patient_id"]))
+    p = int(getattr(ds, "n_genes", 0)) + int(getattr(ds, "n_clinical", 0))
+    X = np.vstack(rows) if rows else np.zeros((0, p))
+    return X, np.asarray(t, float), np.asarray(e, float), ids
+
+
+def fold_of(patient_ids: list[str], k: int) -> np.ndarray:
+    """Each patient's fold in 0..k-1: patients ordered by the SHA-256 of their id, dealt round-robin, so the
+    folds differ in size by at most one and depend on the patients only (not on row order or a random state)."""
+    order = sorted(range(len(patient_ids)),
+                   key=lambda i: (hashlib.sha256(f"cox-fold:{patient_ids[i]}".encode()).digest(), patient_ids[i]))
+    folds = np.empty(len(patient_ids), int)
+    for rank, i in enumerate(order):
+        folds[i] = rank % int(k)
+    return folds
+
+
+def efron_derivatives(X: np.ndarray, time: np.ndarray, event: np.ndarray, beta: np.ndarray
+                      ) -> tuple[float, np.ndarray, np.ndarray]:
+    """(log partial likelihood, its gradient [p], its Hessian [p, p]) at ``beta``, Efron's ties.
+
+    With risk set R_j of event time u_j, tied events D_j (d_j of them), theta = exp(x beta) and
+    S^k_A = sum_A theta x^(k) (k = 0, 1, 2):
+    l = sum_j [sum_{D_j} x beta - sum_{l<d_j} log(S0_R - l/d_j S0_D)], and the gradient and Hessian
+    follow term by term (Efron 1977; lifelines' ``_get_efron_values_single`` computes the same).
+    """
+    X, time, event, beta = (np.asarray(a, float) for a in (X, time, event, beta))
+    n, p = X.shape
+    if n == 0 or not event.any():
+        return 0.0, np.zeros(p), np.zeros((p, p))
+    eta = X @ beta
+    shift = float(eta.max())
+    theta = np.exp(eta - shift)
+    order = np.argsort(-time, kind="stable")            # descending time: risk sets are prefixes
+    t_desc = time[order]
+    c0 = np.cumsum(theta[order])
+    tx = theta[:, None] * X
+    c1 = np.cumsum(tx[order], axis=0)
+    c2 = np.cumsum(np.einsum("i,ij,ik->ijk", theta, X, X)[order], axis=0)
+    ll, grad, hess = 0.0, np.zeros(p), np.zeros((p, p))
+    for u in np.unique(time[event > 0]):
+        last = int(np.searchsorted(-t_desc, -u, side="right")) - 1     # the last index with time >= u
+        dmask = (time == u) & (event > 0)
+        d = int(dmask.sum())
+        s0d, s1d = theta[dmask].sum(), tx[dmask].sum(0)
+        s2d = np.einsum("i,ij,ik->jk", theta[dmask], X[dmask], X[dmask])
+        ll += float(eta[dmask].sum())
+        grad += X[dmask].sum(0)
+        for lt in range(d):
+            f = lt / d
+            phi = c0[last] - f * s0d
+            m = (c1[last] - f * s1d) / phi
+            ll -= math.log(phi) + shift
+            grad -= m
+            hess -= (c2[last] - f * s2d) / phi - np.outer(m, m)
+    return ll, grad, hess
+
+
+@dataclass
+class SiteFits:
+    """A center's answer to one Newton round: per fit, the derivatives on its training part and, for a fold
+    fit, the log-likelihood over all the center's fit patients."""
+    loglik: np.ndarray          # [M] on the fit's training part
+    gradient: np.ndarray        # [M, p]
+    hessian: np.ndarray         # [M, p, p]
+    loglik_all: np.ndarray      # [M] over every fit patient (NaN for a fit on all of them)
+    n_fit: np.ndarray           # [M] patients in each fit's training part
+    n: int
+    n_events: int
+    n_train_min: int            # the fewest patients behind any fit's training part
+
+
+def site_fits(X, time, event, folds: np.ndarray, betas: np.ndarray, fit_folds: list[int]) -> SiteFits:
+    """Derivatives of every requested fit at a center: ``fit_folds[m]`` = -1 (all patients) or the fold left out."""
+    M, p = betas.shape
+    out = SiteFits(np.zeros(M), np.zeros((M, p)), np.zeros((M, p, p)), np.full(M, np.nan), np.zeros(M),
+                   len(time), int((event > 0).sum()), len(time))
+    for m, f in enumerate(fit_folds):
+        keep = folds != int(f) if int(f) >= 0 else np.ones(len(time), bool)
+        out.n_fit[m] = int(keep.sum())
+        out.n_train_min = min(out.n_train_min, int(keep.sum()))
+        out.loglik[m], out.gradient[m], out.hessian[m] = efron_derivatives(X[keep], time[keep], event[keep], betas[m])
+        if int(f) >= 0:
+            out.loglik_all[m] = efron_derivatives(X, time, event, betas[m])[0]
+    return out
+
+
+# --------------------------------------------------------------------------- at the server
+
+@dataclass
+class Fit:
+    """One penalised fit the server drives: its penalizer, the fold it leaves out (-1: none) and its state."""
+    penalizer: float
+    fold: int
+    beta: np.ndarray
+    loglik: float = -np.inf          # penalised, at ``beta``
+    step: np.ndarray | None = None   # the last Newton step taken to reach ``beta``
+    converged: bool = False
+    steps: int = 0
+    halvings: int = 0
+    hessian: np.ndarray | None = None    # penalised, at ``beta``
+    loglik_all: float = float("nan")     # summed over centers: over every fit patient, at ``beta``
+    history: list = field(default_factory=list)
+
+
+def penalised(loglik: float, grad: np.ndarray, hess: np.ndarray, beta: np.ndarray, n: int, penalizer: float):
+    """The ridge-penalised log-likelihood, gradient and Hessian (``n * penalizer / 2 * ||beta||^2``)."""
+    lam = float(n) * float(penalizer)
+    return (loglik - 0.5 * lam * float(beta @ beta), grad - lam * beta, hess - lam * np.eye(len(beta)))
+
+
+def newton_update(fit: Fit, loglik: float, grad: np.ndarray, hess: np.ndarray, n: int, tol: float) -> None:
+    """One Newton-Raphson move of ``fit`` from the summed (unpenalised) derivatives at ``fit.beta``.
+
+    A step that lowered the penalised log-likelihood is halved and retried from the previous point
+    (the derivatives there are not needed again: the step is kept).  Converged when the largest
+    coefficient change is below ``tol``.
+    """
+    pl, pg, ph = penalised(loglik, grad, hess, fit.beta, n, fit.penalizer)
+    if fit.step is not None and pl < fit.loglik - 1e-12 * max(1.0, abs(fit.loglik)) and fit.halvings < 30:
+        fit.step = fit.step / 2.0                # overshot: back up half way
+        fit.beta = fit.beta - fit.step
+        fit.halvings += 1
+        return
+    fit.loglik, fit.hessian = pl, ph
+    step = np.linalg.solve(ph, -pg)
+    fit.history.append({"loglik": pl, "max_step": float(np.max(np.abs(step))) if len(step) else 0.0})
+    if not len(step) or np.max(np.abs(step)) < tol:
+        fit.converged = True
+        return
+    fit.step = step
+    fit.beta = fit.beta + step
+    fit.steps += 1
+
+
+def coefficient_table(names: list[str], beta: np.ndarray, neg_hessian_pen: np.ndarray, alpha: float = 0.05) -> list[dict]:
+    """Coefficients, hazard ratios and Wald confidence intervals from the inverse penalised information (the
+    variance lifelines reports for a penalised fit), per covariate in model-input units."""
+    from scipy.stats import norm
+
+    cov = np.linalg.inv(neg_hessian_pen)
+    se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    z = norm.ppf(1 - alpha / 2)
+    rows = []
+    for j, name in enumerate(names):
+        b, s = float(beta[j]), float(se[j])
+        rows.append({"covariate": name, "coef": b, "se": s, "hr": math.exp(b), "hr_lo": math.exp(b - z * s),
+                     "hr_hi": math.exp(b + z * s), "z": b / s if s > 0 else float("nan"),
+                     "p": float(2 * norm.sf(abs(b / s))) if s > 0 else float("nan")})
+    return rows
