@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
+from client.cross_validation import CV_ARRAYS, cv_data, out_of_fold_predictions, train_folds
 from client.errors import errors_mod
 from client.fault_injection import fault_injection_mod
 from client.disclosure import release_metrics
@@ -83,6 +84,10 @@ def train(msg: Message, context: Context) -> Message:
     if conf.get("newton"):
         return newton_reply(msg, rt)
     rnd = int(conf.get("server-round", 0))
+    k = int(conf.get("cv-folds", 0) or 0)     # federated k-fold CV of the rounds (client/cross_validation.py)
+    if k and (k < 2 or CV_ARRAYS not in msg.content or len(msg.content[CV_ARRAYS]) != k):
+        return _refuse(msg, f"center {rt.center_id}: malformed cross-validation request")
+    epochs = int(conf.get("local-epochs", cfg.federation.local_epochs))
     model = rt.model_with(msg.content["arrays"])
     timing.mark("model_ready")   # MONAI's blocks are imported when the model is first built
     content: dict = {}
@@ -92,20 +97,29 @@ def train(msg: Message, context: Context) -> Message:
         except PermissionError as exc:
             return _refuse(msg, f"policy of {rt.center_id}: {exc}")
         notices = list(terms.notices)
-        ds = rt.split(str(conf["evaluate"]))
-        pred = predict(model, ds, int(cfg.train.eval_batch_size))
+        if k:
+            pred, n_skipped = out_of_fold_predictions(rt, msg.content[CV_ARRAYS], k, int(cfg.train.eval_batch_size)), 0
+        else:
+            ds = rt.split(str(conf["evaluate"]))
+            pred, n_skipped = predict(model, ds, int(cfg.train.eval_batch_size)), len(ds.skipped)
         released = release_metrics(pred, terms, load_policy(rt.site_dir), cfg, notices)
-        released["n-skipped"] = len(ds.skipped)
+        released["n-skipped"] = n_skipped
         content["evaluation"] = MetricRecord(released)
         if notices:
             content["info"] = ConfigRecord({"notice": "; ".join(notices)})
+    train_ds, val_ds = rt.train, rt.val
+    if k:   # the fold models first (they share the runtime's model object), then the global one on every patient
+        content[CV_ARRAYS] = train_folds(rt, msg.content[CV_ARRAYS], k, epochs,
+                                         lambda f: round_seed(int(cfg.seed), f"{rt.center_id}/cv{f}", rnd),
+                                         float(conf.get("proximal-mu", 0.0)), bool(conf.get("fp16", False)))
+        train_ds, val_ds = cv_data(rt, k)[0], None
+        model = rt.model_with(msg.content["arrays"])
     local_norm = bool(conf.get("local-norm", False))
     if local_norm:    # FedBN-style: this center trains with its own normalisation layers, kept between rounds
         restore_local_norm(model, context)
-    res = train_model(model, rt.train, rt.val, cfg.train, cfg.model.loss,
+    res = train_model(model, train_ds, val_ds, cfg.train, cfg.model.loss,
                       seed=round_seed(int(cfg.seed), rt.center_id, rnd),
-                      epochs=int(conf.get("local-epochs", cfg.federation.local_epochs)),
-                      select_best=False, early_stopping=False,
+                      epochs=epochs, select_best=False, early_stopping=False,
                       proximal_mu=float(conf.get("proximal-mu", 0.0)))
     if local_norm:
         keep_local_norm(res.state_dict, model, context)
@@ -213,7 +227,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     notices = list(terms.notices)
     model = rt.model_with(msg.content["arrays"])
     timing.mark("model_ready")   # MONAI's blocks are imported when the model is first built
-    pred = predict(model, ds, int(cfg.train.eval_batch_size))
+    k = int(conf.get("cv-folds", 0) or 0)
+    if k and split == "val" and CV_ARRAYS in msg.content and len(msg.content[CV_ARRAYS]) == k:
+        pred = out_of_fold_predictions(rt, msg.content[CV_ARRAYS], k, int(cfg.train.eval_batch_size))
+    else:
+        pred = predict(model, ds, int(cfg.train.eval_batch_size))
     out = release_metrics(pred, terms, policy, cfg, notices,
                           hazard=bool(conf.get("baseline-hazard", False)),
                           baseline=(list(conf.get("bh-times", [])), list(conf.get("bh-cumhaz", [])),

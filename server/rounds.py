@@ -11,7 +11,7 @@ import logging
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from common.federation.wire import content_bytes, upcast
+from common.federation.wire import CV_ARRAYS, content_bytes, upcast
 from server.evaluation import (center_entry, pool)
 from server.messaging import NO_REPLY, send_and_collect
 from server.secure_aggregation import average_as_reply, secure_train_round
@@ -22,15 +22,19 @@ log = logging.getLogger("newadj.server")
 _LAST_NOTICE: dict[str, str] = {}
 
 
-def send_to(grid, node_ids, arrays: ArrayRecord, config: dict, timeout: float, mtype=MessageType.EVALUATE):
-    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), message_type=mtype,
+def send_to(grid, node_ids, arrays: ArrayRecord, config: dict, timeout: float, mtype=MessageType.EVALUATE,
+            extra: dict | None = None):
+    extra = extra or {}
+    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config), **extra}), message_type=mtype,
                     dst_node_id=n) for n in node_ids]
-    return send_and_collect(grid, msgs, timeout), arrays.count_bytes() * len(msgs)
+    size = arrays.count_bytes() + sum(r.count_bytes() for r in extra.values())
+    return send_and_collect(grid, msgs, timeout), size * len(msgs)
 
 
-def evaluate_centers(grid, node_ids, roles, arrays, config, timeout) -> tuple[dict, int, int]:
-    """Per-center aggregate metrics and the pooled metrics from what the centers released."""
-    replies, sent = send_to(grid, node_ids, arrays, config, timeout)
+def evaluate_centers(grid, node_ids, roles, arrays, config, timeout, extra: dict | None = None) -> tuple[dict, int, int]:
+    """Per-center aggregate metrics and the pooled metrics from what the centers released (``extra``: more
+    records of the request, e.g. the fold models of a cross-validated run)."""
+    replies, sent = send_to(grid, node_ids, arrays, config, timeout, extra=extra)
     received, released, failures = 0, {}, {}
     for nid, r in replies.items():
         center = center_name(roles, nid)
@@ -102,7 +106,7 @@ def screen_reference(record: ArrayRecord) -> dict:
 
 def plain_round(grid, roles, rnd, msgs, global_arrays: ArrayRecord, fed, fp16: bool) -> dict:
     """Send the train messages, screen every reply (server/update_checks), keep the good ones in center order."""
-    sent = sum(m.content["arrays"].count_bytes() for m in msgs)
+    sent = sum(r.count_bytes() for m in msgs for r in m.content.array_records.values())
     replies = send_and_collect(grid, msgs, float(fed.round_timeout))
     received, failures, ok = 0, {}, {}
     for nid, r in replies.items():
@@ -127,15 +131,21 @@ def plain_round(grid, roles, rnd, msgs, global_arrays: ArrayRecord, fed, fp16: b
         log.error("round %d: rejected the update of center %s: %s", rnd, center, why)
         failures[center] = f"update rejected: {why}"
     evaluation = pooled_evaluation(ok, "evaluation", {c: f for c, f in failures.items() if c not in ok})
-    for r in ok.values():          # Flower's strategies aggregate replies with one MetricRecord each
+    folds = {}
+    for c, r in ok.items():        # Flower's strategies aggregate replies with one record of each kind
         if "evaluation" in r.content:
             del r.content["evaluation"]
+        if CV_ARRAYS in r.content:
+            folds[c] = upcast(r.content.pop(CV_ARRAYS))
     # a fixed order (by center) makes the floating-point sum, hence the run, reproducible
     good = [ok[c] for c in sorted(ok) if c not in rejected]
     for r in good:
         r.content["arrays"] = upcast(r.content["arrays"])
     return {"good": good, "n_good": len(good), "sent": sent, "received": received, "failures": failures,
             "rejected": rejected, "norms": norms,
+            # the fold models of a cross-validated run, per usable center, with its weight
+            "folds": {c: (folds[c], int(ok[c].content["metrics"]["num-examples"])) for c in sorted(folds)
+                      if c not in rejected},
             # the centers' scores of the model they received (asked with `evaluate` in the train config)
             "evaluation": evaluation,
             "client_seconds": {c: float(ok[c].content["metrics"]["train-seconds"]) for c in sorted(ok)},

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
@@ -29,7 +29,8 @@ from common.learn.engine import seed_everything
 from common.federation.model_io import save_model_package
 from common.learn.task import model_from_config
 from common.federation.transport import shorten_object_pull_backoff
-from common.federation.wire import from_arrays, state_dict_bytes, to_arrays, weights_sha256
+from common.federation.wire import (CV_ARRAYS, WEIGHTS, fold_key, from_arrays, state_dict_bytes, to_arrays,
+                                   weights_sha256)
 from server import evaluation, messaging
 from server.progress import Events
 from server.rounds import (centers_of, evaluate_centers, membership, merge_failures, plain_round,
@@ -69,6 +70,27 @@ def main(grid: Grid, context: Context) -> None:
         raise
     finally:
         events.close()
+
+
+def cox_kind(cfg) -> bool:
+    return str(cfg.model.get("kind", "network")) == "cox"
+
+
+def aggregate_folds(strategies: list, current: ArrayRecord, replies: dict, rnd: int) -> ArrayRecord:
+    """Each fold model aggregated by its own strategy (FedAdam keeps moments per fold) from the centers' fold
+    updates ``{center: (record, num-examples)}``; a fold nothing came back for stays as it was."""
+    from flwr.app import MessageType, MetricRecord, RecordDict
+    from flwr.app import Message as FlowerMessage
+
+    out = {}
+    for f, strat in enumerate(strategies):
+        msgs = [FlowerMessage(RecordDict({"arrays": ArrayRecord({WEIGHTS: rec[fold_key(f)]}),
+                                          "metrics": MetricRecord({"num-examples": n})}),
+                              dst_node_id=0, message_type=MessageType.TRAIN)
+                for _, (rec, n) in sorted(replies.items()) if fold_key(f) in rec]
+        new = strat.aggregate_train(rnd, msgs)[0] if msgs else None
+        out[fold_key(f)] = new[WEIGHTS] if new is not None else current[fold_key(f)]
+    return ArrayRecord(out)
 
 
 def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) -> None:
@@ -135,6 +157,17 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         history_path.write_text("".join(json.dumps(json_safe(h)) + "\n" for h in history))
     elif history_path.exists():
         history_path.unlink()
+    # federated k-fold CV of the rounds (federation.cv_folds): k fold models, each aggregated by a strategy of its
+    # own, travel with the model; the centers' out-of-fold scores select the round of the global model
+    k_folds = int(fed.get("cv_folds", 0) or 0)
+    fold_strategies, fold_arrays = [], None
+    if k_folds and cox_kind(cfg) is False:
+        if k_folds < 2 or secure or is_dp(strategy) or fed.get("local_norm") or last is not None:
+            raise RuntimeError(f"federation.cv_folds={k_folds}: needs k >= 2 and runs without secure aggregation, "
+                               "differential privacy, local_norm or --resume")
+        fold_strategies = [build_strategy(fed, n_train_centers=len(train_ids)) for _ in range(k_folds)]
+        flat = to_arrays(state)[WEIGHTS]
+        fold_arrays = ArrayRecord({fold_key(f): flat for f in range(k_folds)})
     weights_bytes = state_dict_bytes(state)
     layout = {k: v.detach().clone() for k, v in state.items()}   # names and shapes of every weight record
     arrays = to_arrays(state)
@@ -148,7 +181,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     num_rounds = int(fed.num_rounds)
     stopped_early = None
     cox_fit = None
-    if str(cfg.model.get("kind", "network")) == "cox":   # exact Newton-Raphson instead of rounds of local training
+    if cox_kind(cfg):   # exact Newton-Raphson instead of rounds of local training
         from server.cox import fit_cox
 
         if secure or is_dp(strategy):
@@ -164,7 +197,8 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         best = {"round": cox_fit["rounds"], "threshold": 0.5, "val": {}, "calibration": None,
                 "key": next(r["cv_partial_loglik"] for r in cv if r["penalizer"] == cox_fit["penalizer"]) or 0.0}
         select_metric, num_rounds, start_round = "cox_cv_partial_loglik", 0, 1
-    eval_request = {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5}
+    eval_request = {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5,
+                    **({"cv-folds": k_folds} if fold_arrays is not None else {})}
 
     def decided(rnd: int, why: str) -> None:
         """``auto`` chose ``select_metric`` at round ``rnd``: say so, and select again over every round so far."""
@@ -214,6 +248,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         train_view = NodeView(grid, train_ids)
         send_arrays = to_arrays(from_arrays(arrays, layout), fp16)
         config = ConfigRecord({"local-epochs": int(fed.local_epochs), "fp16": fp16,
+                               **({"cv-folds": k_folds} if fold_arrays is not None else {}),
                                **({"local-norm": True} if fed.get("local_norm") else {}),
                                **({} if secure or pending is None else {"evaluate": "val", **{
                                    k: v for k, v in eval_request.items() if k != "split"}})})
@@ -223,6 +258,9 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
             stopped_early = f"privacy budget exhausted before round {rnd}: {exc}"
             log.warning("%s; stopping", stopped_early)
             break
+        if fold_arrays is not None:
+            for m in msgs:
+                m.content[CV_ARRAYS] = fold_arrays
         if secure:
             rt = secure_round(grid, context, train_ids, roles, rnd, send_arrays, msgs, fed)
         else:
@@ -248,6 +286,8 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
             dropped = f"{rt['n_good']} usable training updates < min_train_nodes={fed.min_train_nodes}"
         if dropped:
             log.error("round %d dropped: %s; global model unchanged", rnd, dropped)
+        elif fold_arrays is not None:
+            fold_arrays = aggregate_folds(fold_strategies, fold_arrays, rt.get("folds", {}), rnd)
         t_train, t_agg = time.perf_counter() - t0, time.perf_counter() - t_agg
         rec = {"round": rnd, "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
                "client_train_seconds": rt["client_seconds"], "failures": dict(train_fail),
@@ -285,7 +325,8 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     if pending is not None:                          # the last round's model: scored in a message of its own
         t0 = time.perf_counter()
         val, s2, r2 = evaluate_centers(grid, membership(grid, roles)[0], roles, to_arrays(from_arrays(arrays, layout), fp16),
-                                       eval_request, float(fed.round_timeout))
+                                       eval_request, float(fed.round_timeout),
+                                       extra={CV_ARRAYS: fold_arrays} if fold_arrays is not None else None)
         comm["bytes_sent"] += s2
         comm["bytes_received"] += r2
         pending["final_evaluation_seconds"] = time.perf_counter() - t0

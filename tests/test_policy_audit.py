@@ -85,7 +85,7 @@ def test_defaults_apply_without_policy_file(tmp_path):
     pol = load_policy(_site(tmp_path))
     assert set(pol.message_types) == {"query", "train", "evaluate"}
     assert pol.max_local_epochs >= 1 and pol.max_server_round >= 1 and pol.min_cohort_size >= 1
-    assert set(pol.reply_records) == {"arrays", "metrics", "evaluation", "info"}
+    assert set(pol.reply_records) == {"arrays", "metrics", "evaluation", "info", "cv-arrays"}
     # the whitelists are the project's reply schema (common/federation/reply_schema.py), patterns included
     from common.federation import reply_schema as W
     from common.data.policy import key_listed
@@ -292,7 +292,7 @@ def _is_cell_list(key: str, prefixes: tuple[str, ...]) -> bool:
 
     cell_keys = (*W.BENEFIT_CELLS, "td-*-edges", "td-*-neg", "td-*-pos", *W.HAZARD_CELLS, *W.RISK_CELLS)
     return key.startswith(prefixes) and key_listed(key, cell_keys)
-ALLOWED_REPLY_RECORDS = {"arrays", "metrics", "evaluation", "info"}
+ALLOWED_REPLY_RECORDS = {"arrays", "metrics", "evaluation", "info", "cv-arrays"}
 SECAGG_RECORD = RECORD_KEY_CONFIGS
 SECAGG_KEYS = {v for k, v in vars(SecAggKey).items() if not k.startswith("_") and isinstance(v, str)}
 

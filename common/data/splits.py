@@ -37,3 +37,17 @@ def assign_splits(patients: Iterable[tuple[str, object]], val_fraction: float) -
         for i, pid in enumerate(ordered):
             out[pid] = "val" if i < quota[s] else "train"
     return out
+
+
+def fold_of(patient_ids: list[str], k: int) -> "np.ndarray":
+    """Each patient's cross-validation fold in 0..k-1 (``model=cox``'s penalizer, ``federation.cv_folds``):
+    patients ordered by the SHA-256 of their id, dealt round-robin, so the folds differ in size by at most one
+    and depend on the patients only (not on row order or a random state)."""
+    import numpy as np
+
+    order = sorted(range(len(patient_ids)),
+                   key=lambda i: (hashlib.sha256(f"cv-fold:{patient_ids[i]}".encode()).digest(), patient_ids[i]))
+    folds = np.empty(len(patient_ids), int)
+    for rank, i in enumerate(order):
+        folds[i] = rank % int(k)
+    return folds

@@ -20,6 +20,13 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 
 WEIGHTS = "weights"   # the one array of a weight record
+# a cross-validated run (federation.cv_folds): the fold models travel in a record of their own, one flat weight
+# array per fold, next to the model's weight record (client/cross_validation.py)
+CV_ARRAYS = "cv-arrays"
+
+
+def fold_key(f: int) -> str:
+    return f"cv-{int(f)}"
 
 
 def to_arrays(state_dict: dict, fp16: bool = False) -> ArrayRecord:

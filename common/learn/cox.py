@@ -22,11 +22,12 @@ every release rests on at least the site's floor even where a fold is a handful 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from common.data.splits import fold_of  # noqa: F401  (the centers' folds)
 
 
 # --------------------------------------------------------------------------- at a center
@@ -44,17 +45,6 @@ def design(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     p = int(getattr(ds, "n_genes", 0)) + int(getattr(ds, "n_clinical", 0))
     X = np.vstack(rows) if rows else np.zeros((0, p))
     return X, np.asarray(t, float), np.asarray(e, float), ids
-
-
-def fold_of(patient_ids: list[str], k: int) -> np.ndarray:
-    """Each patient's fold in 0..k-1: patients ordered by the SHA-256 of their id, dealt round-robin, so the
-    folds differ in size by at most one and depend on the patients only (not on row order or a random state)."""
-    order = sorted(range(len(patient_ids)),
-                   key=lambda i: (hashlib.sha256(f"cox-fold:{patient_ids[i]}".encode()).digest(), patient_ids[i]))
-    folds = np.empty(len(patient_ids), int)
-    for rank, i in enumerate(order):
-        folds[i] = rank % int(k)
-    return folds
 
 
 def efron_derivatives(X: np.ndarray, time: np.ndarray, event: np.ndarray, beta: np.ndarray

@@ -251,3 +251,23 @@ def make_collate(mri_shape: Sequence[int], path_dim: int):
         }
 
     return collate
+
+
+class Subset(Dataset):
+    """Some patients of a dataset (a cross-validation fold), with the attributes the engine reads."""
+
+    def __init__(self, base, indices: Sequence[int]):
+        self.items = [base.items[i] for i in indices]
+        for attr in ("has_mri_shape", "mri_shape", "has_path_dim", "path_dim", "n_genes", "n_clinical", "center_id"):
+            setattr(self, attr, getattr(base, attr))
+        self.skipped: list[dict] = []
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([it["benefit"] for it in self.items], float)
