@@ -88,6 +88,11 @@ def train(msg: Message, context: Context) -> Message:
     if k and (k < 2 or CV_ARRAYS not in msg.content or len(msg.content[CV_ARRAYS]) != k):
         return _refuse(msg, f"center {rt.center_id}: malformed cross-validation request")
     epochs = int(conf.get("local-epochs", cfg.federation.local_epochs))
+    train_cfg = cfg.train
+    if conf.get("l2") is not None:   # a capacity candidate's ridge (the policy mod checked the site allows it)
+        from omegaconf import OmegaConf
+
+        train_cfg = OmegaConf.merge(cfg.train, {"l2": float(conf["l2"])})
     model = rt.model_with(msg.content["arrays"])
     timing.mark("model_ready")   # MONAI's blocks are imported when the model is first built
     content: dict = {}
@@ -109,7 +114,7 @@ def train(msg: Message, context: Context) -> Message:
             content["info"] = ConfigRecord({"notice": "; ".join(notices)})
     train_ds, val_ds = rt.train, rt.val
     if k:   # the fold models first (they share the runtime's model object), then the global one on every patient
-        content[CV_ARRAYS] = train_folds(rt, msg.content[CV_ARRAYS], k, epochs,
+        content[CV_ARRAYS] = train_folds(rt, msg.content[CV_ARRAYS], k, epochs, train_cfg,
                                          lambda f: round_seed(int(cfg.seed), f"{rt.center_id}/cv{f}", rnd),
                                          float(conf.get("proximal-mu", 0.0)), bool(conf.get("fp16", False)))
         train_ds, val_ds = cv_data(rt, k)[0], None
@@ -117,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     local_norm = bool(conf.get("local-norm", False))
     if local_norm:    # FedBN-style: this center trains with its own normalisation layers, kept between rounds
         restore_local_norm(model, context)
-    res = train_model(model, train_ds, val_ds, cfg.train, cfg.model.loss,
+    res = train_model(model, train_ds, val_ds, train_cfg, cfg.model.loss,
                       seed=round_seed(int(cfg.seed), rt.center_id, rnd),
                       epochs=epochs, select_best=False, early_stopping=False,
                       proximal_mu=float(conf.get("proximal-mu", 0.0)))

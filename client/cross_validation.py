@@ -42,7 +42,7 @@ def out_of_fold_predictions(rt, cv_arrays, k: int, batch_size: int) -> dict:
     return {key: np.concatenate([q[key] for q in parts]) for key in parts[0]}
 
 
-def train_folds(rt, cv_arrays, k: int, epochs: int, seed_of, proximal_mu: float, fp16: bool):
+def train_folds(rt, cv_arrays, k: int, epochs: int, train_cfg, seed_of, proximal_mu: float, fp16: bool):
     """The k fold models after this round's local epochs, each on the center's other folds (an ArrayRecord)."""
     from flwr.app import ArrayRecord
 
@@ -55,7 +55,7 @@ def train_folds(rt, cv_arrays, k: int, epochs: int, seed_of, proximal_mu: float,
     out = {}
     for f in range(k):
         model = rt.model_with(ArrayRecord({WEIGHTS: cv_arrays[fold_key(f)]}))
-        res = train_model(model, Subset(ds, np.flatnonzero(folds != f)), None, cfg.train, cfg.model.loss,
+        res = train_model(model, Subset(ds, np.flatnonzero(folds != f)), None, train_cfg, cfg.model.loss,
                           seed=seed_of(f), epochs=epochs, select_best=False, early_stopping=False,
                           proximal_mu=proximal_mu)
         out[fold_key(f)] = to_arrays(res.state_dict, fp16)[WEIGHTS]

@@ -78,6 +78,12 @@ def check_request(policy: Policy, msg: Message, default_epochs: Callable[[], int
             epochs = int(default_epochs())
         if epochs is not None and epochs > policy.max_local_epochs:
             return f"local-epochs {epochs} exceeds max_local_epochs {policy.max_local_epochs}"
+        if conf.get("l2") is not None:   # a capacity candidate's ridge (federation.capacity): a run setting
+            l2 = conf.get("l2")
+            if not key_listed("train.l2", policy.allowed_run_keys):
+                return "a train message may set `l2` only where train.l2 is an allowed run key"
+            if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not 0 <= float(l2) < float("inf"):
+                return "`l2` must be a finite number >= 0"
     return None
 
 

@@ -72,6 +72,63 @@ def main(grid: Grid, context: Context) -> None:
         events.close()
 
 
+def capacity_candidates(cfg) -> list[tuple[str, object]]:
+    """[(label, config)] of the capacity candidates of a run (``federation.capacity``: every combination of the
+    listed ``train.l2`` and ``federation.local_epochs`` values); one entry, the run's own config, when none is listed."""
+    from itertools import product
+
+    from omegaconf import OmegaConf
+
+    cap = cfg.federation.get("capacity") or {}
+    l2s = [float(v) for v in (cap.get("l2") or [])] or [None]
+    epochs = [int(v) for v in (cap.get("local_epochs") or [])] or [None]
+    if l2s == [None] and epochs == [None]:
+        return [("the run's settings", cfg)]
+    if any(v is not None and (not np.isfinite(v) or v < 0) for v in l2s) or any(e is not None and e < 1 for e in epochs):
+        raise ValueError(f"federation.capacity: l2 values must be >= 0 and local_epochs >= 1, got {to_plain(cap)}")
+    out = []
+    for l2, ep in product(l2s, epochs):
+        c = OmegaConf.create(to_plain(cfg))
+        if l2 is not None:
+            c.train.l2 = l2
+        if ep is not None:
+            c.federation.local_epochs = ep
+        out.append((f"train.l2={c.train.l2:g}, local_epochs={c.federation.local_epochs}", c))
+    return out
+
+
+def _choose_capacity(grid, context, candidates, run_dir: Path, events: Events, roles, unanswered, train_ids,
+                     endpoints, select_metric, secure: bool) -> tuple[dict, dict]:
+    """Every capacity candidate trained in turn, its round selected on the federated out-of-fold validation;
+    the candidate whose selected round validates best wins (its rounds' model is the run's).  Needs
+    ``federation.cv_folds`` >= 2, so that every candidate is judged on every training patient, and one
+    selection metric for all (``federation.select_metric``, not ``auto``)."""
+    fed = candidates[0][1].federation
+    if int(fed.get("cv_folds", 0) or 0) < 2 or select_metric is None:
+        raise RuntimeError("federation.capacity needs federation.cv_folds >= 2 and a fixed federation.select_metric "
+                           "(not auto): every candidate is judged on the same out-of-fold validation")
+    results, table = [], []
+    for j, (label, c) in enumerate(candidates):
+        phase = run_dir / "capacity" / f"candidate-{j + 1}"
+        phase.mkdir(parents=True, exist_ok=True)
+        log.info("capacity candidate %d/%d: %s", j + 1, len(candidates), label)
+        events("note", text=f"capacity candidate {j + 1}/{len(candidates)}: {label}")
+        res = _rounds(grid, context, c, phase, events, roles, unanswered, train_ids, endpoints, select_metric,
+                      config_hash(c), secure, phase / "history.jsonl")
+        results.append(res)
+        b = res["best"] or {"round": None, "key": -np.inf, "val": {}}
+        table.append({"candidate": label, "l2": float(c.train.l2), "local_epochs": int(c.federation.local_epochs),
+                      "selected_round": b["round"], "key": None if b["key"] == -np.inf else float(b["key"]),
+                      "val_loss": (b.get("val") or {}).get("loss"), "c_index": (b.get("val") or {}).get("c_index"),
+                      "auc": (b.get("val") or {}).get("auc"), "dir": str(phase)})
+    win = max(range(len(results)), key=lambda j: (-np.inf if table[j]["key"] is None else table[j]["key"], -j))
+    chosen = dict(results[win])
+    chosen["comm"] = {k: sum(r["comm"][k] for r in results) for k in chosen["comm"]}
+    log.info("capacity: %s chosen (selected round %s)", table[win]["candidate"], table[win]["selected_round"])
+    events("note", text=f"capacity chosen on {select_metric}: {table[win]['candidate']}")
+    return chosen, {"chosen": table[win]["candidate"], "metric": select_metric, "candidates": table}
+
+
 def cox_kind(cfg) -> bool:
     return str(cfg.model.get("kind", "network")) == "cox"
 
@@ -135,6 +192,125 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         raise RuntimeError(f"only {len(train_ids)} training centers answered; federation.min_train_nodes="
                            f"{fed.min_train_nodes} ({why})")
 
+    # --- rounds: one training run, or one per capacity candidate chosen on the same validation ---------------
+    candidates = capacity_candidates(cfg)
+    if len(candidates) > 1 and cox_kind(cfg):
+        raise RuntimeError("federation.capacity applies to the network (model.kind network); model=cox chooses its "
+                           "penalizer with model.cox.penalizer and cv_folds")
+    if len(candidates) == 1:
+        res = _rounds(grid, context, cfg, run_dir, events, roles, unanswered, train_ids, endpoints, select_metric,
+                      cfg_hash, secure, history_path)
+        capacity = None
+    else:
+        res, capacity = _choose_capacity(grid, context, candidates, run_dir, events, roles, unanswered, train_ids,
+                                         endpoints, select_metric, secure)
+    best, history, select_metric, strategy = res["best"], res["history"], res["select_metric"], res["strategy"]
+    comm, stopped_early, cox_fit, num_rounds = res["comm"], res["stopped_early"], res["cox_fit"], res["num_rounds"]
+    weights_bytes, fp16, ck_dir = res["weights_bytes"], res["fp16"], res["run_dir"] / "checkpoints"
+    if capacity is not None:    # the chosen candidate's settings are the model's
+        cfg = res["cfg"]
+        fed, cfg_hash = cfg.federation, config_hash(cfg)
+
+    # --- the selected model on the external center -----------------------------------
+    if best is None:
+        raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
+    selection = (selection_summary(best, select_metric, fed) if cox_fit is None else
+                 {"round": best["round"], "metric": select_metric, "value": best["key"] if cox_fit["cv_folds"] else None,
+                  "patients": cox_fit["patients"], "centers": len(cox_fit["centers"]), "warning": None,
+                  "penalizer": cox_fit["penalizer"],
+                  "basis": (f"{cox_fit['cv_folds']}-fold cross-validated partial likelihood over every training "
+                            f"patient" if cox_fit["cv_folds"] else "fixed penalizer")})
+    events("selected", **selection, threshold=best["threshold"],
+           threshold_source=best.get("threshold_source", "Youden on pooled validation"))
+    best_state, best_meta, _ = load_checkpoint(ck_dir / f"round_{best['round']:03d}.pt")
+    best_arrays = to_arrays(best_state)
+    admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered)
+    train_ids, ext_ids = membership(grid, roles)
+    # the selected model's baseline hazard, from the training centers' training splits (DFS probabilities)
+    baseline_hazard = None
+    if endpoints["dfs"] and train_ids:
+        bh, s5, r5 = evaluate_centers(grid, train_ids, roles, best_arrays,
+                                       {"split": "train", "bins": int(fed.histogram_bins), "threshold": 0.5,
+                                        "baseline-hazard": True}, float(fed.round_timeout))
+        comm["bytes_sent"] += s5
+        comm["bytes_received"] += r5
+        baseline_hazard = bh["pooled"].get("baseline_hazard")
+        if baseline_hazard is not None and "risk_groups" in bh["pooled"]:
+            baseline_hazard["risk_groups"] = bh["pooled"]["risk_groups"]
+        if baseline_hazard is None:
+            log.warning("no training center released baseline-hazard cells: predicted DFS probabilities, their "
+                        "calibration and the integrated Brier score are not available")
+    calibration = ({"method": "platt", **best["calibration"],
+                    "fitted_on": f"pooled validation cells of round {best['round']}"} if best.get("calibration") else None)
+    external = {}
+    if ext_ids:
+        request = {"split": "test", "bins": int(fed.histogram_bins), "threshold": float(best["threshold"]),
+                   "full-report": True}
+        if best.get("calibration"):
+            request.update({"calibration-a": float(best["calibration"]["a"]),
+                            "calibration-b": float(best["calibration"]["b"])})
+        if baseline_hazard:
+            request.update({"bh-times": baseline_hazard["times"], "bh-cumhaz": baseline_hazard["cumhaz"]})
+            cuts = (baseline_hazard.get("risk_groups") or {}).get("cuts")
+            if cuts and all(np.isfinite(c) for c in cuts):
+                request["risk-cuts"] = [float(c) for c in cuts]
+        ext, s4, r4 = evaluate_centers(grid, ext_ids, roles, best_arrays, request, float(fed.round_timeout))
+        comm["bytes_sent"] += s4
+        comm["bytes_received"] += r4
+        external = ext
+    centers.update(centers_of(roles))   # late joiners too
+    dp_spent = privacy_spent(strategy)
+    privacy = {"secure_aggregation": secure, "differential_privacy": dp_spent,
+               "secure_aggregation_settings": to_plain(fed.secure_aggregation) if secure else None}
+    if dp_spent is not None:
+        log.info("privacy spent: epsilon %.3f at delta %g after %d private releases (noise multiplier %g, "
+                 "clipping norm %g)", dp_spent["epsilon"], dp_spent["delta"], dp_spent["releases"],
+                 dp_spent["noise_multiplier"], dp_spent["clipping_norm"])
+    card = {"training_centers": {c: v for c, v in centers.items() if trains(v["role"])},
+            "external_centers": [c for c, v in centers.items() if v["role"] == "external"],
+            "strategy": str(fed.strategy), "rounds": num_rounds, "selected_round": best["round"],
+            "local_epochs": int(fed.local_epochs), "config_hash": cfg_hash, "seed": int(cfg.seed),
+            "selection": f"{select_metric} on internal validation", "privacy": privacy,
+            "holdout_center": fed.get("holdout_center"),
+            "endpoints": [k for k, v in endpoints.items() if v], "baseline_hazard": baseline_hazard,
+            "calibration": calibration}
+    if capacity is not None:
+        card["capacity"] = {"chosen": capacity["chosen"], "metric": capacity["metric"],
+                            "candidates": [{k: c[k] for k in ("candidate", "selected_round", "key")}
+                                           for c in capacity["candidates"]]}
+    if cox_fit is not None:
+        card["cox"] = {k: cox_fit[k] for k in ("penalizer", "cv_folds", "coefficients", "rounds", "patients")}
+    package = save_model_package(run_dir / "best_model.pt", best_state, cfg, float(best["threshold"]), card)
+    per_round = [h["bytes_sent"] / max(1, h.get("messages_out", 1)) for h in history]
+    summary = {
+        "status": "finished", "run_dir": str(run_dir), "config_hash": cfg_hash, "strategy": str(fed.strategy),
+        "rounds": num_rounds, "centers": centers, "role_query_errors": role_errors,
+        "selected_round": best["round"], "selection_metric": select_metric, "selection": selection,
+        "endpoints": endpoints, "baseline_hazard": baseline_hazard,
+        "threshold": best["threshold"], "calibration": calibration, "selected_val": best["val"],
+        "best_model": {"file": "best_model.pt", "sha256": package["sha256"],
+                       "checkpoint_sha256": best_meta["sha256"], "weights_sha256": best_meta.get("weights_sha256")},
+        "external": external, "history": history, "privacy": privacy, "stopped_early": stopped_early,
+        "communication": {**comm, "model_bytes_fp32": weights_bytes, "fp16_weights": fp16,
+                          "mean_bytes_per_message_out": float(np.mean(per_round)) if per_round else None},
+        "config": to_plain(cfg),
+    }
+    if capacity is not None:
+        summary["capacity"] = capacity
+    if cox_fit is not None:
+        summary["cox"] = {k: v for k, v in cox_fit.items() if k not in ("communication",)}
+    (run_dir / "metrics.json").write_text(json.dumps(json_safe(summary), indent=1))
+    events("finished", metrics=str(run_dir / "metrics.json"))
+    log.info("finished: selected round %d; metrics in %s; best model %s sha256 %s", best["round"],
+             run_dir / "metrics.json", run_dir / "best_model.pt", package["sha256"])
+
+
+def _rounds(grid: Grid, context: Context, cfg, run_dir: Path, events: Events, roles: dict, unanswered: set,
+            train_ids: list, endpoints: dict, select_metric, cfg_hash: str, secure: bool, history_path: Path) -> dict:
+    """The training rounds of one configuration (or the Newton rounds of ``model=cox``) and their selection:
+    its history, the selected round (``best``, its checkpoint under ``run_dir``), and what the run spent."""
+    rc = context.run_config
+    fed = cfg.federation
     # --- model and (maybe) resume -------------------------------------------------
     strategy = build_strategy(fed, n_train_centers=len(train_ids))
     model = model_from_config(cfg)
@@ -248,6 +424,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         train_view = NodeView(grid, train_ids)
         send_arrays = to_arrays(from_arrays(arrays, layout), fp16)
         config = ConfigRecord({"local-epochs": int(fed.local_epochs), "fp16": fp16,
+                               **({"l2": float(cfg.train.l2)} if (fed.get("capacity") or {}).get("l2") else {}),
                                **({"cv-folds": k_folds} if fold_arrays is not None else {}),
                                **({"local-norm": True} if fed.get("local_norm") else {}),
                                **({} if secure or pending is None else {"evaluate": "val", **{
@@ -333,94 +510,11 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
         complete(pending, val)
         pending = None
 
-    # --- the selected model on the external center -----------------------------------
-    if best is None:
-        raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
     if select_metric is None and history:           # auto, and the benefit cells never ranked a round
         select_metric, why = decide_auto_at_end(history, endpoints)
         if select_metric is not None:
             decided(history[-1]["round"], why)
     select_metric = select_metric or "val_loss"     # nothing that ranks was ever released: the last round
-    selection = (selection_summary(best, select_metric, fed) if cox_fit is None else
-                 {"round": best["round"], "metric": select_metric, "value": best["key"] if cox_fit["cv_folds"] else None,
-                  "patients": cox_fit["patients"], "centers": len(cox_fit["centers"]), "warning": None,
-                  "penalizer": cox_fit["penalizer"],
-                  "basis": (f"{cox_fit['cv_folds']}-fold cross-validated partial likelihood over every training "
-                            f"patient" if cox_fit["cv_folds"] else "fixed penalizer")})
-    events("selected", **selection, threshold=best["threshold"],
-           threshold_source=best.get("threshold_source", "Youden on pooled validation"))
-    best_state, best_meta, _ = load_checkpoint(run_dir / "checkpoints" / f"round_{best['round']:03d}.pt")
-    best_arrays = to_arrays(best_state)
-    admit_new_nodes(grid, roles, float(fed.query_timeout), unanswered)
-    train_ids, ext_ids = membership(grid, roles)
-    # the selected model's baseline hazard, from the training centers' training splits (DFS probabilities)
-    baseline_hazard = None
-    if endpoints["dfs"] and train_ids:
-        bh, s5, r5 = evaluate_centers(grid, train_ids, roles, best_arrays,
-                                       {"split": "train", "bins": int(fed.histogram_bins), "threshold": 0.5,
-                                        "baseline-hazard": True}, float(fed.round_timeout))
-        comm["bytes_sent"] += s5
-        comm["bytes_received"] += r5
-        baseline_hazard = bh["pooled"].get("baseline_hazard")
-        if baseline_hazard is not None and "risk_groups" in bh["pooled"]:
-            baseline_hazard["risk_groups"] = bh["pooled"]["risk_groups"]
-        if baseline_hazard is None:
-            log.warning("no training center released baseline-hazard cells: predicted DFS probabilities, their "
-                        "calibration and the integrated Brier score are not available")
-    calibration = ({"method": "platt", **best["calibration"],
-                    "fitted_on": f"pooled validation cells of round {best['round']}"} if best.get("calibration") else None)
-    external = {}
-    if ext_ids:
-        request = {"split": "test", "bins": int(fed.histogram_bins), "threshold": float(best["threshold"]),
-                   "full-report": True}
-        if best.get("calibration"):
-            request.update({"calibration-a": float(best["calibration"]["a"]),
-                            "calibration-b": float(best["calibration"]["b"])})
-        if baseline_hazard:
-            request.update({"bh-times": baseline_hazard["times"], "bh-cumhaz": baseline_hazard["cumhaz"]})
-            cuts = (baseline_hazard.get("risk_groups") or {}).get("cuts")
-            if cuts and all(np.isfinite(c) for c in cuts):
-                request["risk-cuts"] = [float(c) for c in cuts]
-        ext, s4, r4 = evaluate_centers(grid, ext_ids, roles, best_arrays, request, float(fed.round_timeout))
-        comm["bytes_sent"] += s4
-        comm["bytes_received"] += r4
-        external = ext
-    centers.update(centers_of(roles))   # late joiners too
-    dp_spent = privacy_spent(strategy)
-    privacy = {"secure_aggregation": secure, "differential_privacy": dp_spent,
-               "secure_aggregation_settings": to_plain(fed.secure_aggregation) if secure else None}
-    if dp_spent is not None:
-        log.info("privacy spent: epsilon %.3f at delta %g after %d private releases (noise multiplier %g, "
-                 "clipping norm %g)", dp_spent["epsilon"], dp_spent["delta"], dp_spent["releases"],
-                 dp_spent["noise_multiplier"], dp_spent["clipping_norm"])
-    card = {"training_centers": {c: v for c, v in centers.items() if trains(v["role"])},
-            "external_centers": [c for c, v in centers.items() if v["role"] == "external"],
-            "strategy": str(fed.strategy), "rounds": num_rounds, "selected_round": best["round"],
-            "local_epochs": int(fed.local_epochs), "config_hash": cfg_hash, "seed": int(cfg.seed),
-            "selection": f"{select_metric} on internal validation", "privacy": privacy,
-            "holdout_center": fed.get("holdout_center"),
-            "endpoints": [k for k, v in endpoints.items() if v], "baseline_hazard": baseline_hazard,
-            "calibration": calibration}
-    if cox_fit is not None:
-        card["cox"] = {k: cox_fit[k] for k in ("penalizer", "cv_folds", "coefficients", "rounds", "patients")}
-    package = save_model_package(run_dir / "best_model.pt", best_state, cfg, float(best["threshold"]), card)
-    per_round = [h["bytes_sent"] / max(1, h.get("messages_out", 1)) for h in history]
-    summary = {
-        "status": "finished", "run_dir": str(run_dir), "config_hash": cfg_hash, "strategy": str(fed.strategy),
-        "rounds": num_rounds, "centers": centers, "role_query_errors": role_errors,
-        "selected_round": best["round"], "selection_metric": select_metric, "selection": selection,
-        "endpoints": endpoints, "baseline_hazard": baseline_hazard,
-        "threshold": best["threshold"], "calibration": calibration, "selected_val": best["val"],
-        "best_model": {"file": "best_model.pt", "sha256": package["sha256"],
-                       "checkpoint_sha256": best_meta["sha256"], "weights_sha256": best_meta.get("weights_sha256")},
-        "external": external, "history": history, "privacy": privacy, "stopped_early": stopped_early,
-        "communication": {**comm, "model_bytes_fp32": weights_bytes, "fp16_weights": fp16,
-                          "mean_bytes_per_message_out": float(np.mean(per_round)) if per_round else None},
-        "config": to_plain(cfg),
-    }
-    if cox_fit is not None:
-        summary["cox"] = {k: v for k, v in cox_fit.items() if k not in ("communication",)}
-    (run_dir / "metrics.json").write_text(json.dumps(json_safe(summary), indent=1))
-    events("finished", metrics=str(run_dir / "metrics.json"))
-    log.info("finished: selected round %d; metrics in %s; best model %s sha256 %s", best["round"],
-             run_dir / "metrics.json", run_dir / "best_model.pt", package["sha256"])
+    return {"best": best, "history": history, "select_metric": select_metric, "strategy": strategy, "comm": comm,
+            "stopped_early": stopped_early, "cox_fit": cox_fit, "num_rounds": num_rounds,
+            "weights_bytes": weights_bytes, "fp16": fp16, "run_dir": run_dir, "cfg": cfg}

@@ -538,3 +538,15 @@ def test_replay_catches_patient_level_replies(tmp_path):
         forge(bad)
         with pytest.raises(AssertionError, match=needle):
             replay_audit(site, 4, 1)
+
+
+def test_a_capacity_candidates_l2_is_honoured_only_where_train_l2_is_a_run_key(tmp_path):
+    """federation.capacity sends each candidate's ridge as `l2` in the train message: a run setting, so the
+    site's allowed_run_keys decide, as for the override it stands for."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    open_site = load_policy(_site(tmp_path / "a"))
+    strict = load_policy(_site(tmp_path / "b", 'allowed_run_keys = ["federation.num_rounds"]\n'))
+    assert check_request(open_site, _msg("train", {"local-epochs": 1, "l2": 0.5})) is None
+    assert "train.l2" in check_request(strict, _msg("train", {"local-epochs": 1, "l2": 0.5}))
+    assert "finite number" in check_request(open_site, _msg("train", {"local-epochs": 1, "l2": -1.0}))
