@@ -171,6 +171,13 @@ def test_federated_cox_equals_pooled_lifelines_and_reports_hazard_ratios(gbsg_co
     assert 0.6 < ext["c_index"] < 0.8
     card = json.loads(json.dumps(metrics["cox"]))
     assert card["patients"] == sum(len(d[1]) for d in _pooled_design(gbsg_cohort, overrides))
+    # the coordinator reads the coefficients in the console and on the run's page
+    from common.reports.console import render_cox
+    from common.reports.run_report import run_report
+
+    assert render_cox(metrics).row_count == len(FEATURES)
+    page = run_report(tmp_path / "run").read_text()
+    assert "Cox model (stratified by center)" in page and f"{table['pnodes']['hr']:.3f}" in page
 
 
 def test_the_penalizer_is_chosen_by_federated_cross_validation(gbsg_cohort, tmp_path):

@@ -12,10 +12,11 @@ from common.cli.errors import describe_error
 
 def _print_federation(metrics: dict, run_dir: Path) -> None:
     """The end of a run: the external center's metrics, bytes and privacy, where everything is."""
-    from common.reports.console import render_external
+    from common.reports.console import render_capacity, render_cox, render_external
 
-    for t in render_external(metrics):
-        console.print(t)
+    for t in (render_cox(metrics), render_capacity(metrics), *render_external(metrics)):
+        if t is not None:
+            console.print(t)
     comm = metrics.get("communication", {})
     console.print(f"model {comm.get('model_bytes_fp32', 0) / 1e6:.2f} MB (fp32); sent {comm.get('bytes_sent', 0) / 1e6:.1f} MB, "
                   f"received {comm.get('bytes_received', 0) / 1e6:.1f} MB in all; wall {metrics.get('wall_seconds', 0):.0f}s")

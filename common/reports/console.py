@@ -243,3 +243,34 @@ def render_external(metrics: dict) -> list[Table]:
         t.add_row("no external center answered")
         out.append(t)
     return out
+
+
+def render_cox(metrics: dict) -> Table | None:
+    """The federated Cox model's coefficients (``model=cox``): hazard ratios per SD of the scaled input, with
+    their Wald intervals, and how the penalizer was chosen."""
+    cox = metrics.get("cox")
+    if not cox:
+        return None
+    how = (f"penalizer {cox['penalizer']:g} chosen by {cox['cv_folds']}-fold federated CV" if cox.get("cv_folds")
+           else f"penalizer {cox['penalizer']:g} (fixed)")
+    t = compact_table(f"Cox model, stratified by center: {cox['patients']} patients, {len(cox.get('centers', {}))} "
+                      f"centers, {cox['rounds']} Newton rounds; {how}",
+                      [("covariate", "left"), ("coef", "right"), ("HR (95% CI)", "right"), ("p", "right")])
+    for r in cox["coefficients"]:
+        t.add_row(r["covariate"], f"{r['coef']:+.3f}", frange(r["hr"], r["hr_lo"], r["hr_hi"]),
+                  "<0.001" if r["p"] < 1e-3 else f"{r['p']:.3f}")
+    return t
+
+
+def render_capacity(metrics: dict) -> Table | None:
+    """The capacity candidates of a run (``federation.capacity``) and the one its out-of-fold validation chose."""
+    cap = metrics.get("capacity")
+    if not cap:
+        return None
+    t = compact_table(f"Capacity chosen on the out-of-fold {cap['metric']}: {cap['chosen']}",
+                      [("candidate", "left"), ("selected round", "right"), ("validation loss", "right"),
+                       ("C-index", "right")])
+    for c in cap["candidates"]:
+        t.add_row(("* " if c["candidate"] == cap["chosen"] else "  ") + c["candidate"], str(c["selected_round"]),
+                  fnum(c.get("val_loss")), fnum(c.get("c_index")))
+    return t

@@ -148,6 +148,32 @@ def run_report(run_dir: Path, baseline_dir: Path | None = None, cohort_dir: Path
                           [[c, (v or {}).get("role"), (v or {}).get("n_train"), (v or {}).get("n_val")]
                            for c, v in centers.items()]))
 
+    cox = metrics.get("cox")
+    if cox:
+        how = (f"penalizer {cox['penalizer']:g}, chosen by {cox['cv_folds']}-fold federated cross-validation "
+               f"(cross-validated partial likelihood per candidate below)" if cox.get("cv_folds")
+               else f"penalizer {cox['penalizer']:g} (fixed)")
+        body.append("<h2>Cox model (stratified by center)</h2>")
+        note = (f"{cox['patients']} patients; {cox['rounds']} Newton rounds; {how}. Hazard ratios are per unit of "
+                "the scaled input (one pooled SD, after log1p where the feature file says so).")
+        body.append(f'<p class="note">{esc(note)}</p>')
+        body.append(table(["covariate", "coefficient", "SE", "hazard ratio (95% CI)", "p"],
+                          [[esc(r["covariate"]), f"{r['coef']:+.4f}", f"{r['se']:.4f}",
+                            f"{r['hr']:.3f} ({r['hr_lo']:.3f}-{r['hr_hi']:.3f})", f"{r['p']:.3g}"]
+                           for r in cox["coefficients"]], raw=True))
+        if cox.get("cv_folds"):
+            body.append(table(["penalizer", "CV partial log-likelihood", "converged"],
+                              [[f"{r['penalizer']:g}", fmt_num(r["cv_partial_loglik"], 3), str(r["converged"])]
+                               for r in cox["cv"]]))
+    cap = metrics.get("capacity")
+    if cap:
+        body.append("<h2>Capacity chosen by federated cross-validation</h2>")
+        body.append(table(["candidate", "selected round", f"out-of-fold {cap['metric']} key", "validation loss",
+                           "C-index"],
+                          [[esc(("chosen: " if c["candidate"] == cap["chosen"] else "") + c["candidate"]),
+                            fmt_num(c["selected_round"]), fmt_num(c["key"], 4), fmt_num(c.get("val_loss"), 4),
+                            fmt_num(c.get("c_index"), 3)] for c in cap["candidates"]], raw=True))
+
     body.append("<h2>Per-round curves</h2>")
     if history:
         figs = round_curves(history)
