@@ -137,40 +137,32 @@ def train(msg: Message, context: Context) -> Message:
 
 def newton_reply(msg: Message, rt) -> Message:
     """A Newton round of the federated Cox model (``model=cox``): the derivatives of this center's Efron
-    partial log-likelihood for every fit the server asks for (common/learn/cox.py), over its training and
-    validation patients with DFS -- sums over at least the site's DFS floor of patients, never fewer
-    patients than coefficients (a Hessian of fewer would nearly hold the rows themselves)."""
+    partial log-likelihood at every coefficient vector the server sends (common/learn/cox.py), always over
+    all its training and validation patients with DFS: sums over at least the site's DFS floor of patients,
+    never over fewer patients than coefficients (a Hessian of fewer would nearly hold the rows themselves)."""
     import numpy as np
     from flwr.app import Array, ArrayRecord
 
-    from common.learn.cox import design, fold_of, site_fits
+    from common.learn.cox import design, site_derivatives
 
-    conf = msg.content["config"]
     if str(getattr(rt.cfg.model, "kind", "network")) != "cox":
         return _refuse(msg, f"center {rt.center_id}: a Newton round needs model=cox")
     parts = [design(ds) for ds in (rt.train, rt.val) if ds is not None]
     X = np.vstack([d[0] for d in parts])
     t, e = np.concatenate([d[1] for d in parts]), np.concatenate([d[2] for d in parts])
-    ids = [i for d in parts for i in d[3]]
     betas = np.asarray(msg.content["arrays"]["betas"].numpy(), float)
-    fit_folds = [int(f) for f in conf.get("fit-folds", [-1] * len(betas))]
-    k = int(conf.get("cv-folds", 0) or 0)
-    policy = load_policy(rt.site_dir)
-    floor, min_events = int(policy.min_patients["dfs"]), int(policy.min_cell_count)
-    if betas.ndim != 2 or betas.shape[1] != X.shape[1] or len(fit_folds) != len(betas) or \
-            any(f >= max(k, 0) for f in fit_folds if f >= 0) or (k and k < 2):
+    if betas.ndim != 2 or betas.shape[1] != X.shape[1] or not np.all(np.isfinite(betas)):
         return _refuse(msg, f"center {rt.center_id}: malformed Newton request")
-    folds = fold_of(ids, k) if k else np.full(len(ids), -1)
-    fits = site_fits(X, t, e, folds, betas, fit_folds)
-    if fits.n_train_min < max(floor, X.shape[1] + 1) or fits.n_events < min_events:
-        return _refuse(msg, f"policy of {rt.center_id}: a Newton fit would rest on {fits.n_train_min} patients "
-                            f"and {fits.n_events} events (needs at least max(min_patients.dfs, coefficients + 1) "
-                            f"patients and min_cell_count events)")
-    arrays = ArrayRecord({key: Array(np.ascontiguousarray(v, dtype=np.float64)) for key, v in (
-        ("loglik", fits.loglik), ("gradient", fits.gradient), ("hessian", fits.hessian),
-        ("loglik-all", fits.loglik_all), ("n-fit", fits.n_fit))})
+    policy = load_policy(rt.site_dir)
+    n, n_events = len(t), int((e > 0).sum())
+    if n < max(int(policy.min_patients["dfs"]), X.shape[1] + 1) or n_events < int(policy.min_cell_count):
+        return _refuse(msg, f"policy of {rt.center_id}: a Newton round would rest on {n} patients and {n_events} "
+                            "events (needs at least max(min_patients.dfs, coefficients + 1) patients and "
+                            "min_cell_count events)")
+    ll, grad, hess = site_derivatives(X, t, e, betas)
+    arrays = ArrayRecord({"loglik": Array(ll), "gradient": Array(grad), "hessian": Array(hess)})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(
-        {"num-examples": int(fits.n), "n-events": int(fits.n_events)})}), reply_to=msg)
+        {"num-examples": int(n), "n-events": int(n_events)})}), reply_to=msg)
 
 
 LOCAL_NORM = "local-norm"

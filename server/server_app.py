@@ -196,7 +196,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     candidates = capacity_candidates(cfg)
     if len(candidates) > 1 and cox_kind(cfg):
         raise RuntimeError("federation.capacity applies to the network (model.kind network); model=cox chooses its "
-                           "penalizer with model.cox.penalizer and cv_folds")
+                           "penalizer by leave-one-center-out CV over model.cox.penalizer")
     if len(candidates) == 1:
         res = _rounds(grid, context, cfg, run_dir, events, roles, unanswered, train_ids, endpoints, select_metric,
                       cfg_hash, secure, history_path)
@@ -215,11 +215,11 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     if best is None:
         raise RuntimeError(f"no round completed ({stopped_early or 'no rounds to run'}); no model to select")
     selection = (selection_summary(best, select_metric, fed) if cox_fit is None else
-                 {"round": best["round"], "metric": select_metric, "value": best["key"] if cox_fit["cv_folds"] else None,
+                 {"round": best["round"], "metric": select_metric, "value": best["key"] if cox_fit["cv_basis"] else None,
                   "patients": cox_fit["patients"], "centers": len(cox_fit["centers"]), "warning": None,
                   "penalizer": cox_fit["penalizer"],
-                  "basis": (f"{cox_fit['cv_folds']}-fold cross-validated partial likelihood over every training "
-                            f"patient" if cox_fit["cv_folds"] else "fixed penalizer")})
+                  "basis": ("leave-one-center-out cross-validated partial likelihood over every training "
+                            "center" if cox_fit["cv_basis"] else "fixed penalizer")})
     events("selected", **selection, threshold=best["threshold"],
            threshold_source=best.get("threshold_source", "Youden on pooled validation"))
     best_state, best_meta, _ = load_checkpoint(ck_dir / f"round_{best['round']:03d}.pt")
@@ -279,7 +279,7 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
                             "candidates": [{k: c[k] for k in ("candidate", "selected_round", "key")}
                                            for c in capacity["candidates"]]}
     if cox_fit is not None:
-        card["cox"] = {k: cox_fit[k] for k in ("penalizer", "cv_folds", "coefficients", "rounds", "patients")}
+        card["cox"] = {k: cox_fit[k] for k in ("penalizer", "cv_basis", "coefficients", "rounds", "patients")}
     package = save_model_package(run_dir / "best_model.pt", best_state, cfg, float(best["threshold"]), card)
     per_round = [h["bytes_sent"] / max(1, h.get("messages_out", 1)) for h in history]
     summary = {

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.learn.cox import Fit, efron_derivatives, fold_of, newton_update, site_fits
+from common.data.splits import fold_of
+from common.learn.cox import Fit, efron_derivatives, newton_update, site_derivatives
 
 FEATURES = ["age", "estrec", "progrec", "pnodes", "tsize", "horTh", "menostat", "tgrade"]
 CENTERS = ("center_a", "center_b", "center_c")
@@ -63,7 +64,7 @@ def test_newton_on_summed_derivatives_reaches_the_pooled_stratified_lifelines_fi
     sites = _sites()
     n, p = sum(len(s[1]) for s in sites), sites[0][0].shape[1]
     for penalizer in (0.0, 0.1):
-        fit = Fit(penalizer, -1, np.zeros(p))
+        fit = Fit(penalizer, None, np.zeros(p))
         for rounds in range(1, 30):
             parts = [efron_derivatives(X, t, e, fit.beta) for X, t, e in sites]
             newton_update(fit, sum(q[0] for q in parts), sum(q[1] for q in parts), sum(q[2] for q in parts), n, 1e-10)
@@ -78,7 +79,7 @@ def test_newton_on_summed_derivatives_reaches_the_pooled_stratified_lifelines_fi
 
 def test_a_step_that_lowers_the_likelihood_is_halved():
     X, t, e = _sites()[2]
-    fit = Fit(0.0, -1, np.zeros(X.shape[1]))
+    fit = Fit(0.0, None, np.zeros(X.shape[1]))
     newton_update(fit, *efron_derivatives(X, t, e, fit.beta), len(t), 1e-10)
     start, step = fit.beta - fit.step, fit.step.copy()
     fit.beta = start + 50 * step            # pretend the step was far too long
@@ -95,16 +96,13 @@ def test_folds_depend_on_the_patients_only_and_are_balanced():
     assert dict(zip(shuffled, fold_of(shuffled, 5))) == dict(zip(ids, folds))
 
 
-def test_site_fits_leave_each_fold_out_and_score_it_over_all_patients():
+def test_a_center_answers_each_coefficient_vector_over_all_its_patients():
     X, t, e = _sites()[2]
-    folds = fold_of([f"P{i}" for i in range(len(t))], 3)
-    betas = np.zeros((2, X.shape[1]))
-    res = site_fits(X, t, e, folds, betas, [-1, 1])
-    keep = folds != 1
-    assert res.n_fit.tolist() == [len(t), int(keep.sum())]
-    assert res.loglik[1] == pytest.approx(efron_derivatives(X[keep], t[keep], e[keep], betas[1])[0])
-    assert res.loglik_all[1] == pytest.approx(efron_derivatives(X, t, e, betas[1])[0])
-    assert np.isnan(res.loglik_all[0])
+    betas = np.array([np.zeros(X.shape[1]), np.full(X.shape[1], 0.1)])
+    ll, g, h = site_derivatives(X, t, e, betas)
+    for m in range(2):
+        ref = efron_derivatives(X, t, e, betas[m])
+        assert ll[m] == pytest.approx(ref[0]) and np.allclose(g[m], ref[1]) and np.allclose(h[m], ref[2])
 
 
 # --------------------------------------------------------------------------- a real federation
@@ -180,51 +178,36 @@ def test_federated_cox_equals_pooled_lifelines_and_reports_hazard_ratios(gbsg_co
     assert "Cox model (stratified by center)" in page and f"{table['pnodes']['hr']:.3f}" in page
 
 
-def test_the_penalizer_is_chosen_by_federated_cross_validation(gbsg_cohort, tmp_path):
+def test_the_penalizer_is_chosen_by_leave_one_center_out_cross_validation(gbsg_cohort, tmp_path):
     from server.ops.simulation import run_simulation
 
     features = ["data.genomic_features=[]", "data.clinical_features=[" + ",".join(FEATURES) + "]"]
-    overrides = ["model=cox", "model.cox.penalizer=[0.001,0.1,10.0]", "model.cox.cv_folds=3", "train.n_boot=20",
-                 *features]
+    overrides = ["model=cox", "model.cox.penalizer=[0.001,0.1,10.0]", "train.n_boot=20", *features]
     metrics = run_simulation(gbsg_cohort, tmp_path / "run", overrides, stream=False)
     cox = metrics["cox"]
     cv = {r["penalizer"]: r["cv_partial_loglik"] for r in cox["cv"]}
     assert set(cv) == {0.001, 0.1, 10.0} and cox["penalizer"] == max(cv, key=cv.get)
-    # a penalty that shrinks every coefficient to ~0 predicts held-out patients worse than a light one
+    assert cox["cv_basis"] == "leave-one-center-out"
+    # a penalty that shrinks every coefficient to ~0 predicts a held-out center worse than a light one
     assert cv[10.0] < max(cv[0.001], cv[0.1])
     assert metrics["selection"]["patients"] == cox["patients"] > 400
     assert cox["rounds"] <= 12
-    # the CV terms are what the folds' fits predict: recompute one penalizer's CV value centrally
+    # each CV term is the held-out center's log partial likelihood at the fit of the others: recompute centrally
     sites = _pooled_design(gbsg_cohort, overrides)
     expected = 0.0
-    ids = _ids(gbsg_cohort, overrides)
-    for f in range(3):
-        parts = []
-        for (X, t, e), pid in zip(sites, ids):
-            keep = fold_of(pid, 3) != f
-            parts.append((X[keep], t[keep], e[keep]))
-        fit = _central_fit(parts, 0.1)
-        expected += sum(efron_derivatives(X, t, e, fit)[0] for X, t, e in sites) - \
-            sum(efron_derivatives(X, t, e, fit)[0] for X, t, e in parts)
-    assert cv[0.1] == pytest.approx(expected, abs=1e-5)
-
-
-def _ids(cohort, overrides):
-    from common.config import load_config
-    from common.data.cohort import discover_sites
-    from common.learn.cox import design
-    from common.learn.dataset import site_dataset
-    from common.preprocess.cache import ensure_caches
-
-    cfg = load_config(overrides)
-    caches = ensure_caches(discover_sites(cohort), cfg, progress=False)
-    return [design(site_dataset(caches[c], ["train", "val"], cfg))[3] for c in CENTERS]
+    for h in range(len(sites)):
+        others = [s for j, s in enumerate(sites) if j != h]
+        expected += efron_derivatives(*sites[h], _central_fit(others, 0.1))[0]
+    assert cv[0.1] == pytest.approx(expected, abs=1e-6)
+    # the chosen penalizer's fit on every center is lifelines' with that penalty
+    cph = _lifelines(sites, cox["penalizer"])
+    assert np.max(np.abs(np.array(cox["beta"]) - cph.params_.to_numpy())) < 1e-6
 
 
 def _central_fit(sites, penalizer):
     p = sites[0][0].shape[1]
     n = sum(len(s[1]) for s in sites)
-    fit = Fit(penalizer, -1, np.zeros(p))
+    fit = Fit(penalizer, None, np.zeros(p))
     for _ in range(40):
         parts = [efron_derivatives(X, t, e, fit.beta) for X, t, e in sites]
         newton_update(fit, sum(q[0] for q in parts), sum(q[1] for q in parts), sum(q[2] for q in parts), n, 1e-10)

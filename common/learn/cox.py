@@ -12,13 +12,13 @@ which is lifelines' ``CoxPHFitter(penalizer, l1_ratio=0, strata=center)`` object
 inputs, with lifelines' per-covariate normalisation undone (its ``penalizer`` applies to
 coefficients of covariates divided by their SD: ``penalizer / sd**2`` per covariate gives this one).
 
-The penalizer is chosen by federated k-fold cross-validation over the training centers: every
-center splits its patients into k folds (by a hash of the patient id); for each candidate
-penalizer and fold the federation fits on the other folds, and the fold's contribution is the
-cross-validated partial likelihood of Verweij & van Houwelingen (1993),
-``l(beta_-f) - l_-f(beta_-f)``, summed over centers and folds.  Each center releases it as two
-log-likelihoods over all its fit patients or the k-1 training folds, never one fold alone, so
-every release rests on at least the site's floor even where a fold is a handful of patients.
+The penalizer is chosen by federated leave-one-center-out cross-validation: for each candidate
+penalizer and each training center h the federation also fits on the other centers, and h's own log
+partial likelihood at that fit is its out-of-center contribution; the penalizer with the largest sum
+wins (the cross-validated partial likelihood of Verweij & van Houwelingen, 1993, with centers as
+folds, since the model is for a center it never saw).  A center only ever computes derivatives over
+all its own patients, at the coefficients it is sent: no release covers a subset of a site, so no two
+releases differ by fewer patients than its floor.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.data.splits import fold_of  # noqa: F401  (the centers' folds)
 
 
 # --------------------------------------------------------------------------- at a center
@@ -88,42 +87,22 @@ def efron_derivatives(X: np.ndarray, time: np.ndarray, event: np.ndarray, beta: 
     return ll, grad, hess
 
 
-@dataclass
-class SiteFits:
-    """A center's answer to one Newton round: per fit, the derivatives on its training part and, for a fold
-    fit, the log-likelihood over all the center's fit patients."""
-    loglik: np.ndarray          # [M] on the fit's training part
-    gradient: np.ndarray        # [M, p]
-    hessian: np.ndarray         # [M, p, p]
-    loglik_all: np.ndarray      # [M] over every fit patient (NaN for a fit on all of them)
-    n_fit: np.ndarray           # [M] patients in each fit's training part
-    n: int
-    n_events: int
-    n_train_min: int            # the fewest patients behind any fit's training part
-
-
-def site_fits(X, time, event, folds: np.ndarray, betas: np.ndarray, fit_folds: list[int]) -> SiteFits:
-    """Derivatives of every requested fit at a center: ``fit_folds[m]`` = -1 (all patients) or the fold left out."""
+def site_derivatives(X, time, event, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log-likelihoods [M], gradients [M, p], Hessians [M, p, p]) of a center's patients at each of ``betas``."""
     M, p = betas.shape
-    out = SiteFits(np.zeros(M), np.zeros((M, p)), np.zeros((M, p, p)), np.full(M, np.nan), np.zeros(M),
-                   len(time), int((event > 0).sum()), len(time))
-    for m, f in enumerate(fit_folds):
-        keep = folds != int(f) if int(f) >= 0 else np.ones(len(time), bool)
-        out.n_fit[m] = int(keep.sum())
-        out.n_train_min = min(out.n_train_min, int(keep.sum()))
-        out.loglik[m], out.gradient[m], out.hessian[m] = efron_derivatives(X[keep], time[keep], event[keep], betas[m])
-        if int(f) >= 0:
-            out.loglik_all[m] = efron_derivatives(X, time, event, betas[m])[0]
-    return out
+    ll, g, h = np.zeros(M), np.zeros((M, p)), np.zeros((M, p, p))
+    for m in range(M):
+        ll[m], g[m], h[m] = efron_derivatives(X, time, event, betas[m])
+    return ll, g, h
 
 
 # --------------------------------------------------------------------------- at the server
 
 @dataclass
 class Fit:
-    """One penalised fit the server drives: its penalizer, the fold it leaves out (-1: none) and its state."""
+    """One penalised fit the server drives: its penalizer, the center it leaves out (None: none) and its state."""
     penalizer: float
-    fold: int
+    held_out: str | None
     beta: np.ndarray
     loglik: float = -np.inf          # penalised, at ``beta``
     step: np.ndarray | None = None   # the last Newton step taken to reach ``beta``
@@ -131,7 +110,7 @@ class Fit:
     steps: int = 0
     halvings: int = 0
     hessian: np.ndarray | None = None    # penalised, at ``beta``
-    loglik_all: float = float("nan")     # summed over centers: over every fit patient, at ``beta``
+    cv_term: float = float("nan")        # the held-out center's log partial likelihood at the converged ``beta``
     history: list = field(default_factory=list)
 
 

@@ -251,7 +251,7 @@ def render_cox(metrics: dict) -> Table | None:
     cox = metrics.get("cox")
     if not cox:
         return None
-    how = (f"penalizer {cox['penalizer']:g} chosen by {cox['cv_folds']}-fold federated CV" if cox.get("cv_folds")
+    how = (f"penalizer {cox['penalizer']:g} chosen by federated leave-one-center-out CV" if cox.get("cv_basis")
            else f"penalizer {cox['penalizer']:g} (fixed)")
     t = compact_table(f"Cox model, stratified by center: {cox['patients']} patients, {len(cox.get('centers', {}))} "
                       f"centers, {cox['rounds']} Newton rounds; {how}",

@@ -150,8 +150,8 @@ def run_report(run_dir: Path, baseline_dir: Path | None = None, cohort_dir: Path
 
     cox = metrics.get("cox")
     if cox:
-        how = (f"penalizer {cox['penalizer']:g}, chosen by {cox['cv_folds']}-fold federated cross-validation "
-               f"(cross-validated partial likelihood per candidate below)" if cox.get("cv_folds")
+        how = (f"penalizer {cox['penalizer']:g}, chosen by federated leave-one-center-out cross-validation "
+               f"(cross-validated partial likelihood per candidate below)" if cox.get("cv_basis")
                else f"penalizer {cox['penalizer']:g} (fixed)")
         body.append("<h2>Cox model (stratified by center)</h2>")
         note = (f"{cox['patients']} patients; {cox['rounds']} Newton rounds; {how}. Hazard ratios are per unit of "
@@ -161,7 +161,7 @@ def run_report(run_dir: Path, baseline_dir: Path | None = None, cohort_dir: Path
                           [[esc(r["covariate"]), f"{r['coef']:+.4f}", f"{r['se']:.4f}",
                             f"{r['hr']:.3f} ({r['hr_lo']:.3f}-{r['hr_hi']:.3f})", f"{r['p']:.3g}"]
                            for r in cox["coefficients"]], raw=True))
-        if cox.get("cv_folds"):
+        if cox.get("cv_basis"):
             body.append(table(["penalizer", "CV partial log-likelihood", "converged"],
                               [[f"{r['penalizer']:g}", fmt_num(r["cv_partial_loglik"], 3), str(r["converged"])]
                                for r in cox["cv"]]))
