@@ -193,7 +193,23 @@ def site_dataset(cache_dir: Path, splits: Iterable[str] | None, cfg) -> SiteData
                        scaling=cfg.data.get("scaling"), mri_shape=(len(cfg.data.phases), *roi))
 
 
-class ConcatSites(Dataset):
+class _Items(Dataset):
+    """A dataset that is a list of patient items (``self.items``)."""
+
+    items: list
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([it["benefit"] for it in self.items], float)
+
+
+class ConcatSites(_Items):
     """Several sites' datasets as one (pooled baseline)."""
 
     def __init__(self, datasets: Sequence[SiteDataset]):
@@ -207,16 +223,6 @@ class ConcatSites(Dataset):
         self.path_dim = next((d.path_dim for d in self.datasets if d.has_path_dim), first.path_dim)
         self.n_genes, self.n_clinical = first.n_genes, first.n_clinical
         self.center_id = "+".join(d.center_id for d in self.datasets)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.array([it["benefit"] for it in self.items], float)
 
 
 def make_collate(mri_shape: Sequence[int], path_dim: int):
@@ -253,7 +259,7 @@ def make_collate(mri_shape: Sequence[int], path_dim: int):
     return collate
 
 
-class Subset(Dataset):
+class Subset(_Items):
     """Some patients of a dataset (a cross-validation fold), with the attributes the engine reads."""
 
     def __init__(self, base, indices: Sequence[int]):
@@ -261,13 +267,3 @@ class Subset(Dataset):
         for attr in ("has_mri_shape", "mri_shape", "has_path_dim", "path_dim", "n_genes", "n_clinical", "center_id"):
             setattr(self, attr, getattr(base, attr))
         self.skipped: list[dict] = []
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.array([it["benefit"] for it in self.items], float)
