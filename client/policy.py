@@ -78,6 +78,14 @@ def check_request(policy: Policy, msg: Message, default_epochs: Callable[[], int
             epochs = int(default_epochs())
         if epochs is not None and epochs > policy.max_local_epochs:
             return f"local-epochs {epochs} exceeds max_local_epochs {policy.max_local_epochs}"
+        folds, err = _int_value(conf, "cv-folds")
+        if err:
+            return err
+        if folds and folds > policy.max_cv_folds:
+            return (f"cv-folds {folds} exceeds max_cv_folds {policy.max_cv_folds}" if policy.max_cv_folds else
+                    "this site takes part in no cross-validated run (max_cv_folds 0)")
+        if conf.get("newton") and not policy.newton_rounds:
+            return "this site answers no Newton rounds of a Cox model (newton_rounds false)"
         if conf.get("l2") is not None:   # a capacity candidate's ridge (federation.capacity): a run setting
             l2 = conf.get("l2")
             if not key_listed("train.l2", policy.allowed_run_keys):

@@ -214,3 +214,27 @@ def _central_fit(sites, penalizer):
         if fit.converged:
             break
     return fit.beta
+
+
+def test_a_center_that_refuses_newton_rounds_is_left_out_and_the_fit_goes_on(gbsg_cohort, tmp_path):
+    """The site decides (policy newton_rounds false): the Cox model is then the other centers' strata, and
+    the run says which center is missing and why."""
+    import shutil
+
+    from server.ops.simulation import run_simulation
+    from tests.conftest import write_site_policy
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(gbsg_cohort, cohort, ignore=shutil.ignore_patterns(".newadj*", "cache*"))
+    write_site_policy(cohort / "center_b", 'allowed_run_keys_extra = ["seed", "train.n_boot"]\n'
+                                           "min_patients = { benefit = 10, dfs = 10 }\nmin_cell_count = 5\n"
+                                           "newton_rounds = false\n")
+    overrides = ["model=cox", "model.cox.penalizer=[0.05]", "train.n_boot=20", "data.genomic_features=[]",
+                 "data.clinical_features=[" + ",".join(FEATURES) + "]"]
+    metrics = run_simulation(cohort, tmp_path / "run", overrides, stream=False)
+    cox = metrics["cox"]
+    assert sorted(cox["centers"]) == ["center_a", "center_c"]
+    assert "newton_rounds false" in cox["dropped_centers"]["center_b"]
+    sites = _pooled_design(cohort, overrides)
+    cph = _lifelines([sites[0], sites[2]], 0.05)
+    assert np.max(np.abs(np.array(cox["beta"]) - cph.params_.to_numpy())) < 1e-6

@@ -550,3 +550,17 @@ def test_a_capacity_candidates_l2_is_honoured_only_where_train_l2_is_a_run_key(t
     assert check_request(open_site, _msg("train", {"local-epochs": 1, "l2": 0.5})) is None
     assert "train.l2" in check_request(strict, _msg("train", {"local-epochs": 1, "l2": 0.5}))
     assert "finite number" in check_request(open_site, _msg("train", {"local-epochs": 1, "l2": -1.0}))
+
+
+def test_a_site_decides_on_fold_models_and_newton_rounds(tmp_path):
+    """What leaves is the site's decision: how many fold models it trains (each update differs from the
+    model's by one fold of its patients) and whether it sends Cox derivatives at all."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    default = load_policy(_site(tmp_path / "a"))
+    strict = load_policy(_site(tmp_path / "b", "max_cv_folds = 0\nnewton_rounds = false\n"))
+    assert check_request(default, _msg("train", {"local-epochs": 1, "cv-folds": 5})) is None
+    assert "max_cv_folds 0" in check_request(strict, _msg("train", {"local-epochs": 1, "cv-folds": 5}))
+    assert "exceeds max_cv_folds 10" in check_request(default, _msg("train", {"local-epochs": 1, "cv-folds": 11}))
+    assert check_request(default, _msg("train", {"newton": True, "server-round": 1})) is None
+    assert "newton_rounds false" in check_request(strict, _msg("train", {"newton": True, "server-round": 1}))

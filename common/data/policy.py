@@ -67,6 +67,8 @@ class Policy:
     bundle_version: str | None = None                     # None: the newadj version installed at the site
     approved_bundles: tuple[str, ...] = ()                # SHA-256 of each bundle file the site reviewed
     runtime_max_rss_mb: int = 0                           # the warm runtime restarts above this (0: never)
+    max_cv_folds: int = 10                                # fold models a cross-validated run may ask for (0: none)
+    newton_rounds: bool = True                            # answer model=cox's Newton rounds (derivatives)
     source: str = ""                                      # where it came from (for messages)
 
     @property
@@ -116,17 +118,17 @@ def _build(raw: dict, source: str) -> Policy:
         bad = {k: v for k, v in records.items() if v not in RECORD_KINDS}
         if bad:
             raise PolicyError(f"{source}: reply_records kinds {bad} not among {list(RECORD_KINDS)}")
-        zero_ok = ("max_local_epochs", "max_server_round", "runtime_max_rss_mb")
+        zero_ok = ("max_local_epochs", "max_server_round", "runtime_max_rss_mb", "max_cv_folds")
         ints = {k: _int(raw, k, source, 0 if k in zero_ok else 1)
                 for k in ("max_local_epochs", "max_server_round", "min_cohort_size", "min_cell_count",
-                          "max_histogram_bins", "max_thresholds", "runtime_max_rss_mb")}
+                          "max_histogram_bins", "max_thresholds", "runtime_max_rss_mb", "max_cv_folds")}
         floors = raw["min_patients"]
         if not isinstance(floors, dict) or set(floors) - set(ENDPOINTS):
             raise PolicyError(f"{source}: min_patients must be a table with keys {list(ENDPOINTS)}, got {floors!r}")
         floors = {e: _int(floors, e, f"{source}: min_patients", 1) for e in ENDPOINTS}
-        if not isinstance(raw["release_round_metrics"], bool):
-            raise PolicyError(f"{source}: release_round_metrics must be true or false, "
-                              f"got {raw['release_round_metrics']!r}")
+        for flag in ("release_round_metrics", "newton_rounds"):
+            if not isinstance(raw[flag], bool):
+                raise PolicyError(f"{source}: {flag} must be true or false, got {raw[flag]!r}")
         patterns, extra = raw["allowed_run_keys"], raw.get("allowed_run_keys_extra") or []
         for name, value in (("allowed_run_keys", patterns), ("allowed_run_keys_extra", extra)):
             if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
@@ -147,7 +149,8 @@ def _build(raw: dict, source: str) -> Policy:
                               "(`newadj site approve` adds them)")
         return Policy(**bundle, bundle_version=raw["bundle_version"], approved_bundles=tuple(approved),
                       message_types=mtypes, reply_records=records, min_patients=floors,
-                      release_round_metrics=raw["release_round_metrics"], allowed_run_keys=tuple(patterns),
+                      release_round_metrics=raw["release_round_metrics"], newton_rounds=raw["newton_rounds"],
+                      allowed_run_keys=tuple(patterns),
                       config=config, metric_keys=_keys(raw["metric_keys"], W.METRIC_KEY_PATTERNS),
                       info_keys=_keys(raw["info_keys"], W.INFO_KEYS),
                       audit_dir=None if audit_dir in (None, "") else str(audit_dir), source=source, **ints)
