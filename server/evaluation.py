@@ -229,6 +229,9 @@ def selection_summary(best: dict, metric: str, fed) -> dict:
             fed.selection_warn_patients) else []
         out["warning"] = (f"round {best['round']} was selected on {metric} over the validation of {k} center(s) "
                           f"and {n} patients ({'; '.join(short)}): a noisy choice")
+    if out["warning"] and not int(fed.get("cv_folds", 0) or 0):
+        out["warning"] += ("; federation.cv_folds=5 validates every round on every training patient (out-of-fold), "
+                           "without lowering any site's floor")
     if out["warning"]:
         log.warning("%s", out["warning"])
     return out
