@@ -50,6 +50,7 @@ def test_out_of_fold_validation_selects_on_every_training_patient(lung):
     assert 0.4 < cv["external"]["centers"]["external"]["c_index"] < 0.8
 
 
+@pytest.mark.slow
 def test_capacity_is_chosen_per_run_on_the_out_of_fold_validation(lung):
     from server.ops.simulation import run_simulation
 
