@@ -579,6 +579,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-default-fed", action="store_true",
                     help="only the --fed-arm federations (not the project-default fed_engine)")
     ap.add_argument("--fed-overrides", nargs="*", default=[], help="overrides for every federated arm")
+    ap.add_argument("--cox-gap", metavar="ARM", default=None,
+                    help="no new run: for the finished federated arm ARM (e.g. fed:cox) under --work, compare each "
+                         "fold's Cox coefficients with lifelines' (-> real_<cohort>_cox_gap.json)")
     ap.add_argument("--fed-arm", action="append", default=[], metavar="NAME=OVERRIDES",
                     help="one more federated arm fed:NAME with these space-separated overrides (repeatable), "
                          "e.g. --fed-arm 'cv5=federation.cv_folds=5'")
@@ -597,6 +600,19 @@ def main(argv=None) -> int:
     console = Console(quiet=not args.verbose)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.cox_gap:
+        from common.config import load_config
+
+        for name in names:
+            done = json.loads((out_dir / f"real_{name}.json").read_text())
+            cohort = Cohort(Path(args.work) / name / "cohort", load_config(done["overrides"]))
+            gaps = {h: cox_gap(cohort, json.loads((Path(args.work) / name / args.cox_gap.replace(":", "-") / h /
+                                                   "metrics.json").read_text())["cox"]) for h in done["folds"]}
+            path = out_dir / f"real_{name}_cox_gap.json"
+            path.write_text(json.dumps(gaps, indent=1))
+            print(f"{name}: largest coefficient difference {max(g['max_abs_coef_diff'] for g in gaps.values()):.1e} "
+                  f"over {len(gaps)} folds -> {path}", flush=True)
+        return 0
     for name in names:
         res = run_cohort(name, args, console)
         path = out_dir / f"real_{name}.json"
