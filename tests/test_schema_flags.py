@@ -2,7 +2,7 @@
 values differ from the others' more than case mix explains (issue 36, item 4).
 
 The answers are built with the site's own moment function (``client.schema._moments``) from arrays, so the
-server reads exactly what a site would send.  No Flower run.
+server reads exactly what a site would send; the last test goes through a real `newadj schema` run.
 """
 from __future__ import annotations
 
@@ -170,3 +170,28 @@ def test_newadj_schema_prints_each_flag_on_one_line(tmp_path, monkeypatch, capsy
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("flag:")]
     assert lines == [f"flag: {f['message']}" for f in result["proposal"]["flags"]]
     assert "`albumin` at center_c" in lines[0]
+
+
+def test_a_real_schema_run_names_the_center_in_another_unit_and_the_one_lacking_a_covariate(tmp_path):
+    """Through `newadj schema` (a Flower run, real site folders): NCCTG lung with one institution's weight loss
+    recorded in another unit (x10) and another institution without the meal-calories column at all."""
+    import pandas as pd
+
+    from benchmarks.bench_real_cohorts import write_lung
+    from server.ops.simulation import run_simulation
+
+    cohort = tmp_path / "lung"
+    write_lung(cohort)
+    shifted = cohort / "center_inst01" / "clinical.csv"
+    df = pd.read_csv(shifted)
+    df["wt_loss"] = df["wt_loss"] * 10
+    df.to_csv(shifted, index=False)
+    lacking = cohort / "center_inst12" / "clinical.csv"
+    pd.read_csv(lacking).drop(columns=["meal_cal"]).to_csv(lacking, index=False)
+
+    proposal = run_simulation(cohort, tmp_path / "schema", ["seed=0"], stream=False, mode="schema")["proposal"]
+    unit = [f for f in proposal["flags"] if f["feature"] == "wt_loss" and f["center"] == "center_inst01"]
+    assert unit and unit[0]["likely_factor"] == pytest.approx(10.0) and "center_inst01" in unit[0]["message"]
+    assert not [f for f in proposal["flags"] if f["feature"] == "wt_loss" and f["center"] != "center_inst01"]
+    assert proposal["missing_by_site"]["meal_cal"] == ["center_inst12"]
+    assert "meal_cal" in proposal["clinical_features"] and "wt_loss" in proposal["clinical_features"]
