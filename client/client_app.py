@@ -93,6 +93,7 @@ def train(msg: Message, context: Context) -> Message:
         from omegaconf import OmegaConf
 
         train_cfg = OmegaConf.merge(cfg.train, {"l2": float(conf["l2"])})
+    data = cv_data(rt, k) if k else None   # every patient of the center and its fold
     model = rt.model_with(msg.content["arrays"])
     timing.mark("model_ready")   # MONAI's blocks are imported when the model is first built
     content: dict = {}
@@ -103,7 +104,8 @@ def train(msg: Message, context: Context) -> Message:
             return _refuse(msg, f"policy of {rt.center_id}: {exc}")
         notices = list(terms.notices)
         if k:
-            pred, n_skipped = out_of_fold_predictions(rt, msg.content[CV_ARRAYS], k, int(cfg.train.eval_batch_size)), 0
+            pred, n_skipped = out_of_fold_predictions(rt, msg.content[CV_ARRAYS], data,
+                                                      int(cfg.train.eval_batch_size)), 0
         else:
             ds = rt.split(str(conf["evaluate"]))
             pred, n_skipped = predict(model, ds, int(cfg.train.eval_batch_size)), len(ds.skipped)
@@ -114,10 +116,10 @@ def train(msg: Message, context: Context) -> Message:
             content["info"] = ConfigRecord({"notice": "; ".join(notices)})
     train_ds, val_ds = rt.train, rt.val
     if k:   # the fold models first (they share the runtime's model object), then the global one on every patient
-        content[CV_ARRAYS] = train_folds(rt, msg.content[CV_ARRAYS], k, epochs, train_cfg,
+        content[CV_ARRAYS] = train_folds(rt, msg.content[CV_ARRAYS], data, epochs, train_cfg,
                                          lambda f: round_seed(int(cfg.seed), f"{rt.center_id}/cv{f}", rnd),
                                          float(conf.get("proximal-mu", 0.0)), bool(conf.get("fp16", False)))
-        train_ds, val_ds = cv_data(rt, k)[0], None
+        train_ds, val_ds = data[0], None
         model = rt.model_with(msg.content["arrays"])
     local_norm = bool(conf.get("local-norm", False))
     if local_norm:    # FedBN-style: this center trains with its own normalisation layers, kept between rounds
@@ -147,9 +149,7 @@ def newton_reply(msg: Message, rt) -> Message:
 
     if str(getattr(rt.cfg.model, "kind", "network")) != "cox":
         return _refuse(msg, f"center {rt.center_id}: a Newton round needs model=cox")
-    parts = [design(ds) for ds in (rt.train, rt.val) if ds is not None]
-    X = np.vstack([d[0] for d in parts])
-    t, e = np.concatenate([d[1] for d in parts]), np.concatenate([d[2] for d in parts])
+    X, t, e, _ = design(rt.fit_patients())
     betas = np.asarray(msg.content["arrays"]["betas"].numpy(), float)
     if betas.ndim != 2 or betas.shape[1] != X.shape[1] or not np.all(np.isfinite(betas)):
         return _refuse(msg, f"center {rt.center_id}: malformed Newton request")
@@ -226,7 +226,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     timing.mark("model_ready")   # MONAI's blocks are imported when the model is first built
     k = int(conf.get("cv-folds", 0) or 0)
     if k and split == "val" and CV_ARRAYS in msg.content and len(msg.content[CV_ARRAYS]) == k:
-        pred = out_of_fold_predictions(rt, msg.content[CV_ARRAYS], k, int(cfg.train.eval_batch_size))
+        pred = out_of_fold_predictions(rt, msg.content[CV_ARRAYS], cv_data(rt, k), int(cfg.train.eval_batch_size))
     else:
         pred = predict(model, ds, int(cfg.train.eval_batch_size))
     out = release_metrics(pred, terms, policy, cfg, notices,

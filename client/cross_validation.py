@@ -18,23 +18,23 @@ from common.federation.wire import CV_ARRAYS, fold_key  # noqa: F401  (the recor
 def cv_data(rt, k: int):
     """(every training and validation patient of the center as one dataset, each one's fold)."""
     from common.data.splits import fold_of
-    from common.learn.dataset import ConcatSites
 
-    ds = ConcatSites([d for d in (rt.train, rt.val) if d is not None and len(d)])
+    ds = rt.fit_patients()
     return ds, fold_of([str(it["patient_id"]) for it in ds.items], k)
 
 
-def out_of_fold_predictions(rt, cv_arrays, k: int, batch_size: int) -> dict:
-    """Every patient scored by the fold model that did not train on it (the engine's ``predict`` fields)."""
+def out_of_fold_predictions(rt, cv_arrays, data, batch_size: int) -> dict:
+    """Every patient of ``data`` (:func:`cv_data`) scored by the fold model that did not train on it (the
+    engine's ``predict`` fields)."""
     from flwr.app import ArrayRecord
 
     from common.federation.wire import WEIGHTS
     from common.learn.dataset import Subset
     from common.learn.engine import predict
 
-    ds, folds = cv_data(rt, k)
+    ds, folds = data
     parts = []
-    for f in range(k):
+    for f in range(len(cv_arrays)):
         idx = np.flatnonzero(folds == f)
         if len(idx):
             model = rt.model_with(ArrayRecord({WEIGHTS: cv_arrays[fold_key(f)]}))
@@ -42,20 +42,20 @@ def out_of_fold_predictions(rt, cv_arrays, k: int, batch_size: int) -> dict:
     return {key: np.concatenate([q[key] for q in parts]) for key in parts[0]}
 
 
-def train_folds(rt, cv_arrays, k: int, epochs: int, train_cfg, seed_of, proximal_mu: float, fp16: bool):
-    """The k fold models after this round's local epochs, each on the center's other folds (an ArrayRecord)."""
+def train_folds(rt, cv_arrays, data, epochs: int, train_cfg, seed_of, proximal_mu: float, fp16: bool):
+    """The fold models after this round's local epochs, each on the patients of ``data`` (:func:`cv_data`)
+    outside its fold (an ArrayRecord)."""
     from flwr.app import ArrayRecord
 
     from common.federation.wire import WEIGHTS, to_arrays
     from common.learn.dataset import Subset
     from common.learn.engine import train_model
 
-    ds, folds = cv_data(rt, k)
-    cfg = rt.cfg
+    ds, folds = data
     out = {}
-    for f in range(k):
+    for f in range(len(cv_arrays)):
         model = rt.model_with(ArrayRecord({WEIGHTS: cv_arrays[fold_key(f)]}))
-        res = train_model(model, Subset(ds, np.flatnonzero(folds != f)), None, train_cfg, cfg.model.loss,
+        res = train_model(model, Subset(ds, np.flatnonzero(folds != f)), None, train_cfg, rt.cfg.model.loss,
                           seed=seed_of(f), epochs=epochs, select_best=False, early_stopping=False,
                           proximal_mu=proximal_mu)
         out[fold_key(f)] = to_arrays(res.state_dict, fp16)[WEIGHTS]

@@ -41,6 +41,13 @@ class SiteRuntime:
     def split(self, name: str):
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
+    def fit_patients(self):
+        """Every training and validation patient of this training center as one dataset: what the Cox model's
+        Newton rounds and a cross-validated run's folds are computed over."""
+        from common.learn.dataset import ConcatSites
+
+        return ConcatSites([d for d in (self.train, self.val) if d is not None and len(d)])
+
     def model_with(self, arrays):
         """The run's model holding the weights of a received record (every parameter and buffer replaced)."""
         from common.federation.wire import from_arrays

@@ -29,9 +29,10 @@ log = logging.getLogger("newadj.server")
 
 
 def penalizer_grid(cox_cfg) -> list[float]:
-    pen = cox_cfg.penalizer
-    values = [float(v) for v in (pen if isinstance(pen, (list, tuple)) or hasattr(pen, "__len__") and
-                                 not isinstance(pen, str) else [pen])]
+    from common.config import to_plain
+
+    pen = to_plain(cox_cfg.penalizer)
+    values = [float(v) for v in (pen if isinstance(pen, list) else [pen])]
     if not values or any(not np.isfinite(v) or v < 0 for v in values):
         raise ValueError(f"model.cox.penalizer must be a number >= 0 or a list of them, got {pen!r}")
     return values
@@ -60,20 +61,7 @@ def fit_cox(grid, roles, cfg, events, timeout: float) -> dict:
         t0 = time.perf_counter()
         train_ids, _ = membership(grid, roles)
         ids = [n for n in train_ids if contributors is None or center_name(roles, n) in contributors]
-        arrays = ArrayRecord({"betas": Array(np.stack([fit.beta for fit in active]).astype(np.float64))})
-        msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"newton": True, "server-round": rnd})}),
-                        message_type=MessageType.TRAIN, dst_node_id=n) for n in ids]
-        replies = send_and_collect(grid, msgs, timeout)
-        comm["bytes_sent"] += arrays.count_bytes() * len(msgs)
-        good, failures = {}, {}
-        for nid, r in replies.items():
-            center = center_name(roles, nid)
-            if r is None or r.has_error():
-                failures[center] = "no reply before the round timeout" if r is None else r.error.reason
-                log.error("cox round %d: center %s failed: %s", rnd, center, failures[center])
-                continue
-            comm["bytes_received"] += r.content["arrays"].count_bytes()
-            good[center] = r
+        good, failures = _newton_round(grid, roles, ids, np.stack([fit.beta for fit in active]), rnd, timeout, comm)
         if len(good) < int(cfg.federation.min_train_nodes):
             raise RuntimeError(f"cox round {rnd}: {len(good)} training centers answered < "
                                f"federation.min_train_nodes={cfg.federation.min_train_nodes} "
@@ -134,6 +122,26 @@ def fit_cox(grid, roles, cfg, events, timeout: float) -> dict:
             "rounds": len(history), "history": history, "converged": final.converged, "patients": n_total,
             "centers": {c: per_center[c] for c in contributors}, "dropped_centers": dropped, "communication": comm,
             "penalised_loglik": final.loglik}
+
+
+def _newton_round(grid, roles, node_ids, betas: np.ndarray, rnd: int, timeout: float, comm: dict) -> tuple[dict, dict]:
+    """Send the coefficient vectors ``betas`` to the nodes; ({center: reply}, {center: why it failed}), bytes
+    counted in ``comm``."""
+    arrays = ArrayRecord({"betas": Array(betas.astype(np.float64))})
+    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"newton": True, "server-round": rnd})}),
+                    message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+    replies = send_and_collect(grid, msgs, timeout)
+    comm["bytes_sent"] += arrays.count_bytes() * len(msgs)
+    good, failures = {}, {}
+    for nid, r in replies.items():
+        center = center_name(roles, nid)
+        if r is None or r.has_error():
+            failures[center] = "no reply before the round timeout" if r is None else r.error.reason
+            log.error("cox round %d: center %s failed: %s", rnd, center, failures[center])
+            continue
+        comm["bytes_received"] += r.content["arrays"].count_bytes()
+        good[center] = r
+    return good, failures
 
 
 def _expand(part: dict, n_lambdas: int, per_lambda: int) -> dict:

@@ -197,10 +197,12 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
     if len(candidates) > 1 and cox_kind(cfg):
         raise RuntimeError("federation.capacity applies to the network (model.kind network); model=cox chooses its "
                            "penalizer by leave-one-center-out CV over model.cox.penalizer")
-    if len(candidates) == 1:
+    capacity = None
+    if cox_kind(cfg):   # exact Newton-Raphson instead of rounds of local training
+        res = _cox_rounds(grid, cfg, run_dir, events, roles, cfg_hash, secure)
+    elif len(candidates) == 1:
         res = _rounds(grid, context, cfg, run_dir, events, roles, unanswered, train_ids, endpoints, select_metric,
                       cfg_hash, secure, history_path)
-        capacity = None
     else:
         res, capacity = _choose_capacity(grid, context, candidates, run_dir, events, roles, unanswered, train_ids,
                                          endpoints, select_metric, secure)
@@ -305,6 +307,27 @@ def _federate(grid: Grid, context: Context, cfg, run_dir: Path, events: Events) 
              run_dir / "metrics.json", run_dir / "best_model.pt", package["sha256"])
 
 
+def _cox_rounds(grid: Grid, cfg, run_dir: Path, events: Events, roles: dict, cfg_hash: str, secure: bool) -> dict:
+    """``model=cox``: the Newton rounds (server/cox.py) and the fitted model as the run's one checkpoint, in the
+    shape :func:`_rounds` returns."""
+    import torch
+
+    from server.cox import fit_cox
+
+    fed = cfg.federation
+    if secure or bool(fed.differential_privacy.enabled):
+        raise RuntimeError("model=cox sums the centers' derivatives in the clear: it runs without "
+                           "federation.secure_aggregation and differential_privacy")
+    cox_fit = fit_cox(grid, roles, cfg, events, float(fed.round_timeout))
+    state = {"beta": torch.as_tensor(cox_fit["beta"], dtype=torch.float32)}
+    save_checkpoint(run_dir, cox_fit["rounds"], state, {"config_hash": cfg_hash, "weights_sha256": weights_sha256(state)})
+    key = next(r["cv_partial_loglik"] for r in cox_fit["cv"] if r["penalizer"] == cox_fit["penalizer"])
+    best = {"round": cox_fit["rounds"], "threshold": 0.5, "val": {}, "calibration": None, "key": key or 0.0}
+    return {"best": best, "history": [], "select_metric": "cox_cv_partial_loglik", "strategy": None,
+            "comm": dict(cox_fit["communication"]), "stopped_early": None, "cox_fit": cox_fit, "num_rounds": 0,
+            "weights_bytes": state_dict_bytes(state), "fp16": False, "run_dir": run_dir, "cfg": cfg}
+
+
 def _rounds(grid: Grid, context: Context, cfg, run_dir: Path, events: Events, roles: dict, unanswered: set,
             train_ids: list, endpoints: dict, select_metric, cfg_hash: str, secure: bool, history_path: Path) -> dict:
     """The training rounds of one configuration (or the Newton rounds of ``model=cox``) and their selection:
@@ -337,7 +360,7 @@ def _rounds(grid: Grid, context: Context, cfg, run_dir: Path, events: Events, ro
     # own, travel with the model; the centers' out-of-fold scores select the round of the global model
     k_folds = int(fed.get("cv_folds", 0) or 0)
     fold_strategies, fold_arrays = [], None
-    if k_folds and cox_kind(cfg) is False:
+    if k_folds:
         if k_folds < 2 or secure or is_dp(strategy) or fed.get("local_norm") or last is not None:
             raise RuntimeError(f"federation.cv_folds={k_folds}: needs k >= 2 and runs without secure aggregation, "
                                "differential privacy, local_norm or --resume")
@@ -356,23 +379,6 @@ def _rounds(grid: Grid, context: Context, cfg, run_dir: Path, events: Events, ro
     # in a message of its own after the loop.  SecAgg+ rounds (four messages already) are scored right away.
     num_rounds = int(fed.num_rounds)
     stopped_early = None
-    cox_fit = None
-    if cox_kind(cfg):   # exact Newton-Raphson instead of rounds of local training
-        from server.cox import fit_cox
-
-        if secure or is_dp(strategy):
-            raise RuntimeError("model=cox sums the centers' derivatives in the clear: it runs without "
-                               "federation.secure_aggregation and differential_privacy")
-        cox_fit = fit_cox(grid, roles, cfg, events, float(fed.round_timeout))
-        comm = {k: comm[k] + cox_fit["communication"][k] for k in comm}
-        import torch
-
-        state = {"beta": torch.as_tensor(cox_fit["beta"], dtype=torch.float32)}
-        save_checkpoint(run_dir, cox_fit["rounds"], state, {"config_hash": cfg_hash, "weights_sha256": weights_sha256(state)})
-        cv = cox_fit["cv"]
-        best = {"round": cox_fit["rounds"], "threshold": 0.5, "val": {}, "calibration": None,
-                "key": next(r["cv_partial_loglik"] for r in cv if r["penalizer"] == cox_fit["penalizer"]) or 0.0}
-        select_metric, num_rounds, start_round = "cox_cv_partial_loglik", 0, 1
     eval_request = {"split": "val", "bins": int(fed.histogram_bins), "threshold": 0.5,
                     **({"cv-folds": k_folds} if fold_arrays is not None else {})}
 
@@ -516,5 +522,5 @@ def _rounds(grid: Grid, context: Context, cfg, run_dir: Path, events: Events, ro
             decided(history[-1]["round"], why)
     select_metric = select_metric or "val_loss"     # nothing that ranks was ever released: the last round
     return {"best": best, "history": history, "select_metric": select_metric, "strategy": strategy, "comm": comm,
-            "stopped_early": stopped_early, "cox_fit": cox_fit, "num_rounds": num_rounds,
+            "stopped_early": stopped_early, "cox_fit": None, "num_rounds": num_rounds,
             "weights_bytes": weights_bytes, "fp16": fp16, "run_dir": run_dir, "cfg": cfg}
